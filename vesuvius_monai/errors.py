@@ -1,0 +1,10 @@
+"""The one exception type for bad user input.
+
+Every problem a user can fix (a missing or corrupt file, a shape mismatch, an unknown config key, ...)
+raises :class:`VesuviusError` with a message that names the file or key and says what is wrong.
+The CLI turns it into one line on stderr and exit status 2; anything else is a bug and keeps its traceback.
+"""
+
+
+class VesuviusError(Exception):
+    """A problem with the user's input, config or files; the message names the culprit."""

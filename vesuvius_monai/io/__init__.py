@@ -1,0 +1,1 @@
+"""Writers (NIfTI, Zarr), atomic file output and checkpoints."""
