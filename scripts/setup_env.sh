@@ -1,0 +1,22 @@
+# Sourced by demo.sh and test.sh: make sure a Python environment with the project installed is active.
+# Uses the active virtualenv if there is one, else creates/uses .venv beside the repo.
+# Re-installs only when requirements.txt or pyproject.toml changed since the last install.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+if [[ -z "${VIRTUAL_ENV:-}" ]]; then
+  PY="${PYTHON:-python3.11}"
+  command -v "$PY" >/dev/null || PY=python3
+  [[ -x .venv/bin/python ]] || "$PY" -m venv .venv
+  # shellcheck disable=SC1091
+  source .venv/bin/activate
+fi
+STAMP="$VIRTUAL_ENV/.vesuvius_monai_installed"
+WANT="$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
+if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$WANT" ]]; then
+  echo "installing requirements into $VIRTUAL_ENV ..."
+  python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+  python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+  echo "$WANT" > "$STAMP"
+fi
+export MPLBACKEND=Agg

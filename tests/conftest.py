@@ -1,0 +1,53 @@
+"""Shared fixtures: a tiny synthetic dataset and a config that trains on it in seconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from vesuvius_monai.config import load_config
+from vesuvius_monai.data.synthetic import SynthParams, write_synthetic_dataset
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """Five 32x40x40 synthetic fragments (NIfTI) under images/ and labels/; treat as read-only."""
+    root = tmp_path_factory.mktemp("synthetic")
+    write_synthetic_dataset(root, 5, seed=1, params=SynthParams(shape=(32, 40, 40)))
+    return root
+
+
+def tiny_overrides(root: Path, out: Path) -> list[str]:
+    """Overrides for a run of a few seconds: tiny model, 16^3 patches, two val / test fragments."""
+    return [
+        f"data.root={root}", f"output_dir={out}", "data.val_fragments=[frag_003]", "data.test_fragments=[frag_004]",
+        "model.kwargs={init_features: 4, depth: 2, norm_groups: 4}", "transforms.patch_size=[16,16,16]",
+        "infer.roi_size=[16,16,16]", "infer.sw_batch_size=4", "train.steps=4", "train.batch_size=2",
+        "train.val_every=2", "train.warmup_steps=1", "train.log_every=1",
+    ]
+
+
+@pytest.fixture
+def tiny_args():
+    """``tiny_args(root, out)``: the overrides of a few-second run, for CLI tests."""
+    return tiny_overrides
+
+
+@pytest.fixture
+def make_tiny_config(synthetic_root, tmp_path):
+    """``make_tiny_config(name, *extra_overrides)``: a Config training on ``synthetic_root`` into ``tmp_path/name``."""
+
+    def make(name: str = "run", *extra: str):
+        return load_config(None, tiny_overrides(synthetic_root, tmp_path / name) + list(extra))
+
+    return make
+
+
+@pytest.fixture
+def tiny_config(make_tiny_config):
+    """A Config that trains on ``synthetic_root`` into ``tmp_path/run`` in a few seconds."""
+    return make_tiny_config()

@@ -1,0 +1,124 @@
+"""End to end through the command line: synth -> train -> evaluate -> predict, and bad input."""
+
+import json
+import re
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from vesuvius_monai.cli import main
+from vesuvius_monai.io.nifti import write_nifti
+
+
+@pytest.fixture
+def trained(synthetic_root, tmp_path_factory, tiny_args):
+    """A run trained by the CLI on the tiny synthetic set: (overrides, run folder)."""
+    out = tmp_path_factory.mktemp("cli") / "run"
+    args = tiny_args(synthetic_root, out)
+    assert main(["train", *args]) == 0
+    return args, out
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("error:")]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+def test_synth_writes_fragments(tmp_path):
+    assert main(["synth", f"data.root={tmp_path}", "synth.n_fragments=2", "synth.shape=[24,24,24]"]) == 0
+    images = sorted((tmp_path / "images").iterdir())
+    assert [p.name for p in images] == ["frag_000.nii.gz", "frag_001.nii.gz"]
+    assert nib.load(images[0]).shape == (24, 24, 24)
+
+
+def test_train_evaluate_predict(trained, synthetic_root, tmp_path, capsys):
+    args, run = trained
+    assert main(["evaluate", "--checkpoint", str(run / "checkpoints/best.pt"), *args]) == 0
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert set(metrics["fragments"]) == {"frag_004"}
+    assert 0.0 <= metrics["mean_dice"] <= 1.0
+    assert metrics["mean_dice"] == pytest.approx(metrics["fragments"]["frag_004"]["dice"])
+    header = (run / "eval" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert header[:2] == ["fragment", "dice"]
+    source = nib.load(synthetic_root / "images" / "frag_004.nii.gz")
+    for kind in ("prob", "mask"):
+        out = nib.load(run / "eval" / "predictions" / f"frag_004_{kind}.nii.gz")
+        assert out.shape == source.shape
+        np.testing.assert_allclose(out.affine, source.affine)
+    assert (run / "eval" / "predictions" / "frag_004_slices.png").stat().st_size > 1000
+
+    pred = tmp_path / "pred.nii.gz"
+    assert main(["predict", "--checkpoint", str(run / "checkpoints/best.pt"),
+                 "--input", str(synthetic_root / "images" / "frag_000.nii.gz"), "--output", str(pred)]) == 0
+    probs = nib.load(pred)
+    assert probs.shape == source.shape
+    np.testing.assert_allclose(probs.affine, source.affine)
+    data = probs.get_fdata()
+    assert 0.0 <= data.min() and data.max() <= 1.0
+
+
+# ----------------------------------------------------------------------------------------- bad input
+
+
+def test_unknown_config_key(capsys, tmp_path):
+    assert main(["train", f"output_dir={tmp_path}", "train.stepz=3"]) == 2
+    assert "train.stepz" in _error_line(capsys)
+
+
+def test_unknown_model_name(synthetic_root, tmp_path, capsys, tiny_args):
+    assert main(["train", *tiny_args(synthetic_root, tmp_path / "r"), "model.name=resunt3d"]) == 2
+    line = _error_line(capsys)
+    assert "resunt3d" in line and "resunet3d" in line
+
+
+def _dataset_copy(synthetic_root, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    return root
+
+
+@pytest.mark.parametrize("problem, expect", [
+    ("missing", r"frag_000\.nii\.gz"),
+    ("corrupt", r"images/frag_000\.nii\.gz"),
+    ("shape", r"labels/frag_000\.nii\.gz has shape"),
+    ("values", r"labels/frag_000\.nii\.gz has values \[5\]"),
+    ("nan", r"images/frag_000\.nii\.gz.*NaN"),
+])
+def test_bad_data_gets_one_clear_error(problem, expect, synthetic_root, tmp_path, capsys, tiny_args):
+    root = _dataset_copy(synthetic_root, tmp_path)
+    image, label = root / "images" / "frag_000.nii.gz", root / "labels" / "frag_000.nii.gz"
+    if problem == "missing":
+        label.unlink()
+    elif problem == "corrupt":
+        image.write_bytes(image.read_bytes()[: 200])
+    elif problem == "shape":
+        write_nifti(label, np.zeros((32, 40, 41), np.uint8))
+    elif problem == "values":
+        write_nifti(label, np.full((32, 40, 40), 5, np.uint8))
+    elif problem == "nan":
+        write_nifti(image, np.full((32, 40, 40), np.nan, np.float32))
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    args = tiny_args(root, tmp_path / "run") + ["data.val_fragments=[frag_000]", "data.test_fragments=[frag_004]"]
+    assert main(["train", *args]) == 2
+    assert re.search(expect, _error_line(capsys))
+    assert before == {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}  # inputs untouched
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+
+
+def test_predict_errors_leave_existing_output(trained, tmp_path, capsys):
+    _, run = trained
+    out = tmp_path / "keep.nii.gz"
+    out.write_bytes(b"previous result")
+    assert main(["predict", "--checkpoint", str(run / "checkpoints/best.pt"), "--input", str(tmp_path / "none.nii.gz"),
+                 "--output", str(out)]) == 2
+    assert "none.nii.gz" in _error_line(capsys)
+    assert out.read_bytes() == b"previous result"
+    bad_ckpt = tmp_path / "bad.pt"
+    bad_ckpt.write_bytes(b"not a checkpoint")
+    assert main(["predict", "--checkpoint", str(bad_ckpt), "--input", str(tmp_path / "x.nii.gz"),
+                 "--output", str(out)]) == 2
+    assert "bad.pt" in _error_line(capsys)

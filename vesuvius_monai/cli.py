@@ -1,0 +1,132 @@
+"""The ``vesuvius-monai`` command: synth, train, evaluate, predict, tune-threshold.
+
+Every subcommand takes ``--config FILE`` and trailing ``key=value`` overrides (``train.steps=50``).
+A user error prints one line ``error: ...`` and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from vesuvius_monai.config import Config, load_config
+from vesuvius_monai.errors import VesuviusError
+
+log = logging.getLogger("vesuvius_monai")
+
+
+def _config(args: argparse.Namespace) -> Config:
+    """The run config: ``--config`` (else, for commands given a checkpoint, the checkpoint's own) + overrides."""
+    if args.config is None and getattr(args, "checkpoint", None):
+        from vesuvius_monai.config import from_dict, set_override, to_dict
+        from vesuvius_monai.io.checkpoint import load_checkpoint
+
+        raw = load_checkpoint(args.checkpoint)["config"]
+        for override in args.overrides:
+            set_override(raw, override)
+        return from_dict(Config, raw)
+    return load_config(args.config, args.overrides)
+
+
+def cmd_synth(args: argparse.Namespace) -> None:
+    import yaml
+
+    from vesuvius_monai.data.synthetic import SynthParams, write_synthetic_dataset
+
+    cfg = _config(args)
+    try:
+        params = SynthParams(shape=cfg.synth.shape, **cfg.synth.params)
+    except TypeError as err:
+        raise VesuviusError(f"config key 'synth.params': {err}") from None
+    root = Path(cfg.data.root)
+    record = root / "synth.yaml"
+    wanted = {"n": cfg.synth.n_fragments, "seed": cfg.synth.seed, "fmt": cfg.synth.fmt, "params": params.to_dict()}
+    if record.is_file():
+        found = yaml.safe_load(record.read_text())
+        if {k: found.get(k) for k in wanted} == yaml.safe_load(yaml.safe_dump(wanted)):
+            log.info("%s already holds these synthetic fragments; nothing to do", root)
+            return
+        raise VesuviusError(f"data.root {root} holds synthetic data made with other settings ({record}); "
+                            f"delete it or choose another data.root")
+    if (root / "images").exists() or (root / "labels").exists():
+        raise VesuviusError(f"data.root {root} already holds images/ or labels/ that are not synthetic; "
+                            f"choose another data.root")
+    write_synthetic_dataset(root, cfg.synth.n_fragments, seed=cfg.synth.seed, params=params, fmt=cfg.synth.fmt)
+    log.info("wrote %d synthetic fragments to %s", cfg.synth.n_fragments, root)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from vesuvius_monai.engine.train import train
+
+    train(_config(args), resume=args.resume)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from vesuvius_monai.engine.evaluate import evaluate
+
+    payload = evaluate(_config(args), args.checkpoint, args.out)
+    summary = {k: round(v, 4) for k, v in payload["mean"].items()}
+    log.info("mean over %d fragments: %s", payload["n_fragments"], json.dumps(summary))
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from vesuvius_monai.engine.predict import parse_roi, predict
+
+    predict(_config(args), args.checkpoint, args.input, args.output, mask_output=args.mask, roi=parse_roi(args.roi))
+
+
+def cmd_tune_threshold(args: argparse.Namespace) -> None:
+    from vesuvius_monai.engine.evaluate import tune_threshold
+
+    tune_threshold(_config(args), args.checkpoint, args.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vesuvius-monai", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func, help: str, checkpoint: bool = False) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--config", type=Path, help="YAML config (default: built-in defaults, or the checkpoint's)")
+        if checkpoint:
+            p.add_argument("--checkpoint", type=Path, required=True, help="a .pt written by train")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=50")
+        p.set_defaults(func=func)
+        return p
+
+    add("synth", cmd_synth, "write synthetic scroll fragments to data.root")
+    add("train", cmd_train, "train a model").add_argument("--resume", action="store_true",
+                                                         help="continue the run in output_dir from checkpoints/last.pt")
+    ev = add("evaluate", cmd_evaluate, "score a checkpoint on held-out fragments", checkpoint=True)
+    ev.add_argument("--out", type=Path, help="evaluation folder (default: <output_dir>/eval)")
+    pr = add("predict", cmd_predict, "predict one volume", checkpoint=True)
+    pr.add_argument("--input", type=Path, required=True, help="volume: .nii(.gz), .tif, folder of .tif, .zarr, .npy")
+    pr.add_argument("--output", type=Path, required=True, help="probability map: .nii.gz, .nii or .zarr")
+    pr.add_argument("--mask", type=Path, help="also write the post-processed binary mask here (NIfTI)")
+    pr.add_argument("--roi", help="region of interest z0:z1,y0:y1,x0:x1")
+    tt = add("tune-threshold", cmd_tune_threshold, "pick the threshold on validation fragments", checkpoint=True)
+    tt.add_argument("--out", type=Path, help="where to write threshold.json (default: <output_dir>)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        args.func(args)
+    except VesuviusError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Datasets, patch sampling, transforms and the synthetic scroll generator."""

@@ -1,0 +1,198 @@
+"""Fragments: discovery on disk, checks, and the train / val / test split.
+
+A fragment is one image volume with (usually) a label volume of the same shape. They are found by
+1. a dataset YAML (``data.dataset``) listing ``fragments: [{id, image, label, split}]``, paths relative to it;
+2. ``<root>/images`` + ``<root>/labels`` with matching file names (``frag_000.nii.gz`` in both); or
+3. the competition layout ``<root>/train_images/ID.tif`` + ``<root>/train_labels/ID.tif``
+   (optionally restricted to the ids of ``data.ids_csv``).
+Splits are by whole fragment, never by patch.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from vesuvius_monai.config import DataConfig
+from vesuvius_monai.data.readers import VolumeReader, open_volume
+from vesuvius_monai.errors import VesuviusError
+
+log = logging.getLogger(__name__)
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".tif", ".tiff", ".zarr", ".npy")
+LAYOUTS = (("images", "labels"), ("train_images", "train_labels"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class FragmentFiles:
+    """Paths of one fragment; ``label`` is None for unlabeled volumes."""
+
+    id: str
+    image: Path
+    label: Path | None
+    split: str | None = None  # fixed split from a dataset YAML, else drawn
+
+
+@dataclass(kw_only=True)
+class Fragment:
+    """An opened fragment: lazy readers, nothing loaded yet."""
+
+    id: str
+    image: VolumeReader
+    label: VolumeReader | None
+
+
+def volume_id(path: Path) -> str:
+    """``frag_000.nii.gz`` -> ``frag_000``; folders of slices keep their name."""
+    name = path.name
+    for suffix in VOLUME_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _volumes_in(folder: Path) -> dict[str, Path]:
+    found = {}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith("."):
+            continue
+        if path.is_dir() or path.name.lower().endswith(VOLUME_SUFFIXES):
+            found[volume_id(path)] = path
+    return found
+
+
+def _read_ids_csv(path: Path) -> list[str]:
+    if not path.is_file():
+        raise VesuviusError(f"data.ids_csv not found: {path}")
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or "id" not in rows[0]:
+        raise VesuviusError(f"{path}: needs a header row with an 'id' column")
+    return [str(row["id"]).strip() for row in rows]
+
+
+def find_in_folders(root: Path, ids_csv: Path | None = None) -> list[FragmentFiles]:
+    """Pair images and labels by name under ``root`` (``images/labels`` or ``train_images/train_labels``)."""
+    for image_dir, label_dir in LAYOUTS:
+        if (root / image_dir).is_dir():
+            break
+    else:
+        raise VesuviusError(f"data.root {root}: no 'images/' or 'train_images/' folder found "
+                            f"(run 'vesuvius-monai synth' to make synthetic data there)")
+    images = _volumes_in(root / image_dir)
+    labels = _volumes_in(root / label_dir) if (root / label_dir).is_dir() else {}
+    if ids_csv is not None:
+        wanted = _read_ids_csv(ids_csv)
+        missing = [i for i in wanted if i not in images]
+        if missing:
+            raise VesuviusError(f"{ids_csv}: ids with no image in {root / image_dir}: {missing[:5]}")
+        images = {i: images[i] for i in wanted}
+    if not images:
+        raise VesuviusError(f"no volumes found in {root / image_dir}")
+    fragments = []
+    for frag_id, image in images.items():
+        if frag_id not in labels:
+            raise VesuviusError(f"image {image} has no label: expected {root / label_dir / image.name}")
+        fragments.append(FragmentFiles(id=frag_id, image=image, label=labels[frag_id]))
+    return fragments
+
+
+def find_in_yaml(path: Path) -> list[FragmentFiles]:
+    """Read a dataset YAML: ``fragments: [{id, image, label, split}]`` with paths relative to the file."""
+    if not path.is_file():
+        raise VesuviusError(f"data.dataset not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    entries = raw.get("fragments") if isinstance(raw, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise VesuviusError(f"{path}: needs a non-empty list under 'fragments'")
+    fragments = []
+    for n, entry in enumerate(entries):
+        unknown = set(entry) - {"id", "image", "label", "split"} if isinstance(entry, dict) else {"?"}
+        if unknown or "image" not in entry:
+            raise VesuviusError(f"{path}: fragments[{n}] must be a mapping with 'image' (and optional id, label, "
+                                f"split); unknown keys {sorted(unknown)}")
+        image = path.parent / entry["image"]
+        label = path.parent / entry["label"] if entry.get("label") else None
+        split = entry.get("split")
+        if split not in (None, "train", "val", "test"):
+            raise VesuviusError(f"{path}: fragments[{n}].split must be train, val or test, got {split!r}")
+        fragments.append(FragmentFiles(id=str(entry.get("id", volume_id(image))), image=image, label=label, split=split))
+    return fragments
+
+
+def find_fragments(cfg: DataConfig) -> list[FragmentFiles]:
+    """All fragments the data config describes, in a stable order."""
+    if cfg.dataset:
+        return find_in_yaml(Path(cfg.dataset))
+    return find_in_folders(Path(cfg.root), Path(cfg.ids_csv) if cfg.ids_csv else None)
+
+
+def split_fragments(files: list[FragmentFiles], cfg: DataConfig) -> dict[str, list[FragmentFiles]]:
+    """Assign every fragment to train / val / test: fixed splits first, then a seeded draw by fractions."""
+    by_id = {f.id: f for f in files}
+    for key in ("val_fragments", "test_fragments"):
+        unknown = [i for i in getattr(cfg, key) if i not in by_id]
+        if unknown:
+            raise VesuviusError(f"config key 'data.{key}': unknown fragment ids {unknown}; known: {sorted(by_id)}")
+    fixed = {f.id: f.split for f in files if f.split}
+    fixed.update({i: "val" for i in cfg.val_fragments})
+    fixed.update({i: "test" for i in cfg.test_fragments})
+    free = [f.id for f in files if f.id not in fixed]
+    if not cfg.val_fragments and not cfg.test_fragments and not any(f.split for f in files):
+        random.Random(cfg.split_seed).shuffle(free)
+        n_test = round(len(free) * cfg.test_fraction)
+        n_val = round(len(free) * cfg.val_fraction)
+        if len(free) >= 3:
+            n_test, n_val = max(n_test, 1), max(n_val, 1)
+        fixed.update({i: "test" for i in free[:n_test]})
+        fixed.update({i: "val" for i in free[n_test:n_test + n_val]})
+    splits: dict[str, list[FragmentFiles]] = {"train": [], "val": [], "test": []}
+    for f in files:
+        splits[fixed.get(f.id, "train")].append(f)
+    return splits
+
+
+def check_label_values(reader: VolumeReader, ignore_index: int, block: int = 128) -> None:
+    """Raise if the label holds values outside {0, 1, ignore_index}; reads block by block."""
+    allowed = np.array([0, 1, ignore_index])
+    z, y, x = reader.shape
+    for z0 in range(0, z, block):
+        for y0 in range(0, y, block):
+            for x0 in range(0, x, block):
+                values = np.unique(reader.read((slice(z0, z0 + block), slice(y0, y0 + block), slice(x0, x0 + block))))
+                bad = values[~np.isin(values, allowed)]
+                if bad.size:
+                    raise VesuviusError(f"label {reader.path} has values {bad[:5].tolist()} outside "
+                                        f"{{0, 1, {ignore_index}}} (0 background, 1 surface, {ignore_index} ignore)")
+
+
+def open_fragment(files: FragmentFiles, cfg: DataConfig, *, check_labels: bool = True) -> Fragment:
+    """Open both volumes lazily and check that they fit together."""
+    image = open_volume(files.image, spacing=cfg.spacing)
+    label = open_volume(files.label, spacing=cfg.spacing) if files.label else None
+    if label is not None:
+        if tuple(label.shape) != tuple(image.shape):
+            raise VesuviusError(f"label {files.label} has shape {tuple(label.shape)} but image {files.image} "
+                                f"has shape {tuple(image.shape)}")
+        if not np.allclose(label.spacing, image.spacing, rtol=1e-3):
+            raise VesuviusError(f"label {files.label} has spacing {tuple(label.spacing)} but image {files.image} "
+                                f"has spacing {tuple(image.spacing)}")
+        if check_labels:
+            check_label_values(label, cfg.ignore_index)
+    return Fragment(id=files.id, image=image, label=label)
+
+
+def load_splits(cfg: DataConfig, *, check_labels: bool = True) -> dict[str, list[Fragment]]:
+    """Find, split and open every fragment; logs the split."""
+    splits = split_fragments(find_fragments(cfg), cfg)
+    if not splits["train"]:
+        raise VesuviusError("no training fragments left after the split (check data.val_fragments / test_fragments)")
+    for name, items in splits.items():
+        log.info("%s fragments (%d): %s", name, len(items), ", ".join(f.id for f in items))
+    return {name: [open_fragment(f, cfg, check_labels=check_labels) for f in items] for name, items in splits.items()}

@@ -1,0 +1,116 @@
+"""Index of foreground (surface) voxels of a label volume, built block by block and cached on disk.
+
+Patch samplers use it to centre patches on the papyrus surface without loading the label volume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from vesuvius_monai.data.readers import VolumeReader, block_grid
+from vesuvius_monai.errors import VesuviusError
+from vesuvius_monai.io.atomic import atomic_path
+
+logger = logging.getLogger(__name__)
+
+
+def build_foreground_index(
+    label_reader: VolumeReader,
+    *,
+    value: int = 1,
+    block: int = 64,
+    max_points: int = 200_000,
+    seed: int = 0,
+) -> np.ndarray:
+    """(N, 3) int32 (z, y, x) coordinates of the voxels where label == ``value``, sorted in C order.
+
+    Reads one ``block``^3 region at a time, so memory is bounded by the block and ``max_points``,
+    whatever the volume size. With more than ``max_points`` matches it returns a uniform random subset
+    of exactly ``max_points`` (without replacement, reproducible for a given ``seed`` and ``block``):
+    each voxel gets a random key and the ``max_points`` smallest keys are kept.
+    """
+    if block < 1 or max_points < 1:
+        raise VesuviusError(f"block and max_points must be >= 1, got block={block}, max_points={max_points}")
+    rng = np.random.default_rng(seed)
+    kept = np.empty((0, 3), dtype=np.int32)
+    keys = np.empty(0, dtype=np.float64)
+    grid = block_grid(label_reader.shape, (block, block, block))
+    for _, region in tqdm(grid, desc=f"foreground index {label_reader.path.name}", leave=False):
+        found = np.argwhere(label_reader.read(region) == value).astype(np.int32)
+        if found.size == 0:
+            continue
+        found += np.array([s.start for s in region], dtype=np.int32)
+        kept = np.concatenate([kept, found])
+        keys = np.concatenate([keys, rng.random(len(found))])
+        kept, keys = _keep_smallest(kept, keys, max_points)
+    order = np.lexsort((kept[:, 2], kept[:, 1], kept[:, 0]))
+    logger.debug("%s: %d foreground points indexed (value %d)", label_reader.path, len(kept), value)
+    return np.ascontiguousarray(kept[order])
+
+
+def _keep_smallest(points: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` rows of ``points`` (N, 3) with the smallest ``keys`` (N,); all of them when N <= k."""
+    if len(keys) <= k:
+        return points, keys
+    chosen = np.argpartition(keys, k - 1)[:k]
+    return points[chosen], keys[chosen]
+
+
+def _file_signature(path: Path) -> str:
+    """``size:mtime_ns`` of a file; for a folder (zarr store, TIFF slices) the sum of sizes and the latest mtime."""
+    if path.is_file():
+        stat = path.stat()
+        return f"{stat.st_size}:{stat.st_mtime_ns}"
+    size, mtime = 0, path.stat().st_mtime_ns
+    for root, _, files in os.walk(path):
+        for name in files:
+            stat = (Path(root) / name).stat()
+            size, mtime = size + stat.st_size, max(mtime, stat.st_mtime_ns)
+    return f"{size}:{mtime}"
+
+
+def foreground_cache_path(
+    label_reader: VolumeReader, cache_dir: str | os.PathLike, *, value: int, block: int, max_points: int, seed: int
+) -> Path:
+    """Cache file for an index: keyed by the label's resolved path, size, mtime and the index parameters."""
+    path = label_reader.path.resolve()
+    key = f"{path}|{_file_signature(path)}|{label_reader.shape}|{value}|{block}|{max_points}|{seed}"
+    digest = hashlib.sha1(key.encode()).hexdigest()[:16]
+    stem = path.name.split(".")[0]
+    return Path(cache_dir) / f"fg_{stem}_{digest}.npy"
+
+
+def load_or_build_foreground_index(
+    label_reader: VolumeReader,
+    cache_dir: str | os.PathLike,
+    *,
+    value: int = 1,
+    block: int = 64,
+    max_points: int = 200_000,
+    seed: int = 0,
+) -> np.ndarray:
+    """:func:`build_foreground_index`, cached as ``.npy`` in ``cache_dir`` (written atomically).
+
+    A changed label file (size or mtime) or changed parameters give a new cache entry; an unreadable
+    cache file is rebuilt.
+    """
+    params = dict(value=value, block=block, max_points=max_points, seed=seed)
+    cache = foreground_cache_path(label_reader, cache_dir, **params)
+    if cache.is_file():
+        try:
+            points = np.load(cache, allow_pickle=False)
+            if points.ndim == 2 and points.shape[1] == 3 and points.dtype == np.int32:
+                logger.debug("%s: foreground index from cache %s", label_reader.path, cache)
+                return points
+        except (OSError, ValueError) as exc:
+            logger.warning("%s: unreadable foreground cache (%s), rebuilding", cache, exc)
+    points = build_foreground_index(label_reader, **params)
+    with atomic_path(cache) as tmp:
+        np.save(tmp, points)
+    return points

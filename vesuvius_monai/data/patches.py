@@ -1,0 +1,109 @@
+"""Lazy, foreground-balanced patch sampling for training.
+
+Patches are read from disk region by region (only the chunks a patch touches), so a training set larger
+than memory trains in bounded memory. A share ``pos_fraction`` of patches is centred on a surface voxel
+drawn from a small precomputed index of surface locations per fragment (cached), the rest anywhere.
+
+Item ``i`` depends only on ``(seed, i)``: the batch of step ``s`` is items ``s*B .. s*B+B-1`` whatever
+happened before, which is what makes resuming a run exact.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from vesuvius_monai.config import TransformConfig
+from vesuvius_monai.data.dataset import Fragment
+from vesuvius_monai.data.fg_index import load_or_build_foreground_index
+from vesuvius_monai.data.readers import sample_percentiles
+from vesuvius_monai.data.transforms import normalize, train_augmentations
+from vesuvius_monai.errors import VesuviusError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class PatchSource:
+    """A labelled fragment ready for sampling: its intensity window and surface index (N, 3) (z, y, x)."""
+
+    fragment: Fragment
+    window: tuple[float, float]
+    surface: np.ndarray
+
+
+def prepare_sources(fragments: list[Fragment], cfg: TransformConfig, cache_dir: Path) -> list[PatchSource]:
+    """Intensity windows and surface indices for every labelled fragment (indices cached in ``cache_dir``)."""
+    sources = []
+    for fragment in fragments:
+        if fragment.label is None:
+            raise VesuviusError(f"training fragment {fragment.image.path} has no label")
+        window = sample_percentiles(fragment.image, q=cfg.percentiles)
+        surface = load_or_build_foreground_index(fragment.label, cache_dir)
+        log.info("fragment %s: window %.1f..%.1f, %d surface points indexed", fragment.id, *window, len(surface))
+        sources.append(PatchSource(fragment=fragment, window=window, surface=surface))
+    return sources
+
+
+def patch_region(shape: tuple[int, ...], patch: tuple[int, ...], centre: np.ndarray) -> tuple[slice, ...]:
+    """The patch-sized region around ``centre``, shifted to lie inside the volume where it fits."""
+    starts = [int(np.clip(c - p // 2, 0, max(s - p, 0))) for s, p, c in zip(shape, patch, centre)]
+    return tuple(slice(start, min(start + p, s)) for start, p, s in zip(starts, patch, shape))
+
+
+def pad_to(array: np.ndarray, patch: tuple[int, ...], value: float) -> np.ndarray:
+    """Pad (at the end of each axis) a (Z, Y, X) array smaller than ``patch`` with ``value``."""
+    pad = [(0, max(p - s, 0)) for s, p in zip(array.shape, patch)]
+    return np.pad(array, pad, constant_values=value) if any(after for _, after in pad) else array
+
+
+class PatchDataset(Dataset):
+    """Random training patches. Item ``i`` -> ``{"image": (1, *patch) float32, "label": (1, *patch) float32}``.
+
+    Label values: 0 background, 1 surface, ``ignore_index`` unlabeled (also used for padding at borders).
+    """
+
+    def __init__(self, sources: list[PatchSource], cfg: TransformConfig, *, seed: int, length: int, ignore_index: int):
+        if not sources:
+            raise VesuviusError("no training fragments to sample patches from")
+        self.sources = sources
+        self.cfg = cfg
+        self.seed = seed
+        self.length = length
+        self.ignore_index = ignore_index
+        self.augment = train_augmentations(cfg)
+        sizes = np.array([np.prod(s.fragment.image.shape, dtype=np.float64) for s in sources])
+        self.weights = sizes / sizes.sum()  # fragments drawn in proportion to their volume
+
+    def __len__(self) -> int:
+        return self.length
+
+    def sample_centre(self, source: PatchSource, rng: np.random.Generator) -> np.ndarray:
+        """A surface voxel with probability ``pos_fraction``, else any voxel: (z, y, x)."""
+        if len(source.surface) and rng.random() < self.cfg.pos_fraction:
+            return source.surface[rng.integers(len(source.surface))]
+        return np.array([rng.integers(s) for s in source.fragment.image.shape])
+
+    def _read(self, source: PatchSource, region: tuple[slice, ...]) -> tuple[np.ndarray, np.ndarray]:
+        image = source.fragment.image.read(region).astype(np.float32)
+        if not np.isfinite(image).all():
+            raise VesuviusError(f"image {source.fragment.image.path} holds NaN or inf values in region {region}")
+        label = source.fragment.label.read(region)
+        patch = self.cfg.patch_size
+        image = pad_to(normalize(image, source.window), patch, 0.0)
+        label = pad_to(label.astype(np.float32), patch, float(self.ignore_index))
+        return image, label
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng((self.seed, index))
+        source = self.sources[rng.choice(len(self.sources), p=self.weights)]
+        region = patch_region(source.fragment.image.shape, self.cfg.patch_size, self.sample_centre(source, rng))
+        image, label = self._read(source, region)
+        self.augment.set_random_state(seed=int(rng.integers(2**31)))
+        sample = self.augment({"image": torch.from_numpy(image[None]), "label": torch.from_numpy(label[None])})
+        return {key: torch.as_tensor(sample[key]).as_subclass(torch.Tensor).contiguous() for key in ("image", "label")}

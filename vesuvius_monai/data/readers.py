@@ -1,0 +1,452 @@
+"""Lazy readers for 3D volumes of any size: NIfTI, TIFF (multi-page or a folder of slices), Zarr / OME-Zarr, npy.
+
+Every reader exposes ``shape``, ``dtype``, ``spacing`` (z, y, x) and ``affine`` (4x4, (i, j, k) = (x, y, z)
+-> world) and reads a (z, y, x) region with ``read(region)``, touching only the chunks / pages / bytes
+the region needs where the format allows it. Open one with :func:`open_volume`.
+
+Spacing comes from the file when it has it (NIfTI header, OME-Zarr ``coordinateTransformations``,
+OME-TIFF / ImageJ TIFF metadata), else from the ``spacing`` argument (default 1, 1, 1).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import tifffile
+import zarr
+
+from vesuvius_monai.errors import VesuviusError
+from vesuvius_monai.io.nifti import is_nifti_path, load_nifti_image, spacing_to_affine
+
+logger = logging.getLogger(__name__)
+
+Region = tuple[slice, slice, slice]
+Spacing = tuple[float, float, float]
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+ZARR_MARKERS = (".zarray", ".zgroup", "zarr.json")
+
+
+# ----------------------------------------------------------------------------------------------- regions
+
+
+def normalize_region(region: Region | None, shape: tuple[int, int, int]) -> Region:
+    """Clip a (z, y, x) tuple of slices to ``shape``; None means the whole volume.
+
+    Slices may have None / negative bounds (Python semantics) but only step None or 1.
+    """
+    if region is None:
+        return tuple(slice(0, d) for d in shape)  # type: ignore[return-value]
+    if len(region) != 3 or not all(isinstance(s, slice) for s in region):
+        raise VesuviusError(f"region must be a tuple of three slices (z, y, x), got {region!r}")
+    out = []
+    for s, d in zip(region, shape):
+        if s.step not in (None, 1):
+            raise VesuviusError(f"region slices must have step 1, got {s!r}")
+        start, stop, _ = s.indices(d)
+        out.append(slice(start, max(start, stop)))
+    return tuple(out)  # type: ignore[return-value]
+
+
+def region_shape(region: Region) -> tuple[int, int, int]:
+    """Shape (z, y, x) of a normalised region."""
+    return tuple(s.stop - s.start for s in region)  # type: ignore[return-value]
+
+
+def format_region(region: Region) -> str:
+    """Human-readable region, e.g. ``z=0:16, y=0:16, x=32:48``."""
+    return ", ".join(f"{a}={s.start}:{s.stop}" for a, s in zip("zyx", region))
+
+
+def block_grid(shape: tuple[int, int, int], block: tuple[int, int, int]) -> list[tuple[tuple[int, int, int], Region]]:
+    """Tile a (z, y, x) volume with blocks; the last block along each axis is cut at the border.
+
+    Returns ``[(block_index, region), ...]`` in C order; every voxel is in exactly one region.
+    """
+    if any(int(b) < 1 for b in block):
+        raise VesuviusError(f"block size must be >= 1 along every axis, got {tuple(block)}")
+    counts = [math.ceil(d / b) for d, b in zip(shape, block)]
+    grid = []
+    for index in itertools.product(*(range(c) for c in counts)):
+        region = tuple(slice(i * b, min((i + 1) * b, d)) for i, b, d in zip(index, block, shape))
+        grid.append((tuple(index), region))
+    return grid  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------------------------- readers
+
+
+class VolumeReader:
+    """A 3D volume on disk, read lazily region by region. Subclasses implement ``_read``.
+
+    Attributes: ``path``, ``shape`` (z, y, x), ``dtype``, ``spacing`` (z, y, x) and ``affine`` (4x4).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        shape: tuple[int, ...],
+        dtype: np.dtype,
+        spacing: Spacing,
+        affine: np.ndarray | None = None,
+    ) -> None:
+        if len(shape) != 3:
+            raise VesuviusError(f"{path}: expected a 3D volume (z, y, x), got shape {tuple(shape)}")
+        self.path = Path(path)
+        self.shape: tuple[int, int, int] = tuple(int(d) for d in shape)  # type: ignore[assignment]
+        self.dtype = np.dtype(dtype)
+        self.spacing: Spacing = tuple(float(s) for s in spacing)  # type: ignore[assignment]
+        self.affine = spacing_to_affine(self.spacing) if affine is None else np.array(affine, dtype=np.float64)
+
+    def read(self, region: Region | None = None) -> np.ndarray:
+        """Read a (z, y, x) region (whole volume if None) into memory; returns an array of ``dtype``.
+
+        Raises VesuviusError naming the file and the region when the data cannot be read.
+        """
+        region = normalize_region(region, self.shape)
+        try:
+            data = self._read(region)
+        except VesuviusError:
+            raise
+        except Exception as exc:  # corrupt chunk, truncated file, ... : the format's own error type
+            raise VesuviusError(f"{self.path}: cannot read region {format_region(region)} ({exc})") from exc
+        return np.ascontiguousarray(data)
+
+    def _read(self, region: Region) -> np.ndarray:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r}, shape={self.shape}, dtype={self.dtype}, spacing={self.spacing})"
+
+
+class NiftiReader(VolumeReader):
+    """``.nii`` / ``.nii.gz`` via nibabel's lazy ``dataobj``; the file's (x, y, z) axes are reversed."""
+
+    def __init__(self, path: Path) -> None:
+        img = load_nifti_image(path)
+        self._proxy = img.dataobj
+        zooms = img.header.get_zooms()[:3]
+        x, y, z = img.shape
+        dtype = np.asarray(self._proxy[:1, :1, :1]).dtype if min(img.shape) > 0 else img.get_data_dtype()
+        super().__init__(path, (z, y, x), dtype, (zooms[2], zooms[1], zooms[0]), img.affine)
+
+    def _read(self, region: Region) -> np.ndarray:
+        zs, ys, xs = region
+        return np.asarray(self._proxy[xs, ys, zs]).transpose(2, 1, 0)
+
+
+class TiffReader(VolumeReader):
+    """A multi-page TIFF (first series, pages = z). Memory-mapped when uncompressed and contiguous,
+    else read through tifffile's zarr store (only the strips/tiles touched), else page by page."""
+
+    def __init__(self, path: Path, spacing: Spacing | None) -> None:
+        try:
+            with tifffile.TiffFile(path) as tif:
+                series = tif.series[0]
+                shape, dtype = series.shape, series.dtype
+                file_spacing = _tiff_spacing(tif)
+        except Exception as exc:
+            raise VesuviusError(f"{path}: not a readable TIFF file ({exc})") from exc
+        super().__init__(path, shape, dtype, _pick_spacing(path, file_spacing, spacing))
+        self._mode = "memmap" if _tiff_memmappable(path) else "zarr"
+
+    def _read(self, region: Region) -> np.ndarray:
+        if self._mode == "memmap":
+            return np.array(tifffile.memmap(self.path, mode="r")[region])
+        with tifffile.TiffFile(self.path) as tif:
+            try:
+                store = tif.aszarr(series=0, level=0)
+                array = zarr.open_array(store, mode="r")
+            except Exception as exc:  # layouts tifffile cannot expose as zarr
+                logger.debug("%s: zarr store unavailable (%s), reading page by page", self.path, exc)
+                return read_tiff_pages(tif, region)
+            return np.asarray(array[region])
+
+
+class TiffFolderReader(VolumeReader):
+    """A folder of single-page ``.tif`` slices, one z per file in natural name order.
+
+    Slice files carry no z spacing, so spacing comes from the ``spacing`` argument."""
+
+    def __init__(self, path: Path, spacing: Spacing | None) -> None:
+        self.files = sorted((p for p in path.iterdir() if p.suffix.lower() in TIFF_SUFFIXES), key=_natural_key)
+        if not self.files:
+            raise VesuviusError(f"{path}: folder holds no .tif/.tiff slices")
+        try:
+            with tifffile.TiffFile(self.files[0]) as tif:
+                page_shape, dtype = tif.series[0].shape, tif.series[0].dtype
+        except Exception as exc:
+            raise VesuviusError(f"{self.files[0]}: not a readable TIFF slice ({exc})") from exc
+        if len(page_shape) != 2:
+            raise VesuviusError(f"{self.files[0]}: expected a 2D slice, got shape {tuple(page_shape)}")
+        super().__init__(path, (len(self.files), *page_shape), dtype, _pick_spacing(path, None, spacing))
+
+    def _read(self, region: Region) -> np.ndarray:
+        zs, ys, xs = region
+        out = np.empty(region_shape(region), dtype=self.dtype)
+        for i, z in enumerate(range(zs.start, zs.stop)):
+            out[i] = self._read_slice(self.files[z], ys, xs)
+        return out
+
+    def _read_slice(self, file: Path, ys: slice, xs: slice) -> np.ndarray:
+        """Read rows ``ys`` and columns ``xs`` of one slice file, memory-mapped when possible."""
+        try:
+            if _tiff_memmappable(file):
+                page = tifffile.memmap(file, mode="r")
+            else:
+                page = tifffile.imread(file)
+        except Exception as exc:
+            raise VesuviusError(f"{file}: cannot read TIFF slice ({exc})") from exc
+        if page.shape != self.shape[1:]:
+            raise VesuviusError(f"{file}: slice shape {page.shape} differs from the first slice's {self.shape[1:]}")
+        return np.asarray(page[ys, xs])
+
+
+class ZarrReader(VolumeReader):
+    """A zarr (v2 or v3) array, an array of a plain group (``key``), or a level of an OME-Zarr pyramid.
+
+    Leading singleton axes (e.g. OME-Zarr (t, c, z, y, x) with t = c = 1) are dropped.
+    """
+
+    def __init__(self, path: Path, spacing: Spacing | None, level: int = 0, key: str | None = None) -> None:
+        array, file_spacing, translation = _open_zarr_array(path, level, key)
+        self._array = array
+        self._lead = _leading_singletons(path, array.shape)
+        spacing_zyx = _pick_spacing(path, file_spacing, spacing)
+        affine = spacing_to_affine(spacing_zyx)
+        if translation is not None:
+            affine[:3, 3] = translation[::-1]
+        super().__init__(path, array.shape[self._lead :], array.dtype, spacing_zyx, affine)
+
+    def _read(self, region: Region) -> np.ndarray:
+        return np.asarray(self._array[(0,) * self._lead + region])
+
+
+class NpyReader(VolumeReader):
+    """A ``.npy`` file, memory-mapped (only the bytes of the region are read)."""
+
+    def __init__(self, path: Path, spacing: Spacing | None) -> None:
+        array = self._open(path)
+        super().__init__(path, array.shape, array.dtype, _pick_spacing(path, None, spacing))
+
+    @staticmethod
+    def _open(path: Path) -> np.ndarray:
+        try:
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+        except Exception as exc:
+            raise VesuviusError(f"{path}: not a readable .npy file ({exc})") from exc
+
+    def _read(self, region: Region) -> np.ndarray:
+        return np.array(self._open(self.path)[region])
+
+
+def open_volume(
+    path: str | os.PathLike,
+    *,
+    spacing: Spacing | None = None,
+    level: int = 0,
+    key: str | None = None,
+) -> VolumeReader:
+    """Open a 3D volume lazily; the format is chosen from the name / folder contents.
+
+    ``.nii``/``.nii.gz``, ``.tif``/``.tiff`` (multi-page), a folder of ``.tif`` slices, ``.zarr`` (array,
+    plain group with ``key``, or OME-Zarr with pyramid ``level``) and ``.npy``. ``spacing`` (z, y, x) is
+    used when the file carries none. Raises VesuviusError naming the path for a missing, unknown,
+    unreadable or non-3D volume.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise VesuviusError(f"{path}: volume not found")
+    name = path.name.lower()
+    if path.is_file() and is_nifti_path(name):
+        if spacing is not None:
+            logger.debug("%s: NIfTI spacing comes from its header; ignoring spacing=%s", path, spacing)
+        return NiftiReader(path)
+    if path.is_file() and name.endswith(TIFF_SUFFIXES):
+        return TiffReader(path, spacing)
+    if path.is_file() and name.endswith(".npy"):
+        return NpyReader(path, spacing)
+    if path.is_dir() and (name.endswith(".zarr") or any((path / m).exists() for m in ZARR_MARKERS)):
+        return ZarrReader(path, spacing, level=level, key=key)
+    if path.is_dir() and any(p.suffix.lower() in TIFF_SUFFIXES for p in path.iterdir()):
+        return TiffFolderReader(path, spacing)
+    raise VesuviusError(
+        f"{path}: unknown volume format (expected .nii, .nii.gz, .tif/.tiff, a folder of .tif slices, .zarr or .npy)"
+    )
+
+
+# ----------------------------------------------------------------------------------------------- percentiles
+
+
+def sample_regions(shape: tuple[int, int, int], max_voxels: int, edge: int = 32) -> list[Region]:
+    """Sub-blocks of edge ``edge`` spread evenly over the volume, ``max_voxels`` voxels in all at most.
+
+    The whole volume is one region when it has no more than ``max_voxels`` voxels.
+    """
+    if int(np.prod(shape)) <= max_voxels:
+        return [tuple(slice(0, d) for d in shape)]  # type: ignore[list-item]
+    edges = [min(edge, d) for d in shape]
+    n_blocks = max(1, max_voxels // int(np.prod(edges)))
+    per_axis = max(1, int(n_blocks ** (1 / 3) + 1e-9))
+    starts = [np.unique(np.linspace(0, d - e, per_axis).round().astype(int)) for d, e in zip(shape, edges)]
+    return [
+        tuple(slice(int(s), int(s) + e) for s, e in zip(corner, edges))  # type: ignore[misc]
+        for corner in itertools.product(*starts)
+    ]
+
+
+def sample_percentiles(
+    reader: VolumeReader, q: tuple[float, float] = (1.0, 99.0), max_voxels: int = 2_000_000
+) -> tuple[float, float]:
+    """Estimate two intensity percentiles of a volume of any size from at most ``max_voxels`` voxels.
+
+    Reads a grid of small sub-blocks spread over the volume (exact when the volume is small enough).
+    Raises VesuviusError naming the file when the sampled voxels contain NaN/inf, or for bad ``q``.
+    """
+    if len(q) != 2 or not 0.0 <= q[0] <= q[1] <= 100.0:
+        raise VesuviusError(f"q must be two percentiles with 0 <= q[0] <= q[1] <= 100, got {q!r}")
+    if max_voxels < 1:
+        raise VesuviusError(f"max_voxels must be >= 1, got {max_voxels}")
+    parts = [reader.read(r).ravel() for r in sample_regions(reader.shape, max_voxels)]
+    sample = np.concatenate(parts).astype(np.float64)
+    if sample.size == 0:
+        raise VesuviusError(f"{reader.path}: volume is empty, shape {reader.shape}")
+    if not np.isfinite(sample).all():
+        raise VesuviusError(f"{reader.path}: volume contains NaN or infinite values")
+    lo, hi = np.percentile(sample, q)
+    return float(lo), float(hi)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def read_tiff_pages(tif: tifffile.TiffFile, region: Region) -> np.ndarray:
+    """Read a (z, y, x) region of an open multi-page TIFF page by page (only pages z in the region)."""
+    zs, ys, xs = region
+    pages = tif.series[0].pages
+    out = np.empty(region_shape(region), dtype=tif.series[0].dtype)
+    for i, z in enumerate(range(zs.start, zs.stop)):
+        out[i] = pages[z].asarray()[ys, xs]
+    return out
+
+
+def _tiff_memmappable(path: Path) -> bool:
+    """True when tifffile can memory-map the file's first series (uncompressed, contiguous)."""
+    try:
+        tifffile.memmap(path, mode="r")
+    except ValueError:
+        return False
+    return True
+
+
+def _tiff_spacing(tif: tifffile.TiffFile) -> Spacing | None:
+    """(z, y, x) spacing from OME-TIFF PhysicalSize* or ImageJ ``spacing`` + resolution tags, else None."""
+    if tif.is_ome and tif.ome_metadata:
+        pixels = next((e for e in ET.fromstring(tif.ome_metadata).iter() if e.tag.endswith("Pixels")), None)
+        sizes = [pixels.get(f"PhysicalSize{a}") for a in "ZYX"] if pixels is not None else [None]
+        if all(s is not None for s in sizes):
+            return tuple(float(s) for s in sizes)  # type: ignore[return-value]
+    if tif.is_imagej and tif.imagej_metadata and "spacing" in tif.imagej_metadata:
+        tags = tif.pages[0].tags
+        x_res, y_res = tags.get("XResolution"), tags.get("YResolution")
+        if x_res is not None and y_res is not None:
+            (xn, xd), (yn, yd) = x_res.value, y_res.value
+            return (float(tif.imagej_metadata["spacing"]), yd / yn, xd / xn)
+    return None
+
+
+def _pick_spacing(path: Path, file_spacing: Spacing | None, spacing: Spacing | None) -> Spacing:
+    """The file's spacing when it has one, else the argument, else (1, 1, 1); validated."""
+    chosen = file_spacing if file_spacing is not None else (spacing if spacing is not None else (1.0, 1.0, 1.0))
+    if file_spacing is not None and spacing is not None and not np.allclose(file_spacing, spacing):
+        logger.warning("%s: using the file's spacing %s, not spacing=%s", path, tuple(file_spacing), tuple(spacing))
+    try:
+        spacing_to_affine(chosen)
+    except VesuviusError as exc:
+        raise VesuviusError(f"{path}: {exc}") from None
+    return tuple(float(s) for s in chosen)  # type: ignore[return-value]
+
+
+def _natural_key(path: Path) -> list:
+    """Sort key so that ``2.tif`` comes before ``10.tif``."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
+
+
+def _leading_singletons(path: Path, shape: tuple[int, ...]) -> int:
+    """How many leading axes to drop to make ``shape`` 3D; they must all have size 1."""
+    lead = len(shape) - 3
+    if lead < 0 or any(d != 1 for d in shape[:lead]):
+        raise VesuviusError(f"{path}: expected a 3D volume (z, y, x), got shape {tuple(shape)}")
+    return lead
+
+
+def _ome_multiscales(attrs: dict) -> list | None:
+    """The OME-Zarr ``multiscales`` list (v0.4 top level or v0.5 under ``ome``), or None."""
+    if "multiscales" in attrs:
+        return attrs["multiscales"]
+    ome = attrs.get("ome")
+    return ome.get("multiscales") if isinstance(ome, dict) else None
+
+
+def _ome_transform(transforms: list | None, kind: str) -> list[float] | None:
+    """The ``scale`` or ``translation`` vector of an OME coordinateTransformations list, or None."""
+    for t in transforms or []:
+        if t.get("type") == kind and kind in t:
+            return [float(v) for v in t[kind]]
+    return None
+
+
+def _open_zarr_array(path: Path, level: int, key: str | None) -> tuple[zarr.Array, Spacing | None, np.ndarray | None]:
+    """Open the zarr array to read; returns (array, OME spacing (z, y, x) or None, OME translation (z, y, x) or None)."""
+    try:
+        node = zarr.open(str(path), mode="r")
+    except Exception as exc:
+        raise VesuviusError(f"{path}: not a readable zarr array or group ({exc})") from exc
+    if isinstance(node, zarr.Array):
+        return node, None, None
+    multiscales = _ome_multiscales(dict(node.attrs))
+    if key is not None:
+        return _group_member(path, node, key), None, None
+    if multiscales:
+        return _ome_level(path, node, multiscales[0], level)
+    arrays = sorted(node.array_keys())
+    if len(arrays) != 1:
+        raise VesuviusError(f"{path}: zarr group holds arrays {arrays}; pass key= to choose one")
+    return node[arrays[0]], None, None
+
+
+def _group_member(path: Path, group: zarr.Group, key: str) -> zarr.Array:
+    """The array ``key`` of a zarr group, or VesuviusError naming the path and the available arrays."""
+    try:
+        member = group[key]
+    except KeyError:
+        raise VesuviusError(f"{path}: zarr group has no array {key!r}; it holds {sorted(group.array_keys())}") from None
+    if not isinstance(member, zarr.Array):
+        raise VesuviusError(f"{path}: {key!r} is a zarr group, not an array")
+    return member
+
+
+def _ome_level(
+    path: Path, group: zarr.Group, multiscale: dict, level: int
+) -> tuple[zarr.Array, Spacing | None, np.ndarray | None]:
+    """Array, spacing and translation of pyramid ``level`` of one OME-Zarr multiscale."""
+    datasets = multiscale.get("datasets", [])
+    if not 0 <= level < len(datasets):
+        raise VesuviusError(f"{path}: level={level} out of range; the OME-Zarr pyramid has {len(datasets)} levels")
+    dataset = datasets[level]
+    array = _group_member(path, group, dataset["path"])
+    scale = _ome_transform(dataset.get("coordinateTransformations"), "scale")
+    shift = _ome_transform(dataset.get("coordinateTransformations"), "translation")
+    global_scale = _ome_transform(multiscale.get("coordinateTransformations"), "scale")
+    if scale is not None and global_scale is not None:
+        scale = [a * b for a, b in zip(scale, global_scale)]
+    spacing = tuple(scale[-3:]) if scale is not None and len(scale) >= 3 else None
+    translation = np.array(shift[-3:], dtype=np.float64) if shift is not None and len(shift) >= 3 else None
+    return array, spacing, translation  # type: ignore[return-value]

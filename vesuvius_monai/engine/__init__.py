@@ -1,0 +1,1 @@
+"""Training, inference and test-time augmentation engines."""

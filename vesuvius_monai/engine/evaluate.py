@@ -1,0 +1,177 @@
+"""Evaluation on held-out fragments: sliding-window inference, post-processing, metrics, exports.
+
+Writes into the evaluation folder::
+
+    metrics.csv            one row per fragment, one column per metric, and a final 'mean' row
+    metrics.json           {"mean_dice", "mean": {...}, "fragments": {id: {...}}, ...}
+    predictions/ID_prob.nii.gz   probability map (float32), the input's affine and spacing
+    predictions/ID_mask.nii.gz   post-processed binary mask (uint8)
+    predictions/ID_slices.png    orthogonal mid-slices, prediction over image, errors coloured
+    component_sizes.png    histogram of connected-component sizes, prediction against label
+    report.html            all of the above (and the run's learning curve) in one self-contained page
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from vesuvius_monai.config import Config, to_dict
+from vesuvius_monai.data.dataset import Fragment, load_splits
+from vesuvius_monai.engine.infer import load_normalized, resolve_device, sliding_window_probs
+from vesuvius_monai.errors import VesuviusError
+from vesuvius_monai.io.atomic import write_text
+from vesuvius_monai.io.checkpoint import model_from_checkpoint
+from vesuvius_monai.io.nifti import write_nifti
+from vesuvius_monai.metrics import compute_metrics
+from vesuvius_monai.postprocess import postprocess
+from vesuvius_monai.report import component_sizes, save_component_histogram, save_slices_png, write_html_report
+
+log = logging.getLogger(__name__)
+
+
+def select_fragments(cfg: Config) -> list[Fragment]:
+    """The labelled fragments of the split named by ``evaluate.split``."""
+    splits = load_splits(cfg.data)
+    chosen = splits["train"] + splits["val"] + splits["test"] if cfg.evaluate.split == "all" else splits[cfg.evaluate.split]
+    if not chosen:
+        raise VesuviusError(f"config key 'evaluate.split': the '{cfg.evaluate.split}' split has no fragments")
+    unlabeled = [f.id for f in chosen if f.label is None]
+    if unlabeled:
+        raise VesuviusError(f"cannot evaluate fragments without labels: {unlabeled}")
+    return chosen
+
+
+@dataclass
+class FragmentResult:
+    scores: dict[str, float]
+    pred_sizes: np.ndarray  # connected-component sizes of the prediction
+    label_sizes: np.ndarray  # ... and of the label (ignore region excluded)
+
+
+def evaluate_fragment(model: nn.Module, fragment: Fragment, cfg: Config, device: torch.device,
+                      out: Path) -> FragmentResult:
+    """Predict one fragment, score it and write its exports."""
+    image = load_normalized(fragment.image, cfg.transforms.percentiles)
+    start = time.perf_counter()
+    probs = sliding_window_probs(model, image, cfg.infer, device=device, amp=cfg.train.amp, progress=False)
+    seconds = time.perf_counter() - start
+    mask = postprocess(probs, cfg.postprocess)
+    label = fragment.label.read()
+    scores = compute_metrics(mask, label, cfg.evaluate.metrics, ignore_index=cfg.data.ignore_index,
+                             spacing=tuple(fragment.image.spacing), weights=cfg.evaluate.leaderboard)
+    scores["inference_seconds"] = seconds
+    affine = fragment.image.affine
+    if cfg.evaluate.save_probabilities:
+        write_nifti(out / "predictions" / f"{fragment.id}_prob.nii.gz", probs.astype(np.float32), affine=affine)
+    if cfg.evaluate.save_masks:
+        write_nifti(out / "predictions" / f"{fragment.id}_mask.nii.gz", mask.astype(np.uint8), affine=affine)
+    save_slices_png(image, mask, out / "predictions" / f"{fragment.id}_slices.png", label=label,
+                    ignore_index=cfg.data.ignore_index, title=f"{fragment.id}: Dice {scores.get('dice', float('nan')):.3f}")
+    return FragmentResult(scores=scores, pred_sizes=component_sizes(mask & (label != cfg.data.ignore_index)),
+                          label_sizes=component_sizes(label == 1))
+
+
+def summarize(per_fragment: dict[str, dict]) -> dict[str, float]:
+    """Mean of every metric over fragments (NaN-aware: a metric undefined on one fragment is skipped there)."""
+    names = list(next(iter(per_fragment.values())))
+    return {name: float(np.nanmean([scores[name] for scores in per_fragment.values()])) for name in names}
+
+
+def write_tables(out: Path, per_fragment: dict[str, dict], mean: dict[str, float], meta: dict) -> dict:
+    """metrics.csv (fragments + mean row) and metrics.json, both atomic; returns the JSON payload."""
+    names = list(mean)
+    text = io.StringIO()
+    table = csv.writer(text)
+    table.writerow(["fragment", *names])
+    for frag_id, scores in per_fragment.items():
+        table.writerow([frag_id, *(f"{scores[n]:.6g}" for n in names)])
+    table.writerow(["mean", *(f"{mean[n]:.6g}" for n in names)])
+    write_text(out / "metrics.csv", text.getvalue())
+    payload = {"mean_dice": mean.get("dice"), "mean": mean, "fragments": per_fragment, **meta}
+    write_text(out / "metrics.json", json.dumps(payload, indent=2, allow_nan=True))
+    return payload
+
+
+def write_report(out: Path, results: dict[str, FragmentResult], mean: dict[str, float], cfg: Config,
+                 checkpoint: Path) -> None:
+    """component_sizes.png and the self-contained report.html."""
+    save_component_histogram([r.pred_sizes for r in results.values()], [r.label_sizes for r in results.values()],
+                             out / "component_sizes.png")
+    run = checkpoint.parent.parent  # <run>/checkpoints/x.pt
+    figures = [(run / "learning_curve.png", "learning curve of the training run")]
+    figures += [(out / "predictions" / f"{i}_slices.png", f"{i}: mid-slices") for i in results]
+    figures.append((out / "component_sizes.png", "connected-component sizes"))
+    notes = [f"checkpoint: {checkpoint}", f"split: {cfg.evaluate.split}",
+             f"inference: window {list(cfg.infer.roi_size)}, overlap {cfg.infer.overlap}, {cfg.infer.blend} blending, "
+             f"TTA flips {cfg.infer.tta_flip_axes}, rot90 {cfg.infer.tta_rot90}",
+             f"post-processing: {dataclasses.asdict(cfg.postprocess)}",
+             "ignore-label voxels are excluded from every metric"]
+    write_html_report(out / "report.html", title="vesuvius_monai evaluation", per_fragment={
+        i: r.scores for i, r in results.items()}, mean=mean, figures=figures, notes=notes)
+
+
+def evaluate(cfg: Config, checkpoint: str | Path, out_dir: str | Path | None = None) -> dict:
+    """Score the checkpoint's model on ``evaluate.split``; returns the metrics.json payload."""
+    device = resolve_device(cfg.train.device)
+    model, ckpt_cfg = model_from_checkpoint(checkpoint, device)
+    if (ckpt_cfg.model.name, ckpt_cfg.model.kwargs) != (cfg.model.name, cfg.model.kwargs):
+        log.info("model comes from the checkpoint: %s %s", ckpt_cfg.model.name, ckpt_cfg.model.kwargs)
+    out = Path(out_dir) if out_dir else Path(cfg.output_dir) / "eval"
+    fragments = select_fragments(cfg)
+    results = {}
+    for fragment in tqdm(fragments, desc="evaluate", unit="fragment", dynamic_ncols=True):
+        results[fragment.id] = evaluate_fragment(model, fragment, cfg, device, out)
+        log.info("%s: %s", fragment.id, ", ".join(f"{k} {v:.4f}" for k, v in results[fragment.id].scores.items()))
+    per_fragment = {frag_id: r.scores for frag_id, r in results.items()}
+    mean = summarize(per_fragment)
+    meta = {"checkpoint": str(checkpoint), "split": cfg.evaluate.split, "n_fragments": len(fragments),
+            "config": to_dict(cfg)}
+    payload = write_tables(out, per_fragment, mean, meta)
+    write_report(out, results, mean, cfg, Path(checkpoint))
+    log.info("mean Dice over %d %s fragments: %.4f", len(fragments), cfg.evaluate.split, mean.get("dice", float("nan")))
+    return payload
+
+
+def tune_threshold(cfg: Config, checkpoint: str | Path, out_dir: str | Path | None = None) -> dict:
+    """Pick ``postprocess.threshold`` on the validation fragments by the combined leaderboard score.
+
+    Writes ``threshold.json`` (best threshold, score per candidate) to ``out_dir`` (default: the run folder);
+    other post-processing settings of the config are kept while thresholds are compared.
+    """
+    from vesuvius_monai.metrics.leaderboard import leaderboard_score
+    from vesuvius_monai.postprocess import tune_threshold as pick
+
+    device = resolve_device(cfg.train.device)
+    model, _ = model_from_checkpoint(checkpoint, device)
+    fragments = load_splits(cfg.data)["val"]
+    if not fragments:
+        raise VesuviusError("tune-threshold needs validation fragments (data.val_fragments or data.val_fraction)")
+    probs, labels = [], []
+    for fragment in tqdm(fragments, desc="predict val", unit="fragment", dynamic_ncols=True):
+        image = load_normalized(fragment.image, cfg.transforms.percentiles)
+        probs.append(sliding_window_probs(model, image, cfg.infer, device=device, amp=cfg.train.amp))
+        labels.append(fragment.label.read())
+
+    def score(pred: np.ndarray, label: np.ndarray) -> float:
+        return leaderboard_score(pred, label, weights=cfg.evaluate.leaderboard, ignore_index=cfg.data.ignore_index)["score"]
+
+    best, scores = pick(probs, labels, score, base=cfg.postprocess)
+    payload = {"threshold": best, "score": scores[best], "scores": {f"{t:.3f}": s for t, s in scores.items()},
+               "fragments": [f.id for f in fragments], "checkpoint": str(checkpoint)}
+    out = Path(out_dir) if out_dir else Path(checkpoint).parent.parent
+    write_text(out / "threshold.json", json.dumps(payload, indent=2))
+    log.info("best threshold %.3f (leaderboard score %.4f on %d val fragments); use postprocess.threshold=%.3f",
+             best, scores[best], len(fragments), best)
+    return payload

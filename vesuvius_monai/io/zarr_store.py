@@ -1,0 +1,158 @@
+"""Chunked Zarr store for probability maps too large for memory, with per-block completion markers.
+
+Layout (zarr v2 format, OME-Zarr 0.4 style so viewers and :func:`open_volume` read it)::
+
+    out.zarr/.zgroup, .zattrs      multiscales (axes z, y, x; scale = spacing) + "vesuvius_prediction" metadata
+    out.zarr/0/                    the (z, y, x) array, chunks = prediction blocks
+    out.zarr/.blocks_done/z.y.x    empty marker per finished block, created only after its data are written
+
+Probabilities are stored as uint8 (round(p * 255)), float16 or float32.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from vesuvius_monai.errors import VesuviusError
+from vesuvius_monai.io.nifti import affine_to_spacing, spacing_to_affine
+
+logger = logging.getLogger(__name__)
+
+STORE_DTYPES = ("uint8", "float16", "float32")
+ARRAY_NAME = "0"
+MARKER_DIR = ".blocks_done"
+META_KEY = "vesuvius_prediction"
+
+BlockIndex = tuple[int, int, int]
+
+
+def encode_probabilities(probs: np.ndarray, dtype: str) -> np.ndarray:
+    """Probabilities in [0, 1] -> stored values: uint8 ``round(clip(p) * 255)``, or a float16/float32 cast."""
+    if dtype not in STORE_DTYPES:
+        raise VesuviusError(f"dtype must be one of {STORE_DTYPES}, got {dtype!r}")
+    if dtype == "uint8":
+        return np.rint(np.clip(probs, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return np.asarray(probs).astype(dtype)
+
+
+def decode_probabilities(stored: np.ndarray) -> np.ndarray:
+    """Stored values -> float32 probabilities (uint8 / 255; floats unchanged)."""
+    if stored.dtype == np.uint8:
+        return stored.astype(np.float32) / np.float32(255.0)
+    return stored.astype(np.float32)
+
+
+def _ome_attrs(spacing: tuple[float, float, float], translation: tuple[float, float, float]) -> list[dict]:
+    """OME-Zarr 0.4 ``multiscales`` for a single (z, y, x) level ``0``."""
+    transforms = [{"type": "scale", "scale": list(spacing)}]
+    if any(translation):
+        transforms.append({"type": "translation", "translation": list(translation)})
+    return [{
+        "version": "0.4",
+        "name": "probabilities",
+        "axes": [{"name": a, "type": "space"} for a in "zyx"],
+        "datasets": [{"path": ARRAY_NAME, "coordinateTransformations": transforms}],
+    }]
+
+
+class PredictionStore:
+    """A (z, y, x) probability array in a Zarr group plus its block-completion markers."""
+
+    def __init__(self, path: Path, group: zarr.Group) -> None:
+        self.path = Path(path)
+        self.group = group
+        try:
+            self.array: zarr.Array = group[ARRAY_NAME]  # indexing, not listing: the marker folder is no zarr node
+        except KeyError:
+            raise VesuviusError(f"{path}: prediction store has no array {ARRAY_NAME!r}") from None
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        shape: tuple[int, int, int],
+        *,
+        block_size: tuple[int, int, int],
+        dtype: str = "uint8",
+        affine: np.ndarray | None = None,
+        meta: dict | None = None,
+    ) -> PredictionStore:
+        """Create an empty store (fill 0) with chunks = ``block_size``; ``path`` must not exist.
+
+        ``affine`` (4x4, (x, y, z) -> world) gives the OME scale and translation (identity if None);
+        ``meta`` (JSON-serialisable) is kept in the attrs for later compatibility checks.
+        """
+        path = Path(path)
+        if dtype not in STORE_DTYPES:
+            raise VesuviusError(f"dtype must be one of {STORE_DTYPES}, got {dtype!r}")
+        if path.exists():
+            raise VesuviusError(f"{path}: already exists; refusing to overwrite it")
+        matrix = spacing_to_affine((1.0, 1.0, 1.0)) if affine is None else np.asarray(affine, dtype=np.float64)
+        group = zarr.open_group(str(path), mode="w-", zarr_format=2)
+        chunks = tuple(max(1, min(int(b), int(d))) for b, d in zip(block_size, shape))
+        group.create_array(ARRAY_NAME, shape=tuple(int(d) for d in shape), chunks=chunks, dtype=dtype, fill_value=0)
+        group.attrs.update({
+            "multiscales": _ome_attrs(affine_to_spacing(matrix), tuple(float(t) for t in matrix[2::-1, 3])),
+            "affine": matrix.tolist(),
+            META_KEY: {**json.loads(json.dumps(meta or {})), "dtype": dtype, "complete": False},
+        })
+        (path / MARKER_DIR).mkdir()
+        return cls(path, group)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, mode: str = "r+") -> PredictionStore:
+        """Open an existing store (``mode`` "r+" or "r"); VesuviusError if ``path`` is not one."""
+        path = Path(path)
+        try:
+            group = zarr.open_group(str(path), mode=mode)
+        except Exception as exc:
+            raise VesuviusError(f"{path}: not a readable Zarr prediction store ({exc})") from exc
+        if META_KEY not in group.attrs:
+            raise VesuviusError(f"{path}: Zarr store was not written by block-wise prediction")
+        return cls(path, group)
+
+    @property
+    def meta(self) -> dict:
+        """The ``vesuvius_prediction`` attrs: the creator's ``meta`` plus ``dtype`` and ``complete``."""
+        return dict(self.group.attrs[META_KEY])
+
+    @property
+    def affine(self) -> np.ndarray:
+        """The 4x4 (x, y, z) -> world affine given at creation."""
+        return np.array(self.group.attrs["affine"], dtype=np.float64)
+
+    def _marker(self, index: BlockIndex) -> Path:
+        return self.path / MARKER_DIR / ".".join(str(int(i)) for i in index)
+
+    def is_done(self, index: BlockIndex) -> bool:
+        """True when block ``index`` was written completely (its marker exists)."""
+        return self._marker(index).exists()
+
+    def done_blocks(self) -> set[BlockIndex]:
+        """Indices of all finished blocks."""
+        folder = self.path / MARKER_DIR
+        if not folder.is_dir():
+            return set()
+        return {tuple(int(i) for i in p.name.split(".")) for p in folder.iterdir()}  # type: ignore[misc]
+
+    def write_block(self, index: BlockIndex, region: tuple[slice, slice, slice], probs: np.ndarray) -> None:
+        """Write float probabilities (shape of ``region``) into ``region``, then mark block ``index`` done."""
+        self.array[region] = encode_probabilities(probs, str(self.array.dtype))
+        self._marker(index).touch()
+
+    def mark_complete(self) -> None:
+        """Record that every block is written and drop the markers (the store is then final)."""
+        self.group.attrs[META_KEY] = {**self.meta, "complete": True}
+        shutil.rmtree(self.path / MARKER_DIR, ignore_errors=True)
+
+    def read_probabilities(self, region: tuple[slice, slice, slice] | None = None) -> np.ndarray:
+        """Float32 probabilities (z, y, x) of ``region`` (whole array if None)."""
+        data = self.array[region] if region is not None else self.array[...]
+        return decode_probabilities(np.asarray(data))

@@ -1,0 +1,279 @@
+"""Segmentation losses for papyrus surfaces: Dice, BCE, soft clDice and Skeleton Recall, with an ignore label.
+
+Labels: 0 background, 1 surface, ``ignore_index`` (default 2) unlabeled. Inputs are logits (B, 1, Z, Y, X)
+and a target of the same shape. Every loss masks the unlabeled region (``mask = target != ignore_index``):
+probabilities and target are multiplied by the mask before Dice-like sums and BCE is averaged over the
+labeled voxels only, so neither the loss value nor its gradient depends on the logits inside the mask.
+
+All sums run over the whole batch (MONAI's ``batch=True`` convention), so a patch without any surface does
+not produce a degenerate per-sample ratio.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceLoss
+from scipy import ndimage
+from skimage.morphology import skeletonize
+from torch import Tensor, nn
+
+from vesuvius_monai.errors import VesuviusError
+
+logger = logging.getLogger(__name__)
+
+SMOOTH = 1e-5
+SKELETON_MODES = ("slices", "3d")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LossWeights:
+    """Weights of the loss components; each is a finite number >= 0 and at least one is > 0.
+
+    Dice + CE is ``LossWeights(dice=1.0, bce=1.0)``.
+    """
+
+    dice: float = 1.0
+    bce: float = 0.0
+    cldice: float = 0.0
+    skel_recall: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name, value in dataclasses.asdict(self).items():
+            _check_weight(name, value)
+        if not any(value > 0 for value in dataclasses.asdict(self).values()):
+            names = ", ".join(f"'{name}'" for name in dataclasses.asdict(self))
+            raise VesuviusError(f"loss weights: at least one of {names} must be > 0, all are 0")
+
+    def active(self) -> dict[str, float]:
+        """Return ``{component: weight}`` for the components with weight > 0."""
+        return {name: float(value) for name, value in dataclasses.asdict(self).items() if value > 0}
+
+
+def _check_weight(name: str, value: object) -> None:
+    """Raise VesuviusError unless ``value`` is a finite real number >= 0."""
+    is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not is_number or not math.isfinite(float(value)) or float(value) < 0:
+        raise VesuviusError(f"loss weight '{name}' must be a finite number >= 0, got {value!r}")
+
+
+def weights_from_dict(weights: dict) -> LossWeights:
+    """Build LossWeights from a config dict such as ``{"dice": 1, "bce": 1}``; unknown keys are rejected."""
+    known = [field.name for field in dataclasses.fields(LossWeights)]
+    for key in weights:
+        if key not in known:
+            raise VesuviusError(f"unknown loss weight key '{key}'; expected one of {', '.join(known)}")
+    full = {name: 0.0 for name in known}
+    full.update(weights)
+    return LossWeights(**full)
+
+
+# ---------------------------------------------------------------- soft morphology (clDice)
+
+
+def soft_erode(x: Tensor) -> Tensor:
+    """Soft erosion of (B, C, Z, Y, X) values in [0, 1]: minimum over the centre and its 6 face neighbours."""
+    along_z = -F.max_pool3d(-x, (3, 1, 1), stride=1, padding=(1, 0, 0))
+    along_y = -F.max_pool3d(-x, (1, 3, 1), stride=1, padding=(0, 1, 0))
+    along_x = -F.max_pool3d(-x, (1, 1, 3), stride=1, padding=(0, 0, 1))
+    return torch.minimum(torch.minimum(along_z, along_y), along_x)
+
+
+def soft_dilate(x: Tensor) -> Tensor:
+    """Soft dilation of (B, C, Z, Y, X) values: maximum over the 3x3x3 neighbourhood."""
+    return F.max_pool3d(x, kernel_size=3, stride=1, padding=1)
+
+
+def soft_open(x: Tensor) -> Tensor:
+    """Soft morphological opening (erode, then dilate) of (B, C, Z, Y, X) values."""
+    return soft_dilate(soft_erode(x))
+
+
+def soft_skeleton(x: Tensor, iters: int) -> Tensor:
+    """Soft skeleton (Shit et al. 2021) of (B, C, Z, Y, X) values in [0, 1]; same shape, values in [0, 1].
+
+    ``iters`` erosions are applied; structures up to about ``2 * iters + 1`` voxels thick are thinned.
+    """
+    skel = F.relu(x - soft_open(x))
+    for _ in range(iters):
+        x = soft_erode(x)
+        delta = F.relu(x - soft_open(x))
+        skel = skel + F.relu(delta - skel * delta)
+    return skel
+
+
+# ---------------------------------------------------------------- skeleton of the target (Skeleton Recall)
+
+
+def skeleton_target(
+    label: np.ndarray, *, ignore_index: int = 2, dilate: bool = True, mode: str = "slices"
+) -> np.ndarray:
+    """Skeleton of the surface voxels (label == 1) of a (Z, Y, X) label volume; bool (Z, Y, X).
+
+    ``mode="3d"`` uses skimage's 3D thinning (Lee 1994), as in Kirchhoff et al. 2024; it thins to curves,
+    so a thin sheet can collapse to a few voxels or vanish. ``mode="slices"`` (default) is the union of the
+    2D skeletons of every slice along z, y and x: for a sheet this contains its medial surface.
+    ``dilate`` grows the skeleton by one voxel (6-neighbourhood); the result is always restricted to the
+    surface voxels, so the ignore region and the background are never part of it.
+    """
+    if mode not in SKELETON_MODES:
+        raise VesuviusError(f"skeleton mode must be one of {', '.join(SKELETON_MODES)}, got {mode!r}")
+    if label.ndim != 3:
+        raise VesuviusError(f"skeleton label must be a (Z, Y, X) volume, got shape {label.shape}")
+    surface = label == 1
+    if not surface.any():
+        return np.zeros(label.shape, dtype=bool)
+    skel = skeletonize(surface) if mode == "3d" else _skeleton_of_slices(surface)
+    skel = skel.astype(bool)
+    if dilate:
+        skel = ndimage.binary_dilation(skel, structure=ndimage.generate_binary_structure(3, 1))
+    return skel & surface
+
+
+def _skeleton_of_slices(surface: np.ndarray) -> np.ndarray:
+    """Union of the 2D skeletons of all slices of a bool (Z, Y, X) volume along each axis; bool (Z, Y, X)."""
+    skel = np.zeros(surface.shape, dtype=bool)
+    for axis in range(3):
+        surface_view = np.moveaxis(surface, axis, 0)
+        skel_view = np.moveaxis(skel, axis, 0)  # a view: writing into it fills ``skel``
+        for index in range(surface_view.shape[0]):
+            if surface_view[index].any():
+                skel_view[index] |= skeletonize(surface_view[index])
+    return skel
+
+
+def skeleton_batch(target: Tensor, *, ignore_index: int = 2, dilate: bool = True, mode: str = "slices") -> Tensor:
+    """Skeletons of a (B, 1, Z, Y, X) target, computed on the CPU; float (B, 1, Z, Y, X) on target's device."""
+    labels = target.detach().cpu().numpy()
+    skels = [
+        skeleton_target(labels[b, 0], ignore_index=ignore_index, dilate=dilate, mode=mode)
+        for b in range(labels.shape[0])
+    ]
+    return torch.from_numpy(np.stack(skels)[:, None].astype(np.float32)).to(target.device)
+
+
+# ---------------------------------------------------------------- loss components
+
+
+def masked_bce(logits: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """BCE-with-logits averaged over the voxels where ``mask`` is True; 0 when none is. All (B, 1, Z, Y, X)."""
+    per_voxel = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    per_voxel = torch.where(mask, per_voxel, torch.zeros_like(per_voxel))
+    return per_voxel.sum() / mask.sum().clamp(min=1)
+
+
+def soft_cldice(prob: Tensor, target: Tensor, iters: int) -> Tensor:
+    """Soft clDice loss 1 - clDice of masked probabilities and masked target, both (B, 1, Z, Y, X) in [0, 1]."""
+    skel_prob = soft_skeleton(prob, iters)
+    skel_target = soft_skeleton(target, iters)
+    precision = ((skel_prob * target).sum() + SMOOTH) / (skel_prob.sum() + SMOOTH)
+    sensitivity = ((skel_target * prob).sum() + SMOOTH) / (skel_target.sum() + SMOOTH)
+    return 1.0 - 2.0 * precision * sensitivity / (precision + sensitivity)
+
+
+def skeleton_recall(prob: Tensor, skel: Tensor) -> Tensor:
+    """Skeleton Recall loss 1 - sum(prob * skel) / sum(skel); prob, skel (B, 1, Z, Y, X); 0 for an empty skeleton."""
+    return 1.0 - ((prob * skel).sum() + SMOOTH) / (skel.sum() + SMOOTH)
+
+
+def check_loss_inputs(logits: Tensor, target: Tensor, ignore_index: int) -> None:
+    """Raise VesuviusError unless logits are (B, 1, Z, Y, X) and target has their shape and values {0, 1, ignore}."""
+    if logits.ndim != 5 or logits.shape[1] != 1:
+        raise VesuviusError(f"loss logits must have shape (B, 1, Z, Y, X), got {tuple(logits.shape)}")
+    if target.shape != logits.shape:
+        raise VesuviusError(
+            f"loss target shape {tuple(target.shape)} does not match logits shape {tuple(logits.shape)}"
+        )
+    bad = (target != 0) & (target != 1) & (target != ignore_index)
+    if bool(bad.any()):
+        values = torch.unique(target[bad])[:5].tolist()
+        raise VesuviusError(
+            f"loss target has values {values}; allowed are 0 (background), 1 (surface) and {ignore_index} (ignore)"
+        )
+
+
+class SurfaceLoss(nn.Module):
+    """Weighted sum of masked Dice, BCE, soft clDice and Skeleton Recall losses.
+
+    ``forward(logits, target)`` takes logits (B, 1, Z, Y, X) and a target of the same shape with values
+    {0, 1, ignore_index} and returns a scalar tensor. After each call ``last_components`` holds the unweighted
+    value of each active component and the weighted ``total`` as floats, for logging.
+    """
+
+    def __init__(
+        self,
+        weights: LossWeights,
+        *,
+        ignore_index: int = 2,
+        cldice_iters: int = 3,
+        skel_mode: str = "slices",
+        skel_dilate: bool = True,
+    ) -> None:
+        super().__init__()
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int) or ignore_index in (0, 1):
+            raise VesuviusError(f"ignore_index must be an integer other than 0 and 1, got {ignore_index!r}")
+        if isinstance(cldice_iters, bool) or not isinstance(cldice_iters, int) or cldice_iters < 1:
+            raise VesuviusError(f"cldice_iters must be an integer >= 1, got {cldice_iters!r}")
+        if skel_mode not in SKELETON_MODES:
+            raise VesuviusError(f"skel_mode must be one of {', '.join(SKELETON_MODES)}, got {skel_mode!r}")
+        self.weights = weights
+        self.ignore_index = ignore_index
+        self.cldice_iters = cldice_iters
+        self.skel_mode = skel_mode
+        self.skel_dilate = skel_dilate
+        self.dice = DiceLoss(sigmoid=False, smooth_nr=SMOOTH, smooth_dr=SMOOTH, batch=True)
+        self.last_components: dict[str, float] = {}
+
+    def components(self, logits: Tensor, target: Tensor) -> dict[str, Tensor]:
+        """Return the unweighted scalar loss of each active component, keyed by its LossWeights name."""
+        check_loss_inputs(logits, target, self.ignore_index)
+        logits = logits.float()
+        mask = target != self.ignore_index
+        surface = (target == 1).float()  # already 0 inside the ignore region
+        prob = torch.sigmoid(logits) * mask.float()
+        active = self.weights.active()
+        parts: dict[str, Tensor] = {}
+        if "dice" in active:
+            parts["dice"] = self.dice(prob, surface)
+        if "bce" in active:
+            parts["bce"] = masked_bce(logits, surface, mask)
+        if "cldice" in active:
+            parts["cldice"] = soft_cldice(prob, surface, self.cldice_iters)
+        if "skel_recall" in active:
+            skel = skeleton_batch(
+                target, ignore_index=self.ignore_index, dilate=self.skel_dilate, mode=self.skel_mode
+            )
+            parts["skel_recall"] = skeleton_recall(prob, skel)
+        return parts
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        """Weighted sum of the active components; a scalar tensor."""
+        parts = self.components(logits, target)
+        active = self.weights.active()
+        total = sum(active[name] * value for name, value in parts.items())
+        self.last_components = {name: float(value.detach()) for name, value in parts.items()}
+        self.last_components["total"] = float(total.detach())
+        return total
+
+
+def build_loss(
+    weights: dict | LossWeights,
+    *,
+    ignore_index: int = 2,
+    cldice_iters: int = 3,
+    skel_mode: str = "slices",
+) -> SurfaceLoss:
+    """Build a SurfaceLoss from LossWeights or a config dict of weights (missing keys count as 0)."""
+    if isinstance(weights, dict):
+        weights = weights_from_dict(weights)
+    if not isinstance(weights, LossWeights):
+        raise VesuviusError(f"loss weights must be a dict or LossWeights, got {type(weights).__name__}")
+    logger.debug("loss weights %s", weights.active())
+    return SurfaceLoss(weights, ignore_index=ignore_index, cldice_iters=cldice_iters, skel_mode=skel_mode)

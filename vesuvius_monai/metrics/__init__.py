@@ -1,0 +1,102 @@
+"""Metrics of papyrus-surface predictions on NumPy volumes (z, y, x).
+
+Every metric takes ``pred`` (binary mask, bool or 0/1) and ``label`` (0 background, 1 surface,
+``ignore_index`` unlabeled; ignored voxels become background in both). :data:`METRICS` maps a name to a
+scalar metric ``f(pred, label, *, ignore_index=2, spacing=(1, 1, 1), weights=LeaderboardWeights())``;
+:func:`compute_metrics` computes several at once and shares their intermediate results.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Callable, Sequence
+
+import numpy as np
+
+from vesuvius_monai.errors import VesuviusError
+from vesuvius_monai.metrics.cldice import cldice, cldice_parts
+from vesuvius_monai.metrics.context import SCALAR_GETTERS, MetricContext
+from vesuvius_monai.metrics.leaderboard import LeaderboardWeights, leaderboard_score
+from vesuvius_monai.metrics.overlap import dice, iou
+from vesuvius_monai.metrics.surface import hausdorff95, surface_dice
+from vesuvius_monai.metrics.topology import betti_errors, betti_numbers, topo_score
+from vesuvius_monai.metrics.voi import variation_of_information, voi_score
+
+__all__ = [
+    "METRICS",
+    "LeaderboardWeights",
+    "MetricContext",
+    "betti_errors",
+    "betti_numbers",
+    "cldice",
+    "cldice_parts",
+    "compute_metrics",
+    "dice",
+    "hausdorff95",
+    "iou",
+    "leaderboard_score",
+    "surface_dice",
+    "topo_score",
+    "variation_of_information",
+    "voi_score",
+]
+
+
+def check_metric_names(names: Sequence[str]) -> list[str]:
+    """Return ``names`` as a list, raising VesuviusError on an unknown name (with a did-you-mean hint)."""
+    if isinstance(names, str):
+        names = [names]
+    for name in names:
+        if name not in SCALAR_GETTERS:
+            close = difflib.get_close_matches(str(name), list(SCALAR_GETTERS), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known metrics: {', '.join(SCALAR_GETTERS)}"
+            raise VesuviusError(f"unknown metric {name!r}{hint}")
+    return list(names)
+
+
+def compute_metrics(
+    pred: np.ndarray,
+    label: np.ndarray,
+    names: Sequence[str],
+    *,
+    ignore_index: int | None = 2,
+    spacing: Sequence[float] = (1, 1, 1),
+    weights: LeaderboardWeights = LeaderboardWeights(),
+) -> dict[str, float]:
+    """Compute the named scalar metrics of one pair, sharing intermediate results.
+
+    Args:
+        pred: binary mask (z, y, x), bool or 0/1.
+        label: (z, y, x) with values 0, 1 and ``ignore_index``.
+        names: keys of :data:`METRICS`, e.g. ["dice", "surface_dice", "leaderboard"].
+        ignore_index: the unlabeled value, or None.
+        spacing: voxel size along (z, y, x) for the surface metrics.
+        weights: settings of the VOI, TopoScore, surface Dice and leaderboard (see LeaderboardWeights).
+
+    Returns:
+        {name: value} in the order of ``names``.
+    """
+    names = check_metric_names(names)
+    context = MetricContext(pred, label, ignore_index=ignore_index, spacing=spacing, weights=weights)
+    return {name: context.value(name) for name in names}
+
+
+def _registered(name: str) -> Callable[..., float]:
+    """A scalar metric function computing ``name`` through :func:`compute_metrics`."""
+
+    def metric(
+        pred: np.ndarray,
+        label: np.ndarray,
+        *,
+        ignore_index: int | None = 2,
+        spacing: Sequence[float] = (1, 1, 1),
+        weights: LeaderboardWeights = LeaderboardWeights(),
+    ) -> float:
+        return compute_metrics(pred, label, [name], ignore_index=ignore_index, spacing=spacing, weights=weights)[name]
+
+    metric.__name__ = name
+    metric.__doc__ = f"Scalar metric {name!r} of a binary pred (z, y, x) against a label; see compute_metrics."
+    return metric
+
+
+METRICS: dict[str, Callable[..., float]] = {name: _registered(name) for name in SCALAR_GETTERS}

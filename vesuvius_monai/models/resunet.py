@@ -1,0 +1,174 @@
+"""The residual 3D UNet from the design notebook, returning logits.
+
+Encoder: residual blocks with MaxPool3d(2) between levels (features f, 2f, 4f for depth 3),
+bottleneck 8f; decoder: ConvTranspose3d(kernel 2, stride 2), concatenation with the encoder
+skip, residual block; a final 1x1x1 conv. Every spatial input size must be a multiple of
+``2 ** depth``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from vesuvius_monai.errors import VesuviusError
+from vesuvius_monai.models.registry import register_model
+
+logger = logging.getLogger(__name__)
+
+
+def _groups(norm_groups: int, channels: int) -> int:
+    """GroupNorm group count for ``channels``: gcd(norm_groups, channels), which always divides channels."""
+    return math.gcd(norm_groups, channels)
+
+
+class ResidualBlock(nn.Module):
+    """Conv3d(3) -> GroupNorm -> LeakyReLU -> Conv3d(3) -> GroupNorm, plus shortcut, then LeakyReLU.
+
+    The shortcut is a 1x1x1 conv when the channel count changes, identity otherwise.
+    Maps (B, in_channels, Z, Y, X) -> (B, out_channels, Z, Y, X).
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels.
+        norm_groups: GroupNorm groups; reduced to gcd(norm_groups, out_channels) so any
+            channel count works.
+        negative_slope: LeakyReLU slope.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, norm_groups: int = 8, negative_slope: float = 0.01):
+        super().__init__()
+        groups = _groups(norm_groups, out_channels)
+        self.conv1 = nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.norm1 = nn.GroupNorm(groups, out_channels)
+        self.conv2 = nn.Conv3d(out_channels, out_channels, kernel_size=3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, out_channels)
+        self.act = nn.LeakyReLU(negative_slope)
+        same = in_channels == out_channels
+        self.shortcut = nn.Identity() if same else nn.Conv3d(in_channels, out_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_channels, Z, Y, X) -> (B, out_channels, Z, Y, X)."""
+        out = self.act(self.norm1(self.conv1(x)))
+        out = self.norm2(self.conv2(out))
+        return self.act(out + self.shortcut(x))
+
+
+def _resolve_features(init_features: int, depth: int, features: Sequence[int] | None) -> tuple[int, ...]:
+    """Channel counts per level, encoder levels then bottleneck: length ``depth + 1``."""
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise VesuviusError(f"UNet3D depth must be an integer >= 1, got {depth!r}")
+    if features is None:
+        if isinstance(init_features, bool) or not isinstance(init_features, int) or init_features < 1:
+            raise VesuviusError(f"UNet3D init_features must be an integer >= 1, got {init_features!r}")
+        return tuple(init_features * 2**level for level in range(depth + 1))
+    feats = tuple(features)
+    if len(feats) != depth + 1:
+        raise VesuviusError(f"UNet3D features {feats} must have depth + 1 = {depth + 1} entries, got {len(feats)}")
+    if any(isinstance(f, bool) or not isinstance(f, int) or f < 1 for f in feats):
+        raise VesuviusError(f"UNet3D features {feats} must all be integers >= 1")
+    return feats
+
+
+class UNet3D(nn.Module):
+    """Residual 3D UNet: (B, in_channels, Z, Y, X) -> logits (B, out_channels, Z, Y, X).
+
+    Z, Y and X must each be a multiple of ``2 ** depth``. No sigmoid is applied.
+
+    Args:
+        in_channels: input channels.
+        out_channels: output (logit) channels.
+        init_features: channels of the first level; level ``i`` has ``init_features * 2**i``,
+            the bottleneck ``init_features * 2**depth``.
+        depth: number of pooling levels (>= 1).
+        features: explicit channels per level, length ``depth + 1`` (last = bottleneck);
+            overrides ``init_features``.
+        norm_groups: GroupNorm groups (>= 1); per layer gcd(norm_groups, channels) is used.
+        negative_slope: LeakyReLU slope (>= 0).
+        checkpointing: recompute each encoder level and the bottleneck in the backward pass
+            (less memory, more time); only active in training mode with grad enabled.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        init_features: int = 16,
+        *,
+        depth: int = 3,
+        features: Sequence[int] | None = None,
+        norm_groups: int = 8,
+        negative_slope: float = 0.01,
+        checkpointing: bool = False,
+    ):
+        super().__init__()
+        for key, value in (("in_channels", in_channels), ("out_channels", out_channels), ("norm_groups", norm_groups)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise VesuviusError(f"UNet3D {key} must be an integer >= 1, got {value!r}")
+        if not negative_slope >= 0:
+            raise VesuviusError(f"UNet3D negative_slope must be >= 0, got {negative_slope!r}")
+        feats = _resolve_features(init_features, depth, features)
+        self.in_channels = in_channels
+        self.depth = depth
+        self.features = feats
+        self.checkpointing = bool(checkpointing)
+
+        def block(cin: int, cout: int) -> ResidualBlock:
+            return ResidualBlock(cin, cout, norm_groups, negative_slope)
+
+        self.encoders = nn.ModuleList(block(cin, cout) for cin, cout in zip((in_channels,) + feats[:-2], feats[:-1]))
+        self.pool = nn.MaxPool3d(kernel_size=2, stride=2)
+        self.bottleneck = block(feats[-2], feats[-1])
+        # decoder level i (deepest first) upsamples feats[i + 1] -> feats[i], concatenates the skip, 2 feats[i] -> feats[i]
+        levels = range(depth - 1, -1, -1)
+        self.upconvs = nn.ModuleList(nn.ConvTranspose3d(feats[i + 1], feats[i], kernel_size=2, stride=2) for i in levels)
+        self.decoders = nn.ModuleList(block(2 * feats[i], feats[i]) for i in levels)
+        self.final = nn.Conv3d(feats[0], out_channels, kernel_size=1)
+
+    @property
+    def size_divisor(self) -> int:
+        """Every spatial input size must be a multiple of this (``2 ** depth``)."""
+        return 2**self.depth
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        """Raise VesuviusError unless x is (B, in_channels, Z, Y, X) with Z, Y, X multiples of 2**depth."""
+        if x.ndim != 5 or x.shape[1] != self.in_channels:
+            raise VesuviusError(
+                f"UNet3D input must be (B, {self.in_channels}, Z, Y, X), got shape {tuple(x.shape)}"
+            )
+        spatial = tuple(x.shape[2:])
+        bad = [size for size in spatial if size % self.size_divisor]
+        if bad:
+            raise VesuviusError(
+                f"UNet3D input spatial size {spatial}: {bad[0]} is not divisible by "
+                f"2**depth = {self.size_divisor}"
+            )
+
+    def _run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Apply ``module``, under gradient checkpointing when enabled and training with grad."""
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(module, x, use_reentrant=False)
+        return module(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_channels, Z, Y, X) -> logits (B, out_channels, Z, Y, X)."""
+        self._check_input(x)
+        skips = []
+        for index, encoder in enumerate(self.encoders):
+            x = self._run(encoder, x if index == 0 else self.pool(x))
+            skips.append(x)
+        x = self._run(self.bottleneck, self.pool(x))
+        for upconv, decoder, skip in zip(self.upconvs, self.decoders, reversed(skips)):
+            x = decoder(torch.cat([upconv(x), skip], dim=1))
+        return self.final(x)
+
+
+@register_model("resunet3d", size_divisor=lambda kw: 2 ** kw.get("depth", 3), forwards_to=UNet3D)
+def resunet3d(*, in_channels: int = 1, out_channels: int = 1, **kwargs) -> nn.Module:
+    """The residual UNet3D; ``kwargs`` go to :class:`UNet3D` (init_features, depth, features, ...)."""
+    return UNet3D(in_channels=in_channels, out_channels=out_channels, **kwargs)
