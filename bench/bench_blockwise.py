@@ -71,7 +71,6 @@ def generate(path: Path, size: int) -> None:
 
 def build_net(name: str):
     """The benchmark model and the multiple its input sizes must have."""
-    import torch
     from torch import nn
 
     if name == "resunet":
@@ -79,7 +78,9 @@ def build_net(name: str):
 
         return build_model("resunet3d", init_features=4), 8
     return nn.Sequential(
-        nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 1, 3, padding=1),
+        nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(),
+        nn.Conv3d(4, 4, 3, padding=1), nn.ReLU(),
+        nn.Conv3d(4, 1, 3, padding=1),
     ), 1
 
 

@@ -235,6 +235,9 @@ def test_corrupt_files_name_the_file(tmp_path, vol):
     (tmp_path / "cut.nii").write_bytes(raw[:-1000])
     with pytest.raises(VesuviusError, match=r"cut\.nii.*truncated"):
         open_volume(tmp_path / "cut.nii")
+    (tmp_path / "header_only.nii.gz").write_bytes(gzip.compress(raw[:352]))  # header, no data
+    with pytest.raises(VesuviusError, match=r"header_only\.nii\.gz"):
+        open_volume(tmp_path / "header_only.nii.gz").read()
     (tmp_path / "bad.npy").write_bytes(b"\x93NUMPY garbage")
     with pytest.raises(VesuviusError, match=r"bad\.npy"):
         open_volume(tmp_path / "bad.npy")
@@ -333,3 +336,16 @@ def test_sample_percentiles_rejects_nan_and_bad_q(tmp_path):
         sample_percentiles(open_volume(tmp_path / "nan.npy"))
     with pytest.raises(VesuviusError, match="q must"):
         sample_percentiles(open_volume(tmp_path / "nan.npy"), q=(99.0, 1.0))
+
+
+def test_readers_survive_pickling(tmp_path, vol):
+    """DataLoader workers receive readers by pickle; each must still read the same data."""
+    import pickle
+
+    nib.save(nib.Nifti1Image(vol.transpose(2, 1, 0), np.eye(4)), str(tmp_path / "v.nii.gz"))
+    tifffile.imwrite(tmp_path / "v.tif", vol, compression="zlib")
+    np.save(tmp_path / "v.npy", vol)
+    zarr.create_array(str(tmp_path / "v.zarr"), shape=SHAPE, chunks=(4, 4, 4), dtype=vol.dtype)[:] = vol
+    for name in ("v.nii.gz", "v.tif", "v.npy", "v.zarr"):
+        clone = pickle.loads(pickle.dumps(open_volume(tmp_path / name)))
+        np.testing.assert_array_equal(clone.read(REGION), vol[REGION])

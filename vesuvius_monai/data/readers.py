@@ -123,7 +123,8 @@ class VolumeReader:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({str(self.path)!r}, shape={self.shape}, dtype={self.dtype}, spacing={self.spacing})"
+        name = type(self).__name__
+        return f"{name}({str(self.path)!r}, shape={self.shape}, dtype={self.dtype}, spacing={self.spacing})"
 
 
 class NiftiReader(VolumeReader):
@@ -134,8 +135,17 @@ class NiftiReader(VolumeReader):
         self._proxy = img.dataobj
         zooms = img.header.get_zooms()[:3]
         x, y, z = img.shape
-        dtype = np.asarray(self._proxy[:1, :1, :1]).dtype if min(img.shape) > 0 else img.get_data_dtype()
-        super().__init__(path, (z, y, x), dtype, (zooms[2], zooms[1], zooms[0]), img.affine)
+        super().__init__(path, (z, y, x), self._probe_dtype(path, img), (zooms[2], zooms[1], zooms[0]), img.affine)
+
+    @staticmethod
+    def _probe_dtype(path: Path, img) -> np.dtype:
+        """The dtype reads return: the stored one, or a float when the header scales the data."""
+        if min(img.shape) == 0:
+            return img.get_data_dtype()
+        try:
+            return np.asarray(img.dataobj[:1, :1, :1]).dtype
+        except Exception as exc:  # data missing right after the header
+            raise VesuviusError(f"{path}: cannot read NIfTI data ({exc})") from exc
 
     def _read(self, region: Region) -> np.ndarray:
         zs, ys, xs = region
@@ -404,7 +414,10 @@ def _ome_transform(transforms: list | None, kind: str) -> list[float] | None:
 
 
 def _open_zarr_array(path: Path, level: int, key: str | None) -> tuple[zarr.Array, Spacing | None, np.ndarray | None]:
-    """Open the zarr array to read; returns (array, OME spacing (z, y, x) or None, OME translation (z, y, x) or None)."""
+    """Open the zarr array to read.
+
+    Returns (array, OME spacing (z, y, x) or None, OME translation (z, y, x) or None).
+    """
     try:
         node = zarr.open(str(path), mode="r")
     except Exception as exc:

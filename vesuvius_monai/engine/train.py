@@ -284,7 +284,7 @@ def _loop(state: TrainState, loader: DataLoader, loss_fn: nn.Module, val: Valida
           device: torch.device, runlog: RunLog, stop: int) -> None:
     tc = cfg.train
     start_time, start_step, losses = time.perf_counter(), state.step, []
-    bar = tqdm(total=stop - state.step, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=stop - state.step, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
     for batch in loader:
         if state.step >= stop:
             break

@@ -28,6 +28,7 @@ __all__ = [
     "MetricContext",
     "betti_errors",
     "betti_numbers",
+    "check_metric_names",
     "cldice",
     "cldice_parts",
     "compute_metrics",

@@ -69,7 +69,11 @@ class LeaderboardWeights:
             raise VesuviusError(f"leaderboard tolerance must be >= 0, got {self.tolerance!r}")
         if self.voi_alpha < 0:
             raise VesuviusError(f"leaderboard voi_alpha must be >= 0, got {self.voi_alpha!r}")
-        if len(tuple(self.tiles)) != 3 or any(int(t) != t or t < 1 for t in self.tiles):
+        try:
+            tiles_ok = len(self.tiles) == 3 and all(int(t) == t and t >= 1 for t in self.tiles)
+        except (TypeError, ValueError):
+            tiles_ok = False
+        if not tiles_ok:
             raise VesuviusError(f"leaderboard tiles must be three positive integers, got {self.tiles!r}")
         check_betti_weights(self.betti_weights)
         check_connectivity(self.connectivity)

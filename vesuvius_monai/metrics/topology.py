@@ -50,7 +50,6 @@ import logging
 from typing import Sequence
 
 import numpy as np
-from scipy import ndimage as ndi
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from tqdm import tqdm
