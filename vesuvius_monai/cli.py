@@ -75,7 +75,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_predict(args: argparse.Namespace) -> None:
     from vesuvius_monai.engine.predict import parse_roi, predict
 
-    predict(_config(args), args.checkpoint, args.input, args.output, mask_output=args.mask, roi=parse_roi(args.roi))
+    predict(_config(args), args.checkpoint, args.input, args.output, mask_output=args.mask, nifti_output=args.nifti,
+            roi=parse_roi(args.roi))
 
 
 def cmd_tune_threshold(args: argparse.Namespace) -> None:
@@ -107,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--input", type=Path, required=True, help="volume: .nii(.gz), .tif, folder of .tif, .zarr, .npy")
     pr.add_argument("--output", type=Path, required=True, help="probability map: .nii.gz, .nii or .zarr")
     pr.add_argument("--mask", type=Path, help="also write the post-processed binary mask here (NIfTI)")
+    pr.add_argument("--nifti", type=Path, help="with a .zarr --output: also export the probabilities as NIfTI")
     pr.add_argument("--roi", help="region of interest z0:z1,y0:y1,x0:x1")
     tt = add("tune-threshold", cmd_tune_threshold, "pick the threshold on validation fragments", checkpoint=True)
     tt.add_argument("--out", type=Path, help="where to write threshold.json (default: <output_dir>)")

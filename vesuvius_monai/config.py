@@ -166,16 +166,17 @@ class InferConfig:
     sigma_scale: float = 0.125
     tta_flip_axes: list[int] = field(default_factory=list)  # any of 0 (z), 1 (y), 2 (x)
     tta_rot90: bool = False
-    block_size: Triple = (128, 128, 128)  # block-wise prediction of large volumes
-    halo: Triple = (16, 16, 16)
-    out_dtype: str = "uint8"  # zarr probability output: uint8 (p*255) or float16
+    block_size: Triple = (192, 192, 192)  # block-wise prediction: rounded up to multiples of the window stride
+    halo: Triple = (32, 32, 32)  # context per side; raised to the reach of the windows (see engine.predict)
+    out_dtype: str = "uint8"  # zarr probability output: uint8 (p*255), float16 or float32
 
     def __post_init__(self) -> None:
         _require(0.0 <= self.overlap < 1.0, "infer.overlap", f"must be in [0, 1), got {self.overlap}")
         _require(self.sw_batch_size >= 1, "infer.sw_batch_size", "must be >= 1")
         _require(self.blend in ("gaussian", "constant"), "infer.blend", f"must be gaussian or constant, got {self.blend!r}")
         _require(set(self.tta_flip_axes) <= {0, 1, 2}, "infer.tta_flip_axes", f"axes must be 0, 1 or 2, got {self.tta_flip_axes}")
-        _require(self.out_dtype in ("uint8", "float16"), "infer.out_dtype", f"must be uint8 or float16, got {self.out_dtype!r}")
+        _require(self.out_dtype in ("uint8", "float16", "float32"), "infer.out_dtype",
+                 f"must be uint8, float16 or float32, got {self.out_dtype!r}")
         _require(min(self.halo) >= 0, "infer.halo", "must be >= 0")
 
 

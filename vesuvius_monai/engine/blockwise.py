@@ -42,6 +42,8 @@ def predict_volume_blockwise(
     normalize: Callable[[np.ndarray], np.ndarray] | None = None,
     progress: bool = True,
     resume: bool = True,
+    run_info: dict | None = None,
+    windows: tuple[Triple, Triple] | None = None,
 ) -> Path:
     """Predict ``reader`` (or its ``roi``) block by block into the Zarr store ``out_path``; returns the path.
 
@@ -51,6 +53,10 @@ def predict_volume_blockwise(
     receptive field of ``predict_fn`` (for sliding-window inference: at least half the window overlap)
     for seam-free output. ``dtype``: "uint8" (round(p * 255)), "float16" or "float32".
     The output has the ROI's shape; its OME metadata carry the spacing and the ROI's world offset.
+    ``run_info`` (JSON-serialisable, e.g. the checkpoint and inference settings) joins the geometry in what
+    a resumed run must share with the interrupted one. ``windows`` = (window size, stride) of a sliding
+    window inside ``predict_fn``: see :func:`grow_region` (with aligned blocks and halo the result then
+    equals whole-volume sliding-window inference).
     """
     out_path = Path(out_path)
     block_size = _check_triple("block_size", block_size, minimum=1)
@@ -60,12 +66,12 @@ def predict_volume_blockwise(
     roi = normalize_region(roi, reader.shape)
     if min(region_shape(roi)) == 0:
         raise VesuviusError(f"roi {format_region(roi)} is empty for volume {reader.path} of shape {reader.shape}")
-    meta = _run_meta(reader, roi, block_size, halo, dtype)
+    meta = {**_run_meta(reader, roi, block_size, halo, dtype), **(run_info or {})}
     if out_path.exists() and _finished_store_matches(out_path, meta, resume):
         logger.info("%s: already complete, nothing to do", out_path)
         return out_path
     store = _work_store(_partial_path(out_path), reader, roi, block_size, dtype, meta, resume)
-    _fill_store(store, reader, predict_fn, roi, block_size, halo, normalize, progress)
+    _fill_store(store, reader, predict_fn, roi, block_size, halo, normalize, progress, windows)
     store.mark_complete()
     _replace_dir(store.path, out_path)
     logger.info("wrote %s", out_path)
@@ -119,7 +125,7 @@ def _finished_store_matches(out_path: Path, meta: dict, resume: bool) -> bool:
     return bool(store.meta.get("complete"))
 
 
-def _roi_affine(affine: np.ndarray, roi: Region) -> np.ndarray:
+def roi_affine(affine: np.ndarray, roi: Region) -> np.ndarray:
     """The affine of the ROI sub-volume: origin moved to the ROI's first voxel (index order x, y, z)."""
     shifted = np.array(affine, dtype=np.float64)
     start_xyz = np.array([roi[2].start, roi[1].start, roi[0].start, 1.0])
@@ -143,7 +149,7 @@ def _work_store(
             )
         shutil.rmtree(work)
     return PredictionStore.create(
-        work, region_shape(roi), block_size=block_size, dtype=dtype, affine=_roi_affine(reader.affine, roi), meta=meta
+        work, region_shape(roi), block_size=block_size, dtype=dtype, affine=roi_affine(reader.affine, roi), meta=meta
     )
 
 
@@ -156,6 +162,7 @@ def _fill_store(
     halo: Triple,
     normalize: Callable[[np.ndarray], np.ndarray] | None,
     progress: bool,
+    windows: tuple[Triple, Triple] | None = None,
 ) -> None:
     """Predict and write every block of ``store`` not yet marked done."""
     grid = block_grid(region_shape(roi), block_size)
@@ -164,7 +171,7 @@ def _fill_store(
     logger.info("%s: %d blocks of %s, %d to predict", reader.path, len(grid), block_size, len(todo))
     bar = tqdm(todo, total=len(grid), initial=len(grid) - len(todo), desc="blocks", leave=False, disable=not progress)
     for index, region in bar:
-        probs = predict_block(reader, predict_fn, _shift(region, roi), halo, normalize)
+        probs = predict_block(reader, predict_fn, _shift(region, roi), halo, normalize, windows)
         store.write_block(index, region, probs)
 
 
@@ -179,15 +186,14 @@ def predict_block(
     region: Region,
     halo: Triple,
     normalize: Callable[[np.ndarray], np.ndarray] | None = None,
+    windows: tuple[Triple, Triple] | None = None,
 ) -> np.ndarray:
     """Float32 probabilities (shape of ``region``) for one block of the volume, predicted with ``halo`` context.
 
-    Reads ``region`` grown by ``halo`` (clipped at the volume borders), normalises it, runs ``predict_fn``
+    Reads ``region`` grown by ``halo`` (see :func:`grow_region`), normalises it, runs ``predict_fn``
     and crops the halo off again.
     """
-    grown = tuple(
-        slice(max(0, s.start - h), min(d, s.stop + h)) for s, h, d in zip(region, halo, reader.shape)
-    )
+    grown = grow_region(region, halo, reader.shape, windows)
     block = reader.read(grown).astype(np.float32)
     if not np.isfinite(block).all():
         raise VesuviusError(f"{reader.path}: NaN or inf values in region {format_region(grown)}")
@@ -200,6 +206,27 @@ def predict_block(
         raise VesuviusError(f"predict_fn returned NaN or inf for region {format_region(grown)} of {reader.path}")
     crop = tuple(slice(s.start - g.start, s.stop - g.start) for s, g in zip(region, grown))
     return probs[crop]
+
+
+def grow_region(region: Region, halo: Triple, shape: tuple[int, int, int],
+                windows: tuple[Triple, Triple] | None = None) -> Region:
+    """``region`` grown by ``halo`` on each side, clipped to the volume.
+
+    With ``windows`` = (window, stride) the far end is extended further (still clipped) so that the grown
+    length is window + k * stride: a sliding window started at the grown region's start then ends exactly
+    on its last window, with no extra flush window off the global grid. If block starts and halo are
+    multiples of the stride and the halo is at least ``stride * floor((window - 1) / stride)``, each block
+    voxel is covered by exactly the windows of whole-volume inference.
+    """
+    grown = []
+    for axis, (s, h, d) in enumerate(zip(region, halo, shape)):
+        start, stop = max(0, s.start - h), min(d, s.stop + h)
+        if windows is not None:
+            window, stride = windows[0][axis], windows[1][axis]
+            if stop - start > window:
+                stop = min(d, start + window + -(-(stop - start - window) // stride) * stride)
+        grown.append(slice(start, stop))
+    return tuple(grown)  # type: ignore[return-value]
 
 
 def _replace_dir(source: Path, target: Path) -> None:

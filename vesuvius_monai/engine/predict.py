@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from vesuvius_monai.config import Config
+from vesuvius_monai.config import Config, InferConfig, Triple, to_dict
 from vesuvius_monai.data.readers import Region, open_volume, sample_percentiles
 from vesuvius_monai.data.transforms import normalize
-from vesuvius_monai.engine.blockwise import predict_volume_blockwise
+from vesuvius_monai.engine.blockwise import export_nifti, predict_volume_blockwise, roi_affine
 from vesuvius_monai.engine.infer import resolve_device, sliding_window_probs
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.checkpoint import model_from_checkpoint
@@ -39,19 +39,33 @@ def parse_roi(text: str | None) -> Region | None:
         raise VesuviusError(f"--roi '{text}': bounds must be integers") from None
 
 
-def _roi_affine(affine: np.ndarray, roi: Region | None) -> np.ndarray:
-    """Shift the (i=x, j=y, k=z) affine so that voxel 0 of the ROI keeps its world position."""
-    if roi is None:
-        return affine
-    start_xyz = [s.start or 0 for s in reversed(roi)]
-    shifted = affine.copy()
-    shifted[:3, 3] = affine[:3, :3] @ np.asarray(start_xyz, dtype=float) + affine[:3, 3]
-    return shifted
+def seamless_geometry(cfg: InferConfig) -> tuple[Triple, Triple, Triple]:
+    """Block size, halo and window stride that make block-wise inference equal whole-volume inference.
+
+    MONAI's sliding window steps by ``int(roi * (1 - overlap))``; blocks and halo are rounded up to
+    multiples of that stride and the halo to at least the reach of the windows covering a block voxel.
+    """
+    stride = tuple(max(1, int(r * (1 - cfg.overlap))) for r in cfg.roi_size)
+    block = tuple(-(-b // s) * s for b, s in zip(cfg.block_size, stride))
+    halo = tuple(s * max(-(-h // s), (r - 1) // s) for h, r, s in zip(cfg.halo, cfg.roi_size, stride))
+    return block, halo, stride
+
+
+def _run_info(cfg: Config, checkpoint: str | Path) -> dict:
+    """What a resumed block-wise run must share with the interrupted one, beyond the geometry."""
+    path = Path(checkpoint).resolve()
+    return {"checkpoint": str(path), "checkpoint_mtime_ns": path.stat().st_mtime_ns,
+            "infer": to_dict(cfg.infer), "percentiles": list(cfg.transforms.percentiles)}
 
 
 def predict(cfg: Config, checkpoint: str | Path, input_path: str | Path, output: str | Path, *,
-            mask_output: str | Path | None = None, roi: Region | None = None) -> Path:
-    """Write the probability map of ``input_path`` (optionally within ``roi``) to ``output``."""
+            mask_output: str | Path | None = None, nifti_output: str | Path | None = None,
+            roi: Region | None = None) -> Path:
+    """Write the probability map of ``input_path`` (optionally within ``roi``) to ``output``.
+
+    A ``.zarr`` output is predicted block by block and resumes an interrupted run; ``nifti_output`` then
+    also exports it as NIfTI (when it fits in memory).
+    """
     output = Path(output)
     reader = open_volume(input_path, spacing=cfg.data.spacing)
     if output.resolve() == Path(input_path).resolve():
@@ -66,8 +80,16 @@ def predict(cfg: Config, checkpoint: str | Path, input_path: str | Path, output:
     if output.suffix == ".zarr":
         if mask_output:
             raise VesuviusError("--mask is only written with a NIfTI --output; threshold the Zarr probabilities instead")
-        return predict_volume_blockwise(reader, predict_fn, output, block_size=cfg.infer.block_size, halo=cfg.infer.halo,
-                                        dtype=cfg.infer.out_dtype, roi=roi, normalize=lambda b: normalize(b, window))
+        block, halo, stride = seamless_geometry(cfg.infer)
+        log.info("block-wise: blocks %s, halo %s (window %s, stride %s)", block, halo, cfg.infer.roi_size, stride)
+        predict_volume_blockwise(reader, predict_fn, output, block_size=block, halo=halo, dtype=cfg.infer.out_dtype,
+                                 roi=roi, normalize=lambda b: normalize(b, window), run_info=_run_info(cfg, checkpoint),
+                                 windows=(cfg.infer.roi_size, stride))
+        if nifti_output:
+            export_nifti(output, nifti_output)
+        return output
+    if nifti_output:
+        raise VesuviusError("--nifti goes with a .zarr --output (the NIfTI --output is written directly)")
     if not is_nifti_path(output):
         raise VesuviusError(f"--output {output}: use a .nii.gz, .nii or .zarr file name")
     region = tuple(slice(*s.indices(n)[:2]) for s, n in zip(roi or (slice(None),) * 3, reader.shape))
@@ -79,7 +101,7 @@ def predict(cfg: Config, checkpoint: str | Path, input_path: str | Path, output:
         raise VesuviusError(f"image {input_path} holds NaN or inf values")
     probs = sliding_window_probs(model, normalize(image, window), cfg.infer, device=device, amp=cfg.train.amp,
                                  progress=True)
-    affine = _roi_affine(reader.affine, roi)
+    affine = roi_affine(reader.affine, region)
     write_nifti(output, probs, affine=affine)
     if mask_output:
         write_nifti(mask_output, postprocess(probs, cfg.postprocess).astype(np.uint8), affine=affine)
