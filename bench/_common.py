@@ -26,7 +26,8 @@ from vesuvius_monai.metrics.context import SCALAR_GETTERS
 
 log = logging.getLogger(__name__)
 
-ALL_METRICS = list(SCALAR_GETTERS)  # dice, iou, surface_dice, hd95, voi_*, betti_error_*, topo_score, cldice, leaderboard
+# dice, iou, surface_dice, hd95, voi_split, voi_merge, voi, voi_score, betti_error_0..2, topo_score, cldice, leaderboard
+ALL_METRICS = list(SCALAR_GETTERS)
 VERDICT_RULE = ("verdict rule: paired per-fragment deltas d_i vs the baseline; 'helped' / 'hurt' only when every d_i "
                 "has the sign of the mean and |mean| > max(2 standard errors of the d_i, --min-delta); "
                 "otherwise 'no measurable change'")
@@ -55,7 +56,7 @@ def synth_params(cfg: Config) -> SynthParams:
 
 
 def synth_state(root: Path, cfg: Config) -> str:
-    """'match' if ``root`` holds the synthetic fragments of ``cfg.synth``, 'absent' if it holds no data, else 'other'."""
+    """'match' if ``root`` holds the synthetic fragments of ``cfg.synth``, 'absent' if no data, else 'other'."""
     record = root / "synth.yaml"
     if record.is_file():
         found = yaml.safe_load(record.read_text()) or {}

@@ -31,7 +31,7 @@ def tiny_overrides(root: Path, out: Path) -> list[str]:
     ]
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_args():
     """``tiny_args(root, out)``: the overrides of a few-second run, for CLI tests."""
     return tiny_overrides

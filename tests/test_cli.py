@@ -122,3 +122,20 @@ def test_predict_errors_leave_existing_output(trained, tmp_path, capsys):
     assert main(["predict", "--checkpoint", str(bad_ckpt), "--input", str(tmp_path / "x.nii.gz"),
                  "--output", str(out)]) == 2
     assert "bad.pt" in _error_line(capsys)
+
+
+def test_tune_threshold_and_report(trained, capsys):
+    args, run = trained
+    ckpt = str(run / "checkpoints/best.pt")
+    assert main(["tune-threshold", "--checkpoint", ckpt, *args]) == 0
+    tuned = json.loads((run / "threshold.json").read_text())
+    assert tuned["fragments"] == ["frag_003"]
+    assert tuned["score"] == max(tuned["scores"].values())
+    assert f"{tuned['threshold']:.3f}" in tuned["scores"]
+    out = run / "eval_tta"
+    assert main(["evaluate", "--checkpoint", ckpt, "--out", str(out), *args, "infer.tta_flip_axes=[0,1,2]",
+                 f"postprocess.threshold={tuned['threshold']}", "postprocess.min_size=10"]) == 0
+    report = (out / "report.html").read_text()
+    assert "frag_004" in report and "data:image/png;base64," in report and "leaderboard" in report
+    saved = json.loads((out / "metrics.json").read_text())["config"]
+    assert saved["infer"]["tta_flip_axes"] == [0, 1, 2] and saved["postprocess"]["min_size"] == 10

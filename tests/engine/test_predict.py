@@ -20,11 +20,10 @@ from vesuvius_monai.io.zarr_store import PredictionStore
 
 
 @pytest.fixture(scope="module")
-def checkpoint(synthetic_root, tmp_path_factory):
-    from conftest import tiny_overrides
+def checkpoint(synthetic_root, tmp_path_factory, tiny_args):
     from vesuvius_monai.config import load_config
 
-    run = train(load_config(None, tiny_overrides(synthetic_root, tmp_path_factory.mktemp("predict") / "run")))
+    run = train(load_config(None, tiny_args(synthetic_root, tmp_path_factory.mktemp("predict") / "run")))
     return run / "checkpoints" / "last.pt"
 
 
@@ -74,7 +73,7 @@ def test_roi_prediction_keeps_world_position(checkpoint, volume, tmp_path):
 def _predict_cmd(checkpoint, volume, out):
     return [sys.executable, "-m", "vesuvius_monai.cli", "predict", "--checkpoint", str(checkpoint), "--input",
             str(volume), "--output", str(out), "infer.block_size=[16,16,16]", "infer.halo=[8,8,8]",
-            "infer.out_dtype=float16", "infer.tta_flip_axes=[0,1,2]"]
+            "infer.out_dtype=float16"]
 
 
 def test_killed_prediction_resumes_to_the_same_result(checkpoint, volume, tmp_path):
@@ -85,7 +84,7 @@ def test_killed_prediction_resumes_to_the_same_result(checkpoint, volume, tmp_pa
     markers = out.with_name(out.name + ".partial") / ".blocks_done"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if markers.is_dir() and len(os.listdir(markers)) >= 10:
+        if markers.is_dir() and len(os.listdir(markers)) >= 3:  # of 18 blocks
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.02)
