@@ -10,7 +10,9 @@ Every printed figure is followed by the number of passes/steps it came from.
 
 Example::
 
-    python bench/bench_model_speed.py --threads 2 --batch 2 --settings 8:32x64x64 16:32x128x128
+    python bench/bench_model_speed.py --threads 1 2 --batch 2 --settings 8:48x48x48 16:32x128x128
+
+With several ``--threads`` values each setting is measured at every thread count side by side.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--settings", nargs="+", default=["8:32x64x64", "16:32x64x64", "16:32x128x128"],
                         help="init_features:ZxYxX, one per setting")
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--threads", type=int, nargs="+", default=[2], help="torch.set_num_threads values to compare")
     parser.add_argument("--reps", type=int, default=3, help="timed forward passes per setting")
     parser.add_argument("--steps", type=int, default=3, help="timed training steps per setting")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in training")
@@ -87,7 +89,7 @@ def bench_setting(features: int, patch: tuple[int, int, int], args: argparse.Nam
         optimiser.step()
 
     step = statistics.median(timed(train_step, args.steps, device))
-    label = f"f={features:<3d} patch={args.batch}x1x{'x'.join(map(str, patch))}"
+    label = f"f={features:<3d} patch={args.batch}x1x{'x'.join(map(str, patch))} threads={torch.get_num_threads()}"
     print(f"{label}  inference {fwd:.3f} s/pass = {voxels / fwd / 1e6:.2f} Mvox/s (median of {args.reps} passes)"
           f"  |  training {step:.3f} s/step = {voxels / step / 1e6:.2f} Mvox/s (median of {args.steps} steps)",
           flush=True)
@@ -95,12 +97,13 @@ def bench_setting(features: int, patch: tuple[int, int, int], args: argparse.Nam
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(args.threads)
-    print(f"resunet3d, device={args.device}, threads={torch.get_num_threads()}, batch={args.batch}, "
+    print(f"resunet3d, device={args.device}, threads={args.threads}, batch={args.batch}, "
           f"checkpointing={args.checkpointing}, one warm-up pass/step before timing")
     for text in args.settings:
         features, patch = parse_setting(text)
-        bench_setting(features, patch, args)
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            bench_setting(features, patch, args)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,16 @@
 # Usage: bash scripts/demo.sh [key=value overrides for configs/demo.yaml]
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 CONFIG=configs/demo.yaml
-RUN="$(python -c "import sys; from vesuvius_monai.config import load_config; print(load_config(sys.argv[1], sys.argv[2:]).output_dir)" "$CONFIG" "$@")"
+RUN="$(python - "$CONFIG" "$@" <<'PY'
+import sys
+from vesuvius_monai.config import load_config
+from vesuvius_monai.errors import VesuviusError
+try:
+    print(load_config(sys.argv[1], sys.argv[2:]).output_dir)
+except VesuviusError as err:
+    sys.exit(f"error: {err}")
+PY
+)"
 if [[ -e "$RUN/checkpoints/last.pt" ]]; then
   echo "error: $RUN already holds a run; move it away or pass output_dir=<new folder>" >&2
   exit 2

@@ -139,3 +139,21 @@ def test_tune_threshold_and_report(trained, capsys):
     assert "frag_004" in report and "data:image/png;base64," in report and "leaderboard" in report
     saved = json.loads((out / "metrics.json").read_text())["config"]
     assert saved["infer"]["tta_flip_axes"] == [0, 1, 2] and saved["postprocess"]["min_size"] == 10
+
+
+def test_evaluate_refuses_training_fragments(trained, capsys):
+    args, run = trained
+    ckpt = str(run / "checkpoints/best.pt")
+    assert main(["evaluate", "--checkpoint", ckpt, *args, "data.test_fragments=[frag_000]",
+                 "data.val_fragments=[frag_003]"]) == 2
+    assert "frag_000" in _error_line(capsys)
+
+
+def test_mask_may_not_replace_the_input(trained, synthetic_root, tmp_path, capsys):
+    _, run = trained
+    image = synthetic_root / "images" / "frag_000.nii.gz"
+    before = image.read_bytes()
+    assert main(["predict", "--checkpoint", str(run / "checkpoints/best.pt"), "--input", str(image),
+                 "--output", str(tmp_path / "p.nii.gz"), "--mask", str(image)]) == 2
+    assert "--mask" in _error_line(capsys)
+    assert image.read_bytes() == before

@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
 from vesuvius_monai.config import Config, load_config
 from vesuvius_monai.errors import VesuviusError
+from vesuvius_monai.io.atomic import replace_dir
 
 log = logging.getLogger("vesuvius_monai")
 
@@ -21,7 +23,7 @@ log = logging.getLogger("vesuvius_monai")
 def _config(args: argparse.Namespace) -> Config:
     """The run config: ``--config`` (else, for commands given a checkpoint, the checkpoint's own) + overrides."""
     if args.config is None and getattr(args, "checkpoint", None):
-        from vesuvius_monai.config import from_dict, set_override, to_dict
+        from vesuvius_monai.config import from_dict, set_override
         from vesuvius_monai.io.checkpoint import load_checkpoint
 
         raw = load_checkpoint(args.checkpoint)["config"]
@@ -51,10 +53,14 @@ def cmd_synth(args: argparse.Namespace) -> None:
             return
         raise VesuviusError(f"data.root {root} holds synthetic data made with other settings ({record}); "
                             f"delete it or choose another data.root")
-    if (root / "images").exists() or (root / "labels").exists():
-        raise VesuviusError(f"data.root {root} already holds images/ or labels/ that are not synthetic; "
-                            f"choose another data.root")
-    write_synthetic_dataset(root, cfg.synth.n_fragments, seed=cfg.synth.seed, params=params, fmt=cfg.synth.fmt)
+    if root.exists() and any(root.iterdir()):
+        raise VesuviusError(f"data.root {root} already holds files that are not this synthetic set "
+                            f"(no {record.name}); choose another data.root")
+    work = root.with_name(root.name + ".partial")  # data.root appears complete or not at all
+    if work.exists():
+        shutil.rmtree(work)
+    write_synthetic_dataset(work, cfg.synth.n_fragments, seed=cfg.synth.seed, params=params, fmt=cfg.synth.fmt)
+    replace_dir(work, root)
     log.info("wrote %d synthetic fragments to %s", cfg.synth.n_fragments, root)
 
 

@@ -12,7 +12,6 @@ CLI overrides are ``dotted.key=value`` strings (the value is parsed as YAML), ap
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,9 +20,10 @@ from typing import Any, ClassVar
 
 import yaml
 
-from vesuvius_monai.errors import VesuviusError
+from vesuvius_monai.errors import VesuviusError, did_you_mean
 from vesuvius_monai.io.atomic import write_text
 from vesuvius_monai.losses import LossWeights
+from vesuvius_monai.metrics import check_metric_names
 from vesuvius_monai.metrics.leaderboard import LeaderboardWeights
 from vesuvius_monai.postprocess import PostprocessConfig
 
@@ -74,6 +74,8 @@ class DataConfig:
     test_fraction: float = 0.25
     split_seed: int = 0
     cache_dir: str | None = None  # foreground-index cache; default <output_dir>/cache
+    zarr_level: int = 0  # OME-Zarr pyramid level to read (0 = full resolution)
+    zarr_key: str | None = None  # array inside a plain Zarr group
 
     def __post_init__(self) -> None:
         _require(self.ignore_index not in (0, 1), "data.ignore_index", "must differ from 0 and 1")
@@ -83,6 +85,9 @@ class DataConfig:
             _require(0.0 <= value < 1.0, f"data.{key}", f"must be in [0, 1), got {value}")
         _require(self.val_fraction + self.test_fraction < 1.0, "data.val_fraction",
                  "val_fraction + test_fraction must leave fragments for training")
+        _require(not (self.dataset and self.ids_csv), "data.ids_csv",
+                 "cannot be combined with data.dataset (list the fragments in the dataset YAML instead)")
+        _require(self.zarr_level >= 0, "data.zarr_level", f"must be >= 0, got {self.zarr_level}")
 
 
 @dataclass(kw_only=True)
@@ -133,7 +138,7 @@ class TrainConfig:
     warmup_steps: int = 20
     schedule: str = "cosine"  # cosine | poly | constant
     grad_clip: float = 1.0  # max gradient norm; 0 disables
-    loss: LossWeights = field(default_factory=LossWeights)
+    loss: LossWeights = field(default_factory=LossWeights)  # terms left out keep their defaults: dice 1, others 0
     val_every: int = 100
     log_every: int = 10
     device: str = "auto"  # auto | cpu | cuda
@@ -172,6 +177,9 @@ class InferConfig:
 
     def __post_init__(self) -> None:
         _require(0.0 <= self.overlap < 1.0, "infer.overlap", f"must be in [0, 1), got {self.overlap}")
+        _require(min(self.roi_size) >= 1, "infer.roi_size", f"every size must be >= 1, got {self.roi_size}")
+        _require(min(self.block_size) >= 1, "infer.block_size", f"every size must be >= 1, got {self.block_size}")
+        _require(self.sigma_scale > 0, "infer.sigma_scale", f"must be > 0, got {self.sigma_scale}")
         _require(self.sw_batch_size >= 1, "infer.sw_batch_size", "must be >= 1")
         _require(self.blend in ("gaussian", "constant"), "infer.blend", f"must be gaussian or constant, got {self.blend!r}")
         _require(set(self.tta_flip_axes) <= {0, 1, 2}, "infer.tta_flip_axes", f"axes must be 0, 1 or 2, got {self.tta_flip_axes}")
@@ -196,6 +204,10 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         _require(self.split in ("test", "val", "all"), "evaluate.split", f"must be test, val or all, got {self.split!r}")
+        try:
+            check_metric_names(self.metrics)
+        except VesuviusError as err:
+            raise VesuviusError(f"config key 'evaluate.metrics': {err}") from None
 
 
 @dataclass(kw_only=True)
@@ -216,11 +228,6 @@ class Config:
 
 
 # --------------------------------------------------------------------------- loading
-
-
-def _did_you_mean(name: str, options: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(options), n=1)
-    return f"; did you mean '{close[0]}'?" if close else ""
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -275,7 +282,7 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
-            raise VesuviusError(f"unknown config key '{full}'{_did_you_mean(str(key), names)} "
+            raise VesuviusError(f"unknown config key '{full}'{did_you_mean(str(key), names)} "
                                 f"(known in {where}: {', '.join(names)})")
         kwargs[key] = _coerce(value, hints[key], full)
     try:

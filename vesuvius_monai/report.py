@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import csv
+import html
 import logging
 from pathlib import Path
 
@@ -11,8 +13,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from scipy import ndimage  # noqa: E402
 
-from vesuvius_monai.io.atomic import atomic_path  # noqa: E402
+from vesuvius_monai.io.atomic import atomic_path, write_text  # noqa: E402
+from vesuvius_monai.postprocess import CONNECTIVITY_RANK  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +98,7 @@ def save_slices_png(image: np.ndarray, pred: np.ndarray, png_path: Path, *, labe
 
 def component_sizes(mask: np.ndarray, connectivity: int = 26) -> np.ndarray:
     """Voxel counts of the connected components of a binary (Z, Y, X) mask."""
-    from scipy import ndimage
-
-    rank = {6: 1, 18: 2, 26: 3}[connectivity]
+    rank = CONNECTIVITY_RANK[connectivity]
     labels, n = ndimage.label(mask, structure=ndimage.generate_binary_structure(3, rank))
     return np.bincount(labels.ravel())[1:] if n else np.zeros(0, dtype=np.int64)
 
@@ -119,8 +121,6 @@ def save_component_histogram(pred_sizes: list[np.ndarray], label_sizes: list[np.
 
 
 def _png_tag(path: Path, caption: str) -> str:
-    import base64
-
     data = base64.b64encode(Path(path).read_bytes()).decode()
     return f'<figure><img src="data:image/png;base64,{data}"><figcaption>{caption}</figcaption></figure>'
 
@@ -128,8 +128,6 @@ def _png_tag(path: Path, caption: str) -> str:
 def write_html_report(path: Path, *, title: str, per_fragment: dict[str, dict], mean: dict[str, float],
                       figures: list[tuple[Path, str]], notes: list[str] = ()) -> None:
     """One self-contained HTML page: metric table (fragments + mean), notes, and embedded PNG figures."""
-    import html
-
     names = list(mean)
     head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
     rows = "".join(
@@ -144,6 +142,4 @@ def write_html_report(path: Path, *, title: str, per_fragment: dict[str, dict], 
 padding:3px 8px;text-align:right}}tr.mean{{font-weight:bold;background:#eef}}img{{max-width:100%}}
 figure{{margin:1em 0}}</style></head><body><h1>{html.escape(title)}</h1>
 <table><tr><th>fragment</th>{head}</tr>{rows}</table><ul>{note_html}</ul>{body}</body></html>"""
-    from vesuvius_monai.io.atomic import write_text
-
     write_text(path, page)

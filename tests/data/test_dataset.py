@@ -102,3 +102,15 @@ def test_load_splits_opens_everything_lazily(synthetic_root):
     assert [f.id for f in splits["val"]] == ["frag_001"]
     fragment = splits["train"][0]
     assert fragment.image.shape == fragment.label.shape == (32, 40, 40)
+
+
+def test_zero_fractions_keep_every_fragment_for_training(synthetic_root):
+    cfg = DataConfig(root=str(synthetic_root), val_fraction=0.0, test_fraction=0.0)
+    splits = split_fragments(find_fragments(cfg), cfg)
+    assert len(splits["train"]) == 5 and not splits["val"] and not splits["test"]
+
+
+def test_invalid_dataset_yaml_is_named(tmp_path):
+    (tmp_path / "dataset.yaml").write_text("fragments: [unclosed\n")
+    with pytest.raises(VesuviusError, match="dataset.yaml is not valid YAML"):
+        find_fragments(DataConfig(dataset=str(tmp_path / "dataset.yaml")))

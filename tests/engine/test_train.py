@@ -62,3 +62,18 @@ def test_patch_size_must_fit_the_model(make_tiny_config):
     cfg = make_tiny_config("r", "transforms.patch_size=[18,16,16]")
     with pytest.raises(VesuviusError, match=r"transforms.patch_size.*multiples of 4"):
         train(cfg)
+
+
+def test_resume_with_another_config_is_refused(make_tiny_config):
+    train(make_tiny_config("r"), stop_at_step=2)
+    with pytest.raises(VesuviusError, match=r"cannot resume.*train.lr"):
+        train(make_tiny_config("r", "train.lr=0.5"), resume=True)
+
+
+def test_splits_are_recorded(tiny_config):
+    import json
+
+    run = train(tiny_config)
+    splits = json.loads((run / "splits.json").read_text())
+    assert splits == {"train": ["frag_000", "frag_001", "frag_002"], "val": ["frag_003"], "test": ["frag_004"]}
+    assert load_checkpoint(run / "checkpoints" / "best.pt")["splits"] == splits

@@ -107,7 +107,10 @@ def find_in_yaml(path: Path) -> list[FragmentFiles]:
     """Read a dataset YAML: ``fragments: [{id, image, label, split}]`` with paths relative to the file."""
     if not path.is_file():
         raise VesuviusError(f"data.dataset not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise VesuviusError(f"dataset file {path} is not valid YAML: {err}") from None
     entries = raw.get("fragments") if isinstance(raw, dict) else None
     if not isinstance(entries, list) or not entries:
         raise VesuviusError(f"{path}: needs a non-empty list under 'fragments'")
@@ -148,8 +151,9 @@ def split_fragments(files: list[FragmentFiles], cfg: DataConfig) -> dict[str, li
         random.Random(cfg.split_seed).shuffle(free)
         n_test = round(len(free) * cfg.test_fraction)
         n_val = round(len(free) * cfg.val_fraction)
-        if len(free) >= 3:
-            n_test, n_val = max(n_test, 1), max(n_val, 1)
+        if len(free) >= 3:  # a non-zero fraction of a small set still gets one fragment
+            n_test = max(n_test, 1) if cfg.test_fraction > 0 else 0
+            n_val = max(n_val, 1) if cfg.val_fraction > 0 else 0
         fixed.update({i: "test" for i in free[:n_test]})
         fixed.update({i: "val" for i in free[n_test:n_test + n_val]})
     splits: dict[str, list[FragmentFiles]] = {"train": [], "val": [], "test": []}
@@ -174,8 +178,8 @@ def check_label_values(reader: VolumeReader, ignore_index: int, block: int = 128
 
 def open_fragment(files: FragmentFiles, cfg: DataConfig, *, check_labels: bool = True) -> Fragment:
     """Open both volumes lazily and check that they fit together."""
-    image = open_volume(files.image, spacing=cfg.spacing)
-    label = open_volume(files.label, spacing=cfg.spacing) if files.label else None
+    image = open_volume(files.image, spacing=cfg.spacing, level=cfg.zarr_level, key=cfg.zarr_key)
+    label = open_volume(files.label, spacing=cfg.spacing, level=cfg.zarr_level, key=cfg.zarr_key) if files.label else None
     if label is not None:
         if tuple(label.shape) != tuple(image.shape):
             raise VesuviusError(f"label {files.label} has shape {tuple(label.shape)} but image {files.image} "
@@ -191,6 +195,11 @@ def open_fragment(files: FragmentFiles, cfg: DataConfig, *, check_labels: bool =
 def load_splits(cfg: DataConfig, *, check_labels: bool = True) -> dict[str, list[Fragment]]:
     """Find, split and open every fragment; logs the split."""
     splits = split_fragments(find_fragments(cfg), cfg)
+    unlabeled = [f.image for items in splits.values() for f in items if f.label is None]
+    if unlabeled:
+        raise VesuviusError(f"fragments without a label cannot be trained or scored: {unlabeled[0]}"
+                            + (f" and {len(unlabeled) - 1} more" if len(unlabeled) > 1 else "")
+                            + " (use 'vesuvius-monai predict' for unlabeled volumes)")
     if not splits["train"]:
         raise VesuviusError("no training fragments left after the split (check data.val_fragments / test_fragments)")
     for name, items in splits.items():

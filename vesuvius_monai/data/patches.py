@@ -22,7 +22,7 @@ from vesuvius_monai.config import TransformConfig
 from vesuvius_monai.data.dataset import Fragment
 from vesuvius_monai.data.fg_index import load_or_build_foreground_index
 from vesuvius_monai.data.readers import sample_percentiles
-from vesuvius_monai.data.transforms import normalize, train_augmentations
+from vesuvius_monai.data.transforms import read_normalized, train_augmentations
 from vesuvius_monai.errors import VesuviusError
 
 log = logging.getLogger(__name__)
@@ -90,12 +90,10 @@ class PatchDataset(Dataset):
         return np.array([rng.integers(s) for s in source.fragment.image.shape])
 
     def _read(self, source: PatchSource, region: tuple[slice, ...]) -> tuple[np.ndarray, np.ndarray]:
-        image = source.fragment.image.read(region).astype(np.float32)
-        if not np.isfinite(image).all():
-            raise VesuviusError(f"image {source.fragment.image.path} holds NaN or inf values in region {region}")
+        image = read_normalized(source.fragment.image, source.window, region)
         label = source.fragment.label.read(region)
         patch = self.cfg.patch_size
-        image = pad_to(normalize(image, source.window), patch, 0.0)
+        image = pad_to(image, patch, 0.0)
         label = pad_to(label.astype(np.float32), patch, float(self.ignore_index))
         return image, label
 

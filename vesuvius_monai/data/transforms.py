@@ -20,6 +20,8 @@ from monai.transforms import (
 )
 
 from vesuvius_monai.config import TransformConfig
+from vesuvius_monai.data.readers import Region, VolumeReader, format_region
+from vesuvius_monai.errors import VesuviusError
 
 KEYS = ("image", "label")
 
@@ -29,6 +31,15 @@ def normalize(image: np.ndarray, window: tuple[float, float]) -> np.ndarray:
     low, high = window
     scale = ScaleIntensityRange(a_min=low, a_max=max(high, low + 1e-6), b_min=0.0, b_max=1.0, clip=True)
     return np.asarray(scale(np.asarray(image, dtype=np.float32)))
+
+
+def read_normalized(reader: VolumeReader, window: tuple[float, float], region: Region | None = None) -> np.ndarray:
+    """Read a region (default: all) of a volume as float32 (Z, Y, X), check it is finite, normalise it."""
+    image = reader.read(region).astype(np.float32)
+    if not np.isfinite(image).all():
+        where = f" in region {format_region(region)}" if region is not None else ""
+        raise VesuviusError(f"image {reader.path} holds NaN or inf values{where}")
+    return normalize(image, window)
 
 
 def train_augmentations(cfg: TransformConfig) -> Compose:

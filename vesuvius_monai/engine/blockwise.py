@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from vesuvius_monai.data.readers import Region, VolumeReader, block_grid, format_region, normalize_region, region_shape
 from vesuvius_monai.errors import VesuviusError
+from vesuvius_monai.io.atomic import replace_dir
 from vesuvius_monai.io.nifti import write_nifti
 from vesuvius_monai.io.zarr_store import STORE_DTYPES, PredictionStore
 
@@ -73,7 +74,7 @@ def predict_volume_blockwise(
     store = _work_store(_partial_path(out_path), reader, roi, block_size, dtype, meta, resume)
     _fill_store(store, reader, predict_fn, roi, block_size, halo, normalize, progress, windows)
     store.mark_complete()
-    _replace_dir(store.path, out_path)
+    replace_dir(store.path, out_path)
     logger.info("wrote %s", out_path)
     return out_path
 
@@ -120,7 +121,7 @@ def _finished_store_matches(out_path: Path, meta: dict, resume: bool) -> bool:
     if not _same_run(store, meta):
         raise VesuviusError(
             f"{out_path}: exists from a run with different settings ({store.meta}); "
-            f"delete it, choose another output or pass resume=False to overwrite it"
+            f"delete it or choose another output"
         )
     return bool(store.meta.get("complete"))
 
@@ -227,19 +228,6 @@ def grow_region(region: Region, halo: Triple, shape: tuple[int, int, int],
                 stop = min(d, start + window + -(-(stop - start - window) // stride) * stride)
         grown.append(slice(start, stop))
     return tuple(grown)  # type: ignore[return-value]
-
-
-def _replace_dir(source: Path, target: Path) -> None:
-    """Move folder ``source`` onto ``target``, replacing an existing ``target`` folder."""
-    if not target.exists():
-        os.replace(source, target)
-        return
-    old = target.with_name(target.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    os.replace(target, old)
-    os.replace(source, target)
-    shutil.rmtree(old)
 
 
 def export_nifti(

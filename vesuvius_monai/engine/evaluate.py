@@ -18,6 +18,7 @@ import dataclasses
 import io
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +32,8 @@ from vesuvius_monai.config import Config, to_dict
 from vesuvius_monai.data.dataset import Fragment, load_splits
 from vesuvius_monai.engine.infer import load_normalized, resolve_device, sliding_window_probs
 from vesuvius_monai.errors import VesuviusError
-from vesuvius_monai.io.atomic import write_text
-from vesuvius_monai.io.checkpoint import model_from_checkpoint
+from vesuvius_monai.io.atomic import replace_dir, write_text
+from vesuvius_monai.io.checkpoint import load_checkpoint, model_from_checkpoint, model_from_payload
 from vesuvius_monai.io.nifti import write_nifti
 from vesuvius_monai.metrics import compute_metrics
 from vesuvius_monai.postprocess import postprocess
@@ -41,15 +42,20 @@ from vesuvius_monai.report import component_sizes, save_component_histogram, sav
 log = logging.getLogger(__name__)
 
 
-def select_fragments(cfg: Config) -> list[Fragment]:
-    """The labelled fragments of the split named by ``evaluate.split``."""
+def select_fragments(cfg: Config, trained_on: list[str] = ()) -> list[Fragment]:
+    """The labelled fragments of the split named by ``evaluate.split``.
+
+    ``trained_on`` (the checkpoint's training fragments) may not appear in a val or test evaluation: a changed
+    split seed or folder would otherwise score the model on its own training data.
+    """
     splits = load_splits(cfg.data)
     chosen = splits["train"] + splits["val"] + splits["test"] if cfg.evaluate.split == "all" else splits[cfg.evaluate.split]
     if not chosen:
         raise VesuviusError(f"config key 'evaluate.split': the '{cfg.evaluate.split}' split has no fragments")
-    unlabeled = [f.id for f in chosen if f.label is None]
-    if unlabeled:
-        raise VesuviusError(f"cannot evaluate fragments without labels: {unlabeled}")
+    leaked = [f.id for f in chosen if f.id in set(trained_on)]
+    if leaked and cfg.evaluate.split != "all":
+        raise VesuviusError(f"fragments {leaked} of the '{cfg.evaluate.split}' split were used to train this checkpoint; "
+                            f"evaluate with the run's own data split (its config.yaml / splits.json)")
     return chosen
 
 
@@ -69,8 +75,9 @@ def evaluate_fragment(model: nn.Module, fragment: Fragment, cfg: Config, device:
     seconds = time.perf_counter() - start
     mask = postprocess(probs, cfg.postprocess)
     label = fragment.label.read()
+    # distances (surface-Dice tolerance, HD95) in voxels, as the competition scores them
     scores = compute_metrics(mask, label, cfg.evaluate.metrics, ignore_index=cfg.data.ignore_index,
-                             spacing=tuple(fragment.image.spacing), weights=cfg.evaluate.leaderboard)
+                             spacing=(1.0, 1.0, 1.0), weights=cfg.evaluate.leaderboard)
     scores["inference_seconds"] = seconds
     affine = fragment.image.affine
     if cfg.evaluate.save_probabilities:
@@ -125,21 +132,26 @@ def write_report(out: Path, results: dict[str, FragmentResult], mean: dict[str, 
 def evaluate(cfg: Config, checkpoint: str | Path, out_dir: str | Path | None = None) -> dict:
     """Score the checkpoint's model on ``evaluate.split``; returns the metrics.json payload."""
     device = resolve_device(cfg.train.device)
-    model, ckpt_cfg = model_from_checkpoint(checkpoint, device)
-    if (ckpt_cfg.model.name, ckpt_cfg.model.kwargs) != (cfg.model.name, cfg.model.kwargs):
-        log.info("model comes from the checkpoint: %s %s", ckpt_cfg.model.name, ckpt_cfg.model.kwargs)
+    ckpt = load_checkpoint(checkpoint)
+    model = model_from_payload(ckpt, device)
+    if (ckpt["model_name"], ckpt["model_kwargs"]) != (cfg.model.name, cfg.model.kwargs):
+        log.info("model comes from the checkpoint: %s %s", ckpt["model_name"], ckpt["model_kwargs"])
     out = Path(out_dir) if out_dir else Path(cfg.output_dir) / "eval"
-    fragments = select_fragments(cfg)
+    fragments = select_fragments(cfg, ckpt.get("splits", {}).get("train", []))
+    work = out.with_name(out.name + ".partial")  # the folder appears complete or not at all
+    if work.exists():
+        shutil.rmtree(work)
     results = {}
     for fragment in tqdm(fragments, desc="evaluate", unit="fragment", dynamic_ncols=True):
-        results[fragment.id] = evaluate_fragment(model, fragment, cfg, device, out)
+        results[fragment.id] = evaluate_fragment(model, fragment, cfg, device, work)
         log.info("%s: %s", fragment.id, ", ".join(f"{k} {v:.4f}" for k, v in results[fragment.id].scores.items()))
     per_fragment = {frag_id: r.scores for frag_id, r in results.items()}
     mean = summarize(per_fragment)
     meta = {"checkpoint": str(checkpoint), "split": cfg.evaluate.split, "n_fragments": len(fragments),
             "config": to_dict(cfg)}
-    payload = write_tables(out, per_fragment, mean, meta)
-    write_report(out, results, mean, cfg, Path(checkpoint))
+    payload = write_tables(work, per_fragment, mean, meta)
+    write_report(work, results, mean, cfg, Path(checkpoint))
+    replace_dir(work, out)
     log.info("mean Dice over %d %s fragments: %.4f", len(fragments), cfg.evaluate.split, mean.get("dice", float("nan")))
     return payload
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from vesuvius_monai.config import InferConfig
 from vesuvius_monai.data.readers import VolumeReader, sample_percentiles
-from vesuvius_monai.data.transforms import normalize
+from vesuvius_monai.data.transforms import read_normalized
 from vesuvius_monai.engine.tta import tta_predict
 from vesuvius_monai.errors import VesuviusError
 
@@ -65,25 +65,17 @@ def sliding_window_probs(model: nn.Module, image: np.ndarray, cfg: InferConfig, 
     was_training = model.training
     model.eval()
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
-    out = sliding_window_inference(
-        x, roi_size=cfg.roi_size, sw_batch_size=cfg.sw_batch_size, predictor=make_predictor(model, cfg, device, amp),
-        overlap=cfg.overlap, mode=cfg.blend, sigma_scale=cfg.sigma_scale, sw_device=device, device="cpu",
-        progress=progress,
-    )
-    model.train(was_training)
+    try:
+        out = sliding_window_inference(
+            x, roi_size=cfg.roi_size, sw_batch_size=cfg.sw_batch_size, predictor=make_predictor(model, cfg, device, amp),
+            overlap=cfg.overlap, mode=cfg.blend, sigma_scale=cfg.sigma_scale, sw_device=device, device="cpu",
+            progress=progress,
+        )
+    finally:
+        model.train(was_training)
     return torch.as_tensor(out).as_subclass(torch.Tensor)[0, 0].numpy().astype(np.float32, copy=False)
 
 
 def load_normalized(reader: VolumeReader, percentiles: tuple[float, float]) -> np.ndarray:
     """Read a whole volume, check it is finite, and normalise it with its own percentile window."""
-    image = reader.read().astype(np.float32)
-    if not np.isfinite(image).all():
-        raise VesuviusError(f"image {reader.path} holds NaN or inf values")
-    return normalize(image, sample_percentiles(reader, q=percentiles))
-
-
-def predict_volume(model: nn.Module, reader: VolumeReader, percentiles: tuple[float, float], cfg: InferConfig, *,
-                   device: torch.device, amp: bool = True, progress: bool = False) -> np.ndarray:
-    """Probabilities (Z, Y, X) for a volume that fits in memory."""
-    return sliding_window_probs(model, load_normalized(reader, percentiles), cfg, device=device, amp=amp,
-                                progress=progress)
+    return read_normalized(reader, sample_percentiles(reader, q=percentiles))

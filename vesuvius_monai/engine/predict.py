@@ -10,10 +10,19 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from vesuvius_monai.config import Config, InferConfig, Triple, to_dict
-from vesuvius_monai.data.readers import Region, open_volume, sample_percentiles
-from vesuvius_monai.data.transforms import normalize
+from vesuvius_monai.data.readers import (
+    Region,
+    VolumeReader,
+    format_region,
+    normalize_region,
+    open_volume,
+    region_shape,
+    sample_percentiles,
+)
+from vesuvius_monai.data.transforms import normalize, read_normalized
 from vesuvius_monai.engine.blockwise import export_nifti, predict_volume_blockwise, roi_affine
 from vesuvius_monai.engine.infer import resolve_device, sliding_window_probs
 from vesuvius_monai.errors import VesuviusError
@@ -58,6 +67,26 @@ def _run_info(cfg: Config, checkpoint: str | Path) -> dict:
             "infer": to_dict(cfg.infer), "percentiles": list(cfg.transforms.percentiles)}
 
 
+def _check_outputs(input_path: Path, outputs: dict[str, Path | None]) -> None:
+    """No output may replace the input volume or another output."""
+    seen = {Path(input_path).resolve(): "--input"}
+    for flag, path in outputs.items():
+        if path is None:
+            continue
+        resolved = Path(path).resolve()
+        if resolved in seen:
+            raise VesuviusError(f"{flag} {path} is the same file as {seen[resolved]}; nothing was written")
+        seen[resolved] = flag
+
+
+def _check_roi(reader: VolumeReader, roi: Region | None) -> Region:
+    """The ROI clipped to the volume; an empty ROI is an error naming the volume."""
+    region = normalize_region(roi, reader.shape)
+    if min(region_shape(region)) == 0:
+        raise VesuviusError(f"--roi {format_region(region)} is empty for {reader.path} of shape {reader.shape}")
+    return region
+
+
 def predict(cfg: Config, checkpoint: str | Path, input_path: str | Path, output: str | Path, *,
             mask_output: str | Path | None = None, nifti_output: str | Path | None = None,
             roi: Region | None = None) -> Path:
@@ -67,43 +96,47 @@ def predict(cfg: Config, checkpoint: str | Path, input_path: str | Path, output:
     also exports it as NIfTI (when it fits in memory).
     """
     output = Path(output)
-    reader = open_volume(input_path, spacing=cfg.data.spacing)
-    if output.resolve() == Path(input_path).resolve():
-        raise VesuviusError(f"--output {output} would overwrite the input volume")
+    _check_outputs(Path(input_path), {"--output": output, "--mask": mask_output, "--nifti": nifti_output})
+    reader = open_volume(input_path, spacing=cfg.data.spacing, level=cfg.data.zarr_level, key=cfg.data.zarr_key)
+    region = _check_roi(reader, roi)
+    if output.suffix != ".zarr" and not is_nifti_path(output):
+        raise VesuviusError(f"--output {output}: use a .nii.gz, .nii or .zarr file name")
     device = resolve_device(cfg.train.device)
     model, _ = model_from_checkpoint(checkpoint, device)
     window = sample_percentiles(reader, q=cfg.transforms.percentiles)
-
-    def predict_fn(block: np.ndarray) -> np.ndarray:
-        return sliding_window_probs(model, block, cfg.infer, device=device, amp=cfg.train.amp)
-
     if output.suffix == ".zarr":
-        if mask_output:
-            raise VesuviusError("--mask is only written with a NIfTI --output; threshold the Zarr probabilities instead")
-        block, halo, stride = seamless_geometry(cfg.infer)
-        log.info("block-wise: blocks %s, halo %s (window %s, stride %s)", block, halo, cfg.infer.roi_size, stride)
-        predict_volume_blockwise(reader, predict_fn, output, block_size=block, halo=halo, dtype=cfg.infer.out_dtype,
-                                 roi=roi, normalize=lambda b: normalize(b, window), run_info=_run_info(cfg, checkpoint),
-                                 windows=(cfg.infer.roi_size, stride))
-        if nifti_output:
-            export_nifti(output, nifti_output)
-        return output
+        return _predict_zarr(cfg, checkpoint, reader, model, window, output, region, nifti_output, mask_output)
     if nifti_output:
         raise VesuviusError("--nifti goes with a .zarr --output (the NIfTI --output is written directly)")
-    if not is_nifti_path(output):
-        raise VesuviusError(f"--output {output}: use a .nii.gz, .nii or .zarr file name")
-    region = tuple(slice(*s.indices(n)[:2]) for s, n in zip(roi or (slice(None),) * 3, reader.shape))
-    if np.prod([s.stop - s.start for s in region], dtype=np.int64) > MAX_IN_MEMORY_VOXELS:
-        raise VesuviusError(f"{input_path} (region {region}) is too large for a NIfTI output in memory; "
-                            f"write to a .zarr output (block-wise) or give --roi")
-    image = reader.read(region).astype(np.float32)
-    if not np.isfinite(image).all():
-        raise VesuviusError(f"image {input_path} holds NaN or inf values")
-    probs = sliding_window_probs(model, normalize(image, window), cfg.infer, device=device, amp=cfg.train.amp,
-                                 progress=True)
+    if np.prod(region_shape(region), dtype=np.int64) > MAX_IN_MEMORY_VOXELS:
+        raise VesuviusError(f"{input_path} (region {format_region(region)}) is too large for a NIfTI output in "
+                            f"memory; write to a .zarr output (block-wise) or give --roi")
+    probs = sliding_window_probs(model, read_normalized(reader, window, region), cfg.infer, device=device,
+                                 amp=cfg.train.amp, progress=True)
     affine = roi_affine(reader.affine, region)
     write_nifti(output, probs, affine=affine)
     if mask_output:
         write_nifti(mask_output, postprocess(probs, cfg.postprocess).astype(np.uint8), affine=affine)
     log.info("wrote %s", output)
+    return output
+
+
+def _predict_zarr(cfg: Config, checkpoint: str | Path, reader: VolumeReader, model: torch.nn.Module,
+                  window: tuple[float, float], output: Path, region: Region, nifti_output: str | Path | None,
+                  mask_output: str | Path | None) -> Path:
+    """Block-wise prediction into a resumable Zarr store (plus an optional NIfTI export)."""
+    if mask_output:
+        raise VesuviusError("--mask is only written with a NIfTI --output; threshold the Zarr probabilities instead")
+    device = next(model.parameters()).device
+    block, halo, stride = seamless_geometry(cfg.infer)
+    log.info("block-wise: blocks %s, halo %s (window %s, stride %s)", block, halo, cfg.infer.roi_size, stride)
+
+    def predict_fn(image: np.ndarray) -> np.ndarray:
+        return sliding_window_probs(model, image, cfg.infer, device=device, amp=cfg.train.amp)
+
+    predict_volume_blockwise(reader, predict_fn, output, block_size=block, halo=halo, dtype=cfg.infer.out_dtype,
+                             roi=region, normalize=lambda b: normalize(b, window), run_info=_run_info(cfg, checkpoint),
+                             windows=(cfg.infer.roi_size, stride))
+    if nifti_output:
+        export_nifti(output, nifti_output)
     return output

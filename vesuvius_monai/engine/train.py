@@ -4,6 +4,7 @@ best/last checkpoints, exact resume, CSV + TensorBoard logs and a learning-curve
 Run folder (``cfg.output_dir``)::
 
     config.yaml          resolved config of the run
+    splits.json          fragment ids of train / val / test (also stored in every checkpoint)
     train_log.csv        step, loss (and its parts), lr, seconds, steps/s, val_dice
     tensorboard/         the same scalars for TensorBoard
     checkpoints/last.pt  latest state, for ``--resume``
@@ -14,6 +15,7 @@ Run folder (``cfg.output_dir``)::
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import time
@@ -27,11 +29,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from vesuvius_monai.config import Config, TrainConfig, save_config
+from vesuvius_monai.config import Config, TrainConfig, save_config, to_dict
 from vesuvius_monai.data.dataset import Fragment, load_splits
 from vesuvius_monai.data.patches import PatchDataset, prepare_sources
 from vesuvius_monai.engine.infer import autocast, load_normalized, resolve_device, sliding_window_probs
 from vesuvius_monai.errors import VesuviusError
+from vesuvius_monai.io.atomic import write_text
 from vesuvius_monai.io.checkpoint import load_checkpoint, save_checkpoint
 from vesuvius_monai.losses import build_loss
 from vesuvius_monai.metrics.overlap import dice
@@ -72,8 +75,32 @@ def check_sizes(cfg: Config) -> None:
                                 f"'{cfg.model.name}' with these kwargs")
 
 
+RESUME_MAY_DIFFER = {"train.max_minutes", "train.num_workers", "train.num_threads", "train.device",
+                     "train.log_every", "data.cache_dir"}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "kwargs":
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_resume_config(cfg: Config, saved: dict, path: Path) -> None:
+    """A resumed run must have the config it was started with (except harmless keys), or it is not exact."""
+    now, then = _flatten(to_dict(cfg)), _flatten(saved)
+    differ = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k) and k not in RESUME_MAY_DIFFER)
+    if differ:
+        detail = ", ".join(f"{k}: {then.get(k)!r} -> {now.get(k)!r}" for k in differ[:5])
+        raise VesuviusError(f"cannot resume {path} with another config ({detail}); resume with the run's own "
+                            f"config.yaml or start a new output_dir")
+
+
 def prepare_run_dir(cfg: Config, resume: bool) -> Path:
-    """Create the run folder; refuse to train over an existing run unless resuming it."""
+    """Create the run folder; refuse to train over an existing run, or to resume it with another config."""
     run = Path(cfg.output_dir)
     last = run / "checkpoints" / "last.pt"
     if resume and not last.is_file():
@@ -81,9 +108,18 @@ def prepare_run_dir(cfg: Config, resume: bool) -> Path:
     if not resume and last.exists():
         raise VesuviusError(f"output_dir {run} already holds a run ({last}); pass --resume to continue it "
                             f"or set output_dir to a new folder")
+    if resume:
+        check_resume_config(cfg, load_checkpoint(last)["config"], last)
     (run / "checkpoints").mkdir(parents=True, exist_ok=True)
     save_config(cfg, run / "config.yaml")
     return run
+
+
+def record_splits(run: Path, splits: dict[str, list[Fragment]]) -> dict[str, list[str]]:
+    """Write splits.json (fragment ids per split) and return it for the checkpoints."""
+    ids = {name: [f.id for f in items] for name, items in splits.items()}
+    write_text(run / "splits.json", json.dumps(ids, indent=2))
+    return ids
 
 
 def set_threads(cfg: TrainConfig) -> None:
@@ -147,6 +183,7 @@ class TrainState:
     scaler: torch.amp.GradScaler
     step: int = 0
     best_metric: float = -math.inf
+    splits: dict = field(default_factory=dict)  # fragment ids per split, saved in every checkpoint
 
 
 def build_state(cfg: Config, device: torch.device) -> TrainState:
@@ -174,11 +211,12 @@ def restore_state(state: TrainState, path: Path) -> None:
 
 def save_state(path: Path, cfg: Config, state: TrainState) -> None:
     save_checkpoint(path, cfg=cfg, model=state.model, step=state.step, optimizer=state.optimizer,
-                    scheduler=state.scheduler, scaler=state.scaler, best_metric=state.best_metric)
+                    scheduler=state.scheduler, scaler=state.scaler, best_metric=state.best_metric, splits=state.splits)
 
 
-def train_step(state: TrainState, batch: dict, loss_fn: nn.Module, cfg: TrainConfig, device: torch.device) -> float:
-    """One optimiser step on a batch {"image", "label"} of (B, 1, Z, Y, X); returns the loss."""
+def train_step(state: TrainState, batch: dict, loss_fn: nn.Module, cfg: TrainConfig,
+               device: torch.device) -> tuple[float, float]:
+    """One optimiser step on a batch {"image", "label"} of (B, 1, Z, Y, X); returns (loss, learning rate)."""
     image = batch["image"].to(device, non_blocking=True)
     label = batch["label"].to(device, non_blocking=True)
     state.model.train()
@@ -187,7 +225,9 @@ def train_step(state: TrainState, batch: dict, loss_fn: nn.Module, cfg: TrainCon
         logits = state.model(image)
     loss = loss_fn(logits.float(), label)
     if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss became {loss.item()} at step {state.step}; lower train.lr or check the data")
+        raise VesuviusError(f"training loss became {loss.item()} at step {state.step + 1}; lower train.lr or check "
+                            f"the data (last.pt keeps the last good state)")
+    lr = state.scheduler.get_last_lr()[0]
     state.scaler.scale(loss).backward()
     if cfg.grad_clip > 0:
         state.scaler.unscale_(state.optimizer)
@@ -196,29 +236,19 @@ def train_step(state: TrainState, batch: dict, loss_fn: nn.Module, cfg: TrainCon
     state.scaler.update()
     state.scheduler.step()
     state.step += 1
-    return float(loss.detach())
+    return float(loss.detach()), lr
 
 
-@dataclass
-class ValidationSet:
-    """Whole validation fragments, normalised and held in memory: images and labels (Z, Y, X)."""
+def validate(model: nn.Module, fragments: list[Fragment], cfg: Config, device: torch.device) -> float:
+    """Mean Dice (ignore region excluded) of thresholded sliding-window probabilities over whole val fragments.
 
-    ids: list[str]
-    images: list[np.ndarray]
-    labels: list[np.ndarray]
-
-    @classmethod
-    def load(cls, fragments: list[Fragment], percentiles: tuple[float, float]) -> "ValidationSet":
-        return cls(ids=[f.id for f in fragments], images=[load_normalized(f.image, percentiles) for f in fragments],
-                   labels=[f.label.read() for f in fragments])
-
-
-def validate(model: nn.Module, val: ValidationSet, cfg: Config, device: torch.device) -> float:
-    """Mean Dice (ignore region excluded) of thresholded sliding-window probabilities over the val fragments."""
+    Fragments are read one at a time, so memory is bounded by the largest one.
+    """
     scores = []
-    for image, label in zip(val.images, val.labels):
+    for fragment in fragments:
+        image = load_normalized(fragment.image, cfg.transforms.percentiles)
         probs = sliding_window_probs(model, image, cfg.infer, device=device, amp=cfg.train.amp)
-        scores.append(dice(probs > cfg.postprocess.threshold, label, ignore_index=cfg.data.ignore_index))
+        scores.append(dice(probs > cfg.postprocess.threshold, fragment.label.read(), ignore_index=cfg.data.ignore_index))
     return float(np.mean(scores))
 
 
@@ -247,9 +277,11 @@ def train(cfg: Config, *, resume: bool = False, stop_at_step: int | None = None)
     sources = prepare_sources(splits["train"], cfg.transforms, cache_dir)
     dataset = PatchDataset(sources, cfg.transforms, seed=cfg.seed, length=cfg.train.steps * cfg.train.batch_size,
                            ignore_index=cfg.data.ignore_index)
-    val = ValidationSet.load(splits["val"], cfg.transforms.percentiles)
+    val = splits["val"]
     state = build_state(cfg, device)
+    state.splits = record_splits(run, splits)
     loss_fn = build_loss(cfg.train.loss, ignore_index=cfg.data.ignore_index)
+    log.info("loss terms and weights: %s", loss_fn.weights.active())
     runlog = RunLog(run)
     last, best = run / "checkpoints" / "last.pt", run / "checkpoints" / "best.pt"
     if resume:
@@ -258,20 +290,23 @@ def train(cfg: Config, *, resume: bool = False, stop_at_step: int | None = None)
     stop = min(stop_at_step or cfg.train.steps, cfg.train.steps)
     try:
         _loop(state, make_loader(dataset, cfg.train, state.step), loss_fn, val, cfg, device, runlog, stop)
+    except KeyboardInterrupt:
+        log.warning("interrupted: %s holds the last periodic save; continue with --resume", last)
+        raise
     finally:
-        save_state(last, cfg, state)
         runlog.close()
-    if not val.ids:  # nothing to select on: the last model is the best we know
+    save_state(last, cfg, state)
+    if not val:  # nothing to select on: the last model is the best we know
         save_state(best, cfg, state)
     plot_learning_curve(run / "train_log.csv", run / "learning_curve.png")
     log.info("run saved in %s (step %d, best val Dice %.4f)", run, state.step, state.best_metric)
     return run
 
 
-def _checkpoint(state: TrainState, val: ValidationSet, cfg: Config, device: torch.device, row: dict) -> None:
+def _checkpoint(state: TrainState, val: list[Fragment], cfg: Config, device: torch.device, row: dict) -> None:
     """Validate (when there are val fragments), keep the best model, save the last."""
     ckpt = Path(cfg.output_dir) / "checkpoints"
-    if val.ids:
+    if val:
         row["val_dice"] = validate(state.model, val, cfg, device)
         if row["val_dice"] > state.best_metric:
             state.best_metric = row["val_dice"]
@@ -280,20 +315,27 @@ def _checkpoint(state: TrainState, val: ValidationSet, cfg: Config, device: torc
     save_state(ckpt / "last.pt", cfg, state)
 
 
-def _loop(state: TrainState, loader: DataLoader, loss_fn: nn.Module, val: ValidationSet, cfg: Config,
+def _loop(state: TrainState, loader: DataLoader, loss_fn: nn.Module, val: list[Fragment], cfg: Config,
           device: torch.device, runlog: RunLog, stop: int) -> None:
+    with tqdm(total=stop - state.step, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0) as bar:
+        _steps(state, loader, loss_fn, val, cfg, device, runlog, stop, bar)
+
+
+def _steps(state: TrainState, loader: DataLoader, loss_fn: nn.Module, val: list[Fragment], cfg: Config,
+           device: torch.device, runlog: RunLog, stop: int, bar: tqdm) -> None:
+    """Train until step ``stop``: log every ``log_every``, validate and save every ``val_every`` steps."""
     tc = cfg.train
     start_time, start_step, losses = time.perf_counter(), state.step, []
-    bar = tqdm(total=stop - state.step, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
     for batch in loader:
         if state.step >= stop:
             break
-        losses.append(train_step(state, batch, loss_fn, tc, device))
+        loss, lr = train_step(state, batch, loss_fn, tc, device)
+        losses.append(loss)
         elapsed = time.perf_counter() - start_time
         speed = (state.step - start_step) / elapsed
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.4f}", it_s=f"{speed:.2f}")
-        row = {"step": state.step, "loss": float(np.mean(losses)), "lr": state.scheduler.get_last_lr()[0],
+        row = {"step": state.step, "loss": float(np.mean(losses)), "lr": lr,
                "seconds": elapsed, "steps_per_s": speed}
         out_of_time = bool(tc.max_minutes) and elapsed > tc.max_minutes * 60
         if state.step % tc.val_every == 0 or state.step in (tc.steps, stop) or out_of_time:
@@ -304,4 +346,3 @@ def _loop(state: TrainState, loader: DataLoader, loss_fn: nn.Module, val: Valida
         if out_of_time:
             log.warning("train.max_minutes=%.1f reached: stopping at step %d of %d", tc.max_minutes, state.step, tc.steps)
             break
-    bar.close()

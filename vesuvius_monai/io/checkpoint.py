@@ -46,7 +46,7 @@ def load_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise VesuviusError(f"checkpoint not found: {path}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a damaged file
         raise VesuviusError(f"checkpoint {path} is corrupt or not a torch file: {err}") from None
     if not isinstance(payload, dict) or payload.get("format") != "vesuvius_monai.checkpoint/1":
@@ -59,11 +59,15 @@ def config_from_checkpoint(payload: dict) -> Config:
     return from_dict(Config, payload["config"])
 
 
+def model_from_payload(payload: dict, device: torch.device | str = "cpu") -> nn.Module:
+    """The network of a loaded checkpoint with its weights, in eval mode."""
+    model = build_model(payload["model_name"], **payload["model_kwargs"])
+    model.load_state_dict(payload["model"])
+    log.info("loaded %s (step %d)", payload["model_name"], payload["step"])
+    return model.to(device).eval()
+
+
 def model_from_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, Config]:
     """Rebuild the network of a checkpoint with its weights, in eval mode, plus the run config."""
     payload = load_checkpoint(path)
-    cfg = config_from_checkpoint(payload)
-    model = build_model(payload["model_name"], **payload["model_kwargs"])
-    model.load_state_dict(payload["model"])
-    log.info("loaded %s (step %d) from %s", payload["model_name"], payload["step"], path)
-    return model.to(device).eval(), cfg
+    return model_from_payload(payload, device), config_from_checkpoint(payload)

@@ -8,12 +8,11 @@ scalar metric ``f(pred, label, *, ignore_index=2, spacing=(1, 1, 1), weights=Lea
 
 from __future__ import annotations
 
-import difflib
 from typing import Callable, Sequence
 
 import numpy as np
 
-from vesuvius_monai.errors import VesuviusError
+from vesuvius_monai.errors import VesuviusError, did_you_mean
 from vesuvius_monai.metrics.cldice import cldice, cldice_parts
 from vesuvius_monai.metrics.context import SCALAR_GETTERS, MetricContext
 from vesuvius_monai.metrics.leaderboard import LeaderboardWeights, leaderboard_score
@@ -49,8 +48,7 @@ def check_metric_names(names: Sequence[str]) -> list[str]:
         names = [names]
     for name in names:
         if name not in SCALAR_GETTERS:
-            close = difflib.get_close_matches(str(name), list(SCALAR_GETTERS), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; known metrics: {', '.join(SCALAR_GETTERS)}"
+            hint = did_you_mean(name, SCALAR_GETTERS) or f"; known metrics: {', '.join(SCALAR_GETTERS)}"
             raise VesuviusError(f"unknown metric {name!r}{hint}")
     return list(names)
 

@@ -16,7 +16,6 @@ Usage::
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import logging
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from vesuvius_monai.errors import VesuviusError
+from vesuvius_monai.errors import VesuviusError, did_you_mean
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +91,7 @@ def _lookup(name: str) -> ModelEntry:
     if name in _REGISTRY:
         return _REGISTRY[name]
     known = ", ".join(list_models())
-    close = difflib.get_close_matches(name, list_models(), n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ";"
+    hint = did_you_mean(name, list_models()) or ";"
     raise VesuviusError(f"unknown model '{name}'{hint} known: {known}")
 
 
