@@ -52,7 +52,6 @@ from typing import Sequence
 import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
-from tqdm import tqdm
 
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.metrics._common import (
@@ -148,7 +147,7 @@ def betti_numbers(mask: np.ndarray) -> tuple[int, int, int]:
 def tile_betti(mask: np.ndarray, tiles: Sequence[int] = (2, 2, 2)) -> np.ndarray:
     """Betti numbers of each tile of a boolean volume (z, y, x): int64 array (n_tiles, 3)."""
     slices = tile_slices(mask.shape, tiles)
-    rows = [betti_of_mask(mask[s]) for s in tqdm(slices, desc="betti tiles", leave=False)]
+    rows = [betti_of_mask(mask[s]) for s in slices]
     return np.array(rows, dtype=np.int64).reshape(len(slices), 3)
 
 
@@ -251,7 +250,7 @@ def tile_matches(
         label_betti = tile_betti(label, tiles) if label_betti is None else label_betti
         return np.minimum(pred_betti, label_betti)
     slices = tile_slices(pred.shape, tiles)
-    rows = [matched_features(pred[s], label[s]) for s in tqdm(slices, desc="matching tiles", leave=False)]
+    rows = [matched_features(pred[s], label[s]) for s in slices]
     return np.array(rows, dtype=np.int64).reshape(len(slices), 3)
 
 
