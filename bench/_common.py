@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -147,3 +148,14 @@ def write_json(path: str | Path, payload: dict) -> None:
     """Write ``payload`` as indented JSON, atomically (NaN / inf written as JSON's NaN / Infinity)."""
     write_text(path, json.dumps(payload, indent=2, allow_nan=True, default=float))
     log.info("results written to %s", path)
+
+
+def run_main(parse_args, run, argv: list[str] | None = None) -> None:
+    """Parse arguments and run a benchmark; a VesuviusError becomes one ``error:`` line and exit status 2."""
+    setup_logging()
+    args = parse_args(argv)
+    try:
+        run(args)
+    except VesuviusError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

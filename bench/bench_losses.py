@@ -27,13 +27,12 @@ import argparse
 import csv
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from _common import (ALL_METRICS, VERDICT_RULE, ensure_synthetic, format_table, mean_and_std, setup_logging,
+from _common import (ALL_METRICS, VERDICT_RULE, ensure_synthetic, format_table, mean_and_std, run_main,
                      verdict_text, with_overrides, write_json)
 from vesuvius_monai.config import Config, to_dict
 from vesuvius_monai.engine.evaluate import evaluate
@@ -147,13 +146,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    setup_logging()
-    args = parse_args(argv)
-    try:
-        run(args)
-    except VesuviusError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_main(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from _common import (ALL_METRICS, VERDICT_RULE, ensure_synthetic, format_table, mean_and_std, score_mask,
-                     setup_logging, verdict_text, with_overrides, write_json)
+                     run_main, verdict_text, with_overrides, write_json)
 from vesuvius_monai.config import Config, to_dict
 from vesuvius_monai.data.dataset import Fragment, load_splits
 from vesuvius_monai.engine.infer import load_normalized, resolve_device, sliding_window_probs
@@ -261,13 +260,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    setup_logging()
-    args = parse_args(argv)
-    try:
-        run(args)
-    except VesuviusError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_main(parse_args, run, argv)
 
 
 if __name__ == "__main__":
