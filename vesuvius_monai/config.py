@@ -309,19 +309,23 @@ def set_override(raw: dict, override: str) -> None:
     node[parts[-1]] = value
 
 
+def read_yaml_mapping(path: str | Path, what: str) -> dict:
+    """A YAML file holding a mapping; ``what`` names the file's role in errors ("config file", ...)."""
+    path = Path(path)
+    if not path.is_file():
+        raise VesuviusError(f"{what} not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise VesuviusError(f"{what} {path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise VesuviusError(f"{what} {path} must hold a mapping")
+    return raw
+
+
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Read a YAML config (or the defaults when ``path`` is None), apply overrides, validate."""
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise VesuviusError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise VesuviusError(f"config file {path} is not valid YAML: {err}") from None
-        if not isinstance(raw, dict):
-            raise VesuviusError(f"config file {path} must hold a mapping of sections")
+    raw = read_yaml_mapping(path, "config file") if path is not None else {}
     for override in overrides:
         set_override(raw, override)
     try:

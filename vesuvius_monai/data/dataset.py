@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from vesuvius_monai.config import DataConfig
+from vesuvius_monai.config import DataConfig, read_yaml_mapping
 from vesuvius_monai.data.readers import VolumeReader, open_volume
 from vesuvius_monai.errors import VesuviusError
 
@@ -105,13 +104,7 @@ def find_in_folders(root: Path, ids_csv: Path | None = None) -> list[FragmentFil
 
 def find_in_yaml(path: Path) -> list[FragmentFiles]:
     """Read a dataset YAML: ``fragments: [{id, image, label, split}]`` with paths relative to the file."""
-    if not path.is_file():
-        raise VesuviusError(f"data.dataset not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise VesuviusError(f"dataset file {path} is not valid YAML: {err}") from None
-    entries = raw.get("fragments") if isinstance(raw, dict) else None
+    entries = read_yaml_mapping(path, "dataset file").get("fragments")
     if not isinstance(entries, list) or not entries:
         raise VesuviusError(f"{path}: needs a non-empty list under 'fragments'")
     fragments = []
