@@ -116,3 +116,16 @@ def test_missing_and_truncated_files(tmp_path):
     garbage.write_bytes(b"\x00" * 10)
     with pytest.raises(VesuviusError, match="garbage.nii"):
         read_nifti(garbage)
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    import numpy as np
+
+    from vesuvius_monai.io.nifti import write_nifti
+
+    path = write_nifti(tmp_path / "x.nii.gz", np.zeros((4, 4, 4), np.uint8))
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (path.stat().st_mode & 0o777) == (0o666 & ~mask)
