@@ -82,3 +82,16 @@ def test_nan_in_image_is_reported(sources, monkeypatch):
     ds = PatchDataset(sources[:1], TransformConfig(patch_size=(16, 16, 16)), seed=0, length=4, ignore_index=2)
     with pytest.raises(VesuviusError, match="NaN"):
         ds[0]
+
+
+def test_bad_training_label_is_caught_while_indexing(synthetic_root, tmp_path):
+    import shutil
+
+    from vesuvius_monai.io.nifti import write_nifti
+
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    write_nifti(root / "labels" / "frag_000.nii.gz", np.full((32, 40, 40), 3, np.uint8))
+    splits = load_splits(DataConfig(root=str(root), val_fragments=["frag_003"], test_fragments=["frag_004"]))
+    with pytest.raises(VesuviusError, match=r"labels/frag_000\.nii\.gz has values \[3\]"):
+        prepare_sources(splits["train"], TransformConfig(patch_size=(16, 16, 16)), tmp_path / "cache", 2)

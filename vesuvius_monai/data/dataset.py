@@ -185,8 +185,12 @@ def open_fragment(files: FragmentFiles, cfg: DataConfig, *, check_labels: bool =
     return Fragment(id=files.id, image=image, label=label)
 
 
-def load_splits(cfg: DataConfig, *, check_labels: bool = True) -> dict[str, list[Fragment]]:
-    """Find, split and open every fragment; logs the split."""
+def load_splits(cfg: DataConfig) -> dict[str, list[Fragment]]:
+    """Find, split and open every fragment; logs the split.
+
+    Label values of val and test fragments are checked here; training labels are checked (once per file,
+    cached) while their surface index is built (``data.patches.prepare_sources``).
+    """
     splits = split_fragments(find_fragments(cfg), cfg)
     unlabeled = [f.image for items in splits.values() for f in items if f.label is None]
     if unlabeled:
@@ -197,4 +201,4 @@ def load_splits(cfg: DataConfig, *, check_labels: bool = True) -> dict[str, list
         raise VesuviusError("no training fragments left after the split (check data.val_fragments / test_fragments)")
     for name, items in splits.items():
         log.info("%s fragments (%d): %s", name, len(items), ", ".join(f.id for f in items))
-    return {name: [open_fragment(f, cfg, check_labels=check_labels) for f in items] for name, items in splits.items()}
+    return {name: [open_fragment(f, cfg, check_labels=name != "train") for f in items] for name, items in splits.items()}

@@ -27,8 +27,12 @@ def build_foreground_index(
     block: int = 64,
     max_points: int = 200_000,
     seed: int = 0,
+    allowed: tuple[int, ...] | None = None,
 ) -> np.ndarray:
     """(N, 3) int32 (z, y, x) coordinates of the voxels where label == ``value``, sorted in C order.
+
+    With ``allowed``, every label value is checked on the way (VesuviusError naming the file otherwise),
+    so a cached index also certifies the label's values.
 
     Reads one ``block``^3 region at a time, so memory is bounded by the block and ``max_points``,
     whatever the volume size. With more than ``max_points`` matches it returns a uniform random subset
@@ -42,7 +46,10 @@ def build_foreground_index(
     keys = np.empty(0, dtype=np.float64)
     grid = block_grid(label_reader.shape, (block, block, block))
     for _, region in tqdm(grid, desc=f"foreground index {label_reader.path.name}", leave=False):
-        found = np.argwhere(label_reader.read(region) == value).astype(np.int32)
+        labels = label_reader.read(region)
+        if allowed is not None:
+            _check_values(label_reader, labels, allowed)
+        found = np.argwhere(labels == value).astype(np.int32)
         if found.size == 0:
             continue
         found += np.array([s.start for s in region], dtype=np.int32)
@@ -52,6 +59,14 @@ def build_foreground_index(
     order = np.lexsort((kept[:, 2], kept[:, 1], kept[:, 0]))
     logger.debug("%s: %d foreground points indexed (value %d)", label_reader.path, len(kept), value)
     return np.ascontiguousarray(kept[order])
+
+
+def _check_values(reader: VolumeReader, labels: np.ndarray, allowed: tuple[int, ...]) -> None:
+    values = np.unique(labels)
+    bad = values[~np.isin(values, allowed)]
+    if bad.size:
+        raise VesuviusError(f"label {reader.path} has values {bad[:5].tolist()} outside {set(allowed)} "
+                            f"(0 background, 1 surface, and the ignore value)")
 
 
 def _keep_smallest(points: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -94,6 +109,7 @@ def load_or_build_foreground_index(
     block: int = 64,
     max_points: int = 200_000,
     seed: int = 0,
+    allowed: tuple[int, ...] | None = None,
 ) -> np.ndarray:
     """:func:`build_foreground_index`, cached as ``.npy`` in ``cache_dir`` (written atomically).
 
@@ -102,6 +118,8 @@ def load_or_build_foreground_index(
     """
     params = dict(value=value, block=block, max_points=max_points, seed=seed)
     cache = foreground_cache_path(label_reader, cache_dir, **params)
+    if allowed is not None:  # an index built with the check certifies the values too
+        cache = cache.with_name(cache.stem + "_checked" + "".join(f"_{v}" for v in sorted(allowed)) + ".npy")
     if cache.is_file():
         try:
             points = np.load(cache, allow_pickle=False)
@@ -110,7 +128,7 @@ def load_or_build_foreground_index(
                 return points
         except (OSError, ValueError) as exc:
             logger.warning("%s: unreadable foreground cache (%s), rebuilding", cache, exc)
-    points = build_foreground_index(label_reader, **params)
+    points = build_foreground_index(label_reader, **params, allowed=allowed)
     with atomic_path(cache) as tmp:
         np.save(tmp, points)
     return points

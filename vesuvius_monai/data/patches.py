@@ -37,14 +37,18 @@ class PatchSource:
     surface: np.ndarray
 
 
-def prepare_sources(fragments: list[Fragment], cfg: TransformConfig, cache_dir: Path) -> list[PatchSource]:
-    """Intensity windows and surface indices for every labelled fragment (indices cached in ``cache_dir``)."""
+def prepare_sources(fragments: list[Fragment], cfg: TransformConfig, cache_dir: Path,
+                    ignore_index: int = 2) -> list[PatchSource]:
+    """Intensity windows and surface indices for every labelled fragment (indices cached in ``cache_dir``).
+
+    Building an index also checks the label's values (0, 1, ``ignore_index``), once per label file.
+    """
     sources = []
     for fragment in fragments:
         if fragment.label is None:
             raise VesuviusError(f"training fragment {fragment.image.path} has no label")
         window = sample_percentiles(fragment.image, q=cfg.percentiles)
-        surface = load_or_build_foreground_index(fragment.label, cache_dir)
+        surface = load_or_build_foreground_index(fragment.label, cache_dir, allowed=(0, 1, ignore_index))
         log.info("fragment %s: window %.1f..%.1f, %d surface points indexed", fragment.id, *window, len(surface))
         sources.append(PatchSource(fragment=fragment, window=window, surface=surface))
     return sources

@@ -274,7 +274,7 @@ def train(cfg: Config, *, resume: bool = False, stop_at_step: int | None = None)
     device = resolve_device(cfg.train.device)
     splits = load_splits(cfg.data)
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else run / "cache"
-    sources = prepare_sources(splits["train"], cfg.transforms, cache_dir)
+    sources = prepare_sources(splits["train"], cfg.transforms, cache_dir, cfg.data.ignore_index)
     dataset = PatchDataset(sources, cfg.transforms, seed=cfg.seed, length=cfg.train.steps * cfg.train.batch_size,
                            ignore_index=cfg.data.ignore_index)
     val = splits["val"]
