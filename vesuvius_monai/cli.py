@@ -92,7 +92,8 @@ def cmd_tune_threshold(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vesuvius-monai", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="vesuvius-monai", description="3D papyrus-surface detection for Vesuvius "
+                                     "Challenge scroll CT: synth, train, evaluate, predict, tune-threshold.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -136,12 +136,13 @@ class RunLog:
     """Appends rows to ``train_log.csv`` and scalars to TensorBoard."""
 
     run: Path
+    purge_step: int | None = None  # on resume: TensorBoard drops events logged after this step
     writer: object = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(self.run / "tensorboard"))
+        self.writer = SummaryWriter(str(self.run / "tensorboard"), purge_step=self.purge_step)
         self.path = self.run / "train_log.csv"
 
     def write(self, row: dict) -> None:
@@ -282,11 +283,11 @@ def train(cfg: Config, *, resume: bool = False, stop_at_step: int | None = None)
     state.splits = record_splits(run, splits)
     loss_fn = build_loss(cfg.train.loss, ignore_index=cfg.data.ignore_index)
     log.info("loss terms and weights: %s", loss_fn.weights.active())
-    runlog = RunLog(run)
     last, best = run / "checkpoints" / "last.pt", run / "checkpoints" / "best.pt"
     if resume:
         restore_state(state, last)
-        runlog.truncate_after(state.step)
+    runlog = RunLog(run, purge_step=state.step + 1 if resume else None)
+    runlog.truncate_after(state.step)
     stop = min(stop_at_step or cfg.train.steps, cfg.train.steps)
     try:
         _loop(state, make_loader(dataset, cfg.train, state.step), loss_fn, val, cfg, device, runlog, stop)
