@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from vesuvius_monai.config import DataConfig, read_yaml_mapping
-from vesuvius_monai.data.readers import VolumeReader, open_volume
+from vesuvius_monai.data.fg_index import check_label_block
+from vesuvius_monai.data.readers import VolumeReader, block_grid, open_volume
 from vesuvius_monai.errors import VesuviusError
 
 log = logging.getLogger(__name__)
@@ -157,16 +158,8 @@ def split_fragments(files: list[FragmentFiles], cfg: DataConfig) -> dict[str, li
 
 def check_label_values(reader: VolumeReader, ignore_index: int, block: int = 128) -> None:
     """Raise if the label holds values outside {0, 1, ignore_index}; reads block by block."""
-    allowed = np.array([0, 1, ignore_index])
-    z, y, x = reader.shape
-    for z0 in range(0, z, block):
-        for y0 in range(0, y, block):
-            for x0 in range(0, x, block):
-                values = np.unique(reader.read((slice(z0, z0 + block), slice(y0, y0 + block), slice(x0, x0 + block))))
-                bad = values[~np.isin(values, allowed)]
-                if bad.size:
-                    raise VesuviusError(f"label {reader.path} has values {bad[:5].tolist()} outside "
-                                        f"{{0, 1, {ignore_index}}} (0 background, 1 surface, {ignore_index} ignore)")
+    for _, region in block_grid(reader.shape, (block, block, block)):
+        check_label_block(reader, reader.read(region), (0, 1, ignore_index))
 
 
 def open_fragment(files: FragmentFiles, cfg: DataConfig, *, check_labels: bool = True) -> Fragment:

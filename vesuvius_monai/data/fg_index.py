@@ -48,7 +48,7 @@ def build_foreground_index(
     for _, region in tqdm(grid, desc=f"foreground index {label_reader.path.name}", leave=False):
         labels = label_reader.read(region)
         if allowed is not None:
-            _check_values(label_reader, labels, allowed)
+            check_label_block(label_reader, labels, allowed)
         found = np.argwhere(labels == value).astype(np.int32)
         if found.size == 0:
             continue
@@ -61,12 +61,14 @@ def build_foreground_index(
     return np.ascontiguousarray(kept[order])
 
 
-def _check_values(reader: VolumeReader, labels: np.ndarray, allowed: tuple[int, ...]) -> None:
+def check_label_block(reader: VolumeReader, labels: np.ndarray, allowed: tuple[int, ...]) -> None:
+    """Raise a VesuviusError naming ``reader``'s file if ``labels`` (one block of it) holds other values."""
     values = np.unique(labels)
     bad = values[~np.isin(values, allowed)]
     if bad.size:
-        raise VesuviusError(f"label {reader.path} has values {bad[:5].tolist()} outside {set(allowed)} "
-                            f"(0 background, 1 surface, and the ignore value)")
+        ignore = ", ".join(str(v) for v in sorted(allowed) if v not in (0, 1))
+        raise VesuviusError(f"label {reader.path} has values {bad[:5].tolist()} outside {sorted(allowed)} "
+                            f"(0 background, 1 surface, {ignore} ignore)")
 
 
 def _keep_smallest(points: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

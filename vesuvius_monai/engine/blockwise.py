@@ -64,9 +64,7 @@ def predict_volume_blockwise(
     halo = _check_triple("halo", halo, minimum=0)
     if dtype not in STORE_DTYPES:
         raise VesuviusError(f"dtype must be one of {STORE_DTYPES}, got {dtype!r}")
-    roi = normalize_region(roi, reader.shape)
-    if min(region_shape(roi)) == 0:
-        raise VesuviusError(f"roi {format_region(roi)} is empty for volume {reader.path} of shape {reader.shape}")
+    roi = checked_roi(reader, roi)
     meta = {**_run_meta(reader, roi, block_size, halo, dtype), **(run_info or {})}
     if out_path.exists() and _finished_store_matches(out_path, meta, resume):
         logger.info("%s: already complete, nothing to do", out_path)
@@ -77,6 +75,14 @@ def predict_volume_blockwise(
     replace_dir(store.path, out_path)
     logger.info("wrote %s", out_path)
     return out_path
+
+
+def checked_roi(reader: VolumeReader, roi: Region | None) -> Region:
+    """``roi`` (None: the whole volume) clipped to the volume; an empty ROI is an error naming the file."""
+    region = normalize_region(roi, reader.shape)
+    if min(region_shape(region)) == 0:
+        raise VesuviusError(f"roi {format_region(region)} is empty for volume {reader.path} of shape {reader.shape}")
+    return region
 
 
 def _check_triple(name: str, value: tuple[int, ...], minimum: int) -> Triple:

@@ -17,13 +17,12 @@ from vesuvius_monai.data.readers import (
     Region,
     VolumeReader,
     format_region,
-    normalize_region,
     open_volume,
     region_shape,
     sample_percentiles,
 )
 from vesuvius_monai.data.transforms import normalize, read_normalized
-from vesuvius_monai.engine.blockwise import export_nifti, predict_volume_blockwise, roi_affine
+from vesuvius_monai.engine.blockwise import checked_roi, export_nifti, predict_volume_blockwise, roi_affine
 from vesuvius_monai.engine.infer import resolve_device, sliding_window_probs
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.checkpoint import model_from_checkpoint
@@ -79,14 +78,6 @@ def _check_outputs(input_path: Path, outputs: dict[str, Path | None]) -> None:
         seen[resolved] = flag
 
 
-def _check_roi(reader: VolumeReader, roi: Region | None) -> Region:
-    """The ROI clipped to the volume; an empty ROI is an error naming the volume."""
-    region = normalize_region(roi, reader.shape)
-    if min(region_shape(region)) == 0:
-        raise VesuviusError(f"--roi {format_region(region)} is empty for {reader.path} of shape {reader.shape}")
-    return region
-
-
 def predict(cfg: Config, checkpoint: str | Path, input_path: str | Path, output: str | Path, *,
             mask_output: str | Path | None = None, nifti_output: str | Path | None = None,
             roi: Region | None = None) -> Path:
@@ -98,7 +89,7 @@ def predict(cfg: Config, checkpoint: str | Path, input_path: str | Path, output:
     output = Path(output)
     _check_outputs(Path(input_path), {"--output": output, "--mask": mask_output, "--nifti": nifti_output})
     reader = open_volume(input_path, spacing=cfg.data.spacing, level=cfg.data.zarr_level, key=cfg.data.zarr_key)
-    region = _check_roi(reader, roi)
+    region = checked_roi(reader, roi)
     if output.suffix != ".zarr" and not is_nifti_path(output):
         raise VesuviusError(f"--output {output}: use a .nii.gz, .nii or .zarr file name")
     device = resolve_device(cfg.train.device)

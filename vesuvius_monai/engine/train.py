@@ -99,8 +99,11 @@ def check_resume_config(cfg: Config, saved: dict, path: Path) -> None:
                             f"config.yaml or start a new output_dir")
 
 
-def prepare_run_dir(cfg: Config, resume: bool) -> Path:
-    """Create the run folder; refuse to train over an existing run, or to resume it with another config."""
+def prepare_run_dir(cfg: Config, resume: bool) -> tuple[Path, dict | None]:
+    """Create the run folder; refuse to train over an existing run, or to resume it with another config.
+
+    Returns the run folder and, when resuming, the loaded ``last.pt`` to restore from.
+    """
     run = Path(cfg.output_dir)
     last = run / "checkpoints" / "last.pt"
     if resume and not last.is_file():
@@ -108,11 +111,12 @@ def prepare_run_dir(cfg: Config, resume: bool) -> Path:
     if not resume and last.exists():
         raise VesuviusError(f"output_dir {run} already holds a run ({last}); pass --resume to continue it "
                             f"or set output_dir to a new folder")
-    if resume:
-        check_resume_config(cfg, load_checkpoint(last)["config"], last)
+    payload = load_checkpoint(last) if resume else None
+    if payload is not None:
+        check_resume_config(cfg, payload["config"], last)
     (run / "checkpoints").mkdir(parents=True, exist_ok=True)
     save_config(cfg, run / "config.yaml")
-    return run
+    return run, payload
 
 
 def record_splits(run: Path, splits: dict[str, list[Fragment]]) -> dict[str, list[str]]:
@@ -199,15 +203,15 @@ def build_state(cfg: Config, device: torch.device) -> TrainState:
     return TrainState(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
 
 
-def restore_state(state: TrainState, path: Path) -> None:
-    payload = load_checkpoint(path)
+def restore_state(state: TrainState, payload: dict) -> None:
+    """Put a loaded checkpoint's weights, optimiser, schedule, scaler and counters into ``state``."""
     state.model.load_state_dict(payload["model"])
     state.optimizer.load_state_dict(payload["optimizer"])
     state.scheduler.load_state_dict(payload["scheduler"])
     state.scaler.load_state_dict(payload["scaler"])
     state.step = payload["step"]
     state.best_metric = payload["best_metric"]
-    log.info("resumed from %s at step %d", path, state.step)
+    log.info("resumed at step %d", state.step)
 
 
 def save_state(path: Path, cfg: Config, state: TrainState) -> None:
@@ -270,7 +274,7 @@ def train(cfg: Config, *, resume: bool = False, stop_at_step: int | None = None)
     a later ``resume=True`` call continues it exactly.
     """
     check_sizes(cfg)
-    run = prepare_run_dir(cfg, resume)
+    run, resumed = prepare_run_dir(cfg, resume)
     set_threads(cfg.train)
     device = resolve_device(cfg.train.device)
     splits = load_splits(cfg.data)
@@ -284,8 +288,8 @@ def train(cfg: Config, *, resume: bool = False, stop_at_step: int | None = None)
     loss_fn = build_loss(cfg.train.loss, ignore_index=cfg.data.ignore_index)
     log.info("loss terms and weights: %s", loss_fn.weights.active())
     last, best = run / "checkpoints" / "last.pt", run / "checkpoints" / "best.pt"
-    if resume:
-        restore_state(state, last)
+    if resumed is not None:
+        restore_state(state, resumed)
     runlog = RunLog(run, purge_step=state.step + 1 if resume else None)
     runlog.truncate_after(state.step)
     stop = min(stop_at_step or cfg.train.steps, cfg.train.steps)
