@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import yaml
 
-from vesuvius_monai.config import Config, load_config
+from vesuvius_monai.config import Config, load_config, to_dict
 from vesuvius_monai.data.synthetic import SynthParams, write_synthetic_dataset
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.atomic import write_text
@@ -50,10 +50,7 @@ def with_overrides(cfg_path: str | Path, overrides: Sequence[str]) -> Config:
 
 def synth_params(cfg: Config) -> SynthParams:
     """The SynthParams described by the ``synth`` section."""
-    try:
-        return SynthParams(shape=cfg.synth.shape, **cfg.synth.params)
-    except TypeError as err:
-        raise VesuviusError(f"config key 'synth.params': {err}") from None
+    return cfg.synth.params
 
 
 def synth_state(root: Path, cfg: Config) -> str:
@@ -62,7 +59,7 @@ def synth_state(root: Path, cfg: Config) -> str:
     if record.is_file():
         found = yaml.safe_load(record.read_text()) or {}
         wanted = {"n": cfg.synth.n_fragments, "seed": cfg.synth.seed, "fmt": cfg.synth.fmt,
-                  "params": synth_params(cfg).to_dict()}
+                  "params": to_dict(synth_params(cfg))}
         same = {k: found.get(k) for k in wanted} == yaml.safe_load(yaml.safe_dump(wanted))
         return "match" if same else "other"
     has_data = any((root / d).exists() for d in ("images", "labels", "train_images", "train_labels"))

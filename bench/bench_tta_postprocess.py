@@ -132,7 +132,7 @@ def predict_split(model: nn.Module, split: Split, mode: str, cfg: Config, device
     axes, rot90 = INFERENCE_MODES[mode]
     infer_cfg = dataclasses.replace(cfg.infer, tta_flip_axes=list(axes), tta_rot90=rot90)
     start = time.perf_counter()
-    probs = [sliding_window_probs(model, image, infer_cfg, device=device, amp=cfg.train.amp)
+    probs = [sliding_window_probs(model, image, infer_cfg, device=device, amp=cfg.infer.amp)
              for image in tqdm(split.images, desc=f"predict {mode}", leave=False)]
     return probs, time.perf_counter() - start
 
@@ -242,7 +242,7 @@ def print_report(results: dict[str, dict], lines: list[str], checkpoint: Path, t
 def run(args: argparse.Namespace) -> None:
     cfg = ensure_synthetic(with_overrides(args.config, args.overrides), args.run_dir / "data")
     checkpoint = args.checkpoint or train_default(cfg, args.run_dir)
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.infer.device)
     model, _ = model_from_checkpoint(checkpoint, device)
     splits = load_splits(cfg.data)
     if not splits["val"] or not splits["test"]:

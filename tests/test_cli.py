@@ -29,7 +29,7 @@ def _error_line(capsys) -> str:
 
 
 def test_synth_writes_fragments(tmp_path):
-    assert main(["synth", f"data.root={tmp_path}", "synth.n_fragments=2", "synth.shape=[24,24,24]"]) == 0
+    assert main(["synth", f"data.root={tmp_path}", "synth.n_fragments=2", "synth.params.shape=[24,24,24]"]) == 0
     images = sorted((tmp_path / "images").iterdir())
     assert [p.name for p in images] == ["frag_000.nii.gz", "frag_001.nii.gz"]
     assert nib.load(images[0]).shape == (24, 24, 24)

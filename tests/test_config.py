@@ -66,3 +66,50 @@ def test_missing_and_invalid_config_files(tmp_path):
     bad.write_text("train: [unclosed\n")
     with pytest.raises(VesuviusError, match="bad.yaml"):
         load_config(bad)
+
+
+def test_importing_config_loads_no_heavy_library():
+    import subprocess
+    import sys
+
+    code = "import sys, vesuvius_monai.config; print(sorted(m for m in ('torch', 'monai', 'skimage', 'scipy') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_loss_weights_one_rule_in_yaml_and_python():
+    from vesuvius_monai.config import LossWeights
+    from vesuvius_monai.losses import build_loss
+
+    from_yaml = load_config(None, ["train.loss={bce: 1}"]).train.loss
+    assert from_yaml == LossWeights(dice=1.0, bce=1.0)
+    assert build_loss({"bce": 1}).weights == from_yaml
+    assert build_loss({"dice": 0, "bce": 1}).weights.active() == {"bce": 1.0}
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.schedule=cosin", "train.schedule"),
+    ("infer.blend=gauss", "infer.blend"),
+    ("postprocess.connectivity=8", "postprocess.connectivity"),
+    ("evaluate.leaderboard.topo_matching=exakt", "evaluate.leaderboard.topo_matching"),
+    ("evaluate.metrics=[dice, dcie]", "evaluate.metrics"),
+])
+def test_choices_suggest_the_closest_option(override, key):
+    with pytest.raises(VesuviusError, match=rf"'{key}'.*did you mean"):
+        load_config(None, [override])
+
+
+def test_sections_check_types_when_built_in_python():
+    from vesuvius_monai.config import PostprocessConfig, SynthParams
+
+    with pytest.raises(VesuviusError, match=r"'postprocess\.min_size': must be an integer"):
+        PostprocessConfig(min_size=2.5)
+    assert SynthParams(shape=[16, 20, 24]).shape == (16, 20, 24)  # lists become tuples
+
+
+def test_old_keys_in_stored_configs_are_upgraded():
+    from vesuvius_monai.config import config_from_raw
+
+    cfg = config_from_raw({"synth": {"shape": [24, 32, 40], "n_fragments": 2}}, ["train.steps=3"])
+    assert cfg.synth.params.shape == (24, 32, 40)
+    assert cfg.synth.n_fragments == 2 and cfg.train.steps == 3

@@ -22,8 +22,8 @@ SHAPE = (2, 1, 12, 16, 16)
 
 
 def only(name: str, **kwargs) -> SurfaceLoss:
-    """A SurfaceLoss with just one component active."""
-    return build_loss({name: 1.0}, **kwargs)
+    """A SurfaceLoss with just one component active (terms left out keep their defaults, so all are given)."""
+    return build_loss({c: float(c == name) for c in COMPONENTS}, **kwargs)
 
 
 def make_target(ignore_value: int = 2) -> torch.Tensor:
@@ -219,7 +219,7 @@ def test_skeleton_target_empty_label():
     ],
 )
 def test_bad_weights_name_the_key(weights, key):
-    with pytest.raises(VesuviusError, match=f"'{key}'"):
+    with pytest.raises(VesuviusError, match=rf"'train\.loss\.{key}'"):
         build_loss(weights)
 
 

@@ -110,7 +110,7 @@ def test_input_not_modified():
     ],
 )
 def test_bad_config_names_the_key(kwargs, key):
-    with pytest.raises(VesuviusError, match=f"'{key}'"):
+    with pytest.raises(VesuviusError, match=rf"'postprocess\.{key}'"):
         PostprocessConfig(**kwargs)
 
 

@@ -23,29 +23,24 @@ log = logging.getLogger("vesuvius_monai")
 def _config(args: argparse.Namespace) -> Config:
     """The run config: ``--config`` (else, for commands given a checkpoint, the checkpoint's own) + overrides."""
     if args.config is None and getattr(args, "checkpoint", None):
-        from vesuvius_monai.config import from_dict, set_override
+        from vesuvius_monai.config import config_from_raw
         from vesuvius_monai.io.checkpoint import load_checkpoint
 
-        raw = load_checkpoint(args.checkpoint)["config"]
-        for override in args.overrides:
-            set_override(raw, override)
-        return from_dict(Config, raw)
+        return config_from_raw(load_checkpoint(args.checkpoint)["config"], args.overrides)
     return load_config(args.config, args.overrides)
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
     import yaml
 
-    from vesuvius_monai.data.synthetic import SynthParams, write_synthetic_dataset
+    from vesuvius_monai.config import to_dict
+    from vesuvius_monai.data.synthetic import write_synthetic_dataset
 
     cfg = _config(args)
-    try:
-        params = SynthParams(shape=cfg.synth.shape, **cfg.synth.params)
-    except TypeError as err:
-        raise VesuviusError(f"config key 'synth.params': {err}") from None
+    params = cfg.synth.params
     root = Path(cfg.data.root)
     record = root / "synth.yaml"
-    wanted = {"n": cfg.synth.n_fragments, "seed": cfg.synth.seed, "fmt": cfg.synth.fmt, "params": params.to_dict()}
+    wanted = {"n": cfg.synth.n_fragments, "seed": cfg.synth.seed, "fmt": cfg.synth.fmt, "params": to_dict(params)}
     if record.is_file():
         found = yaml.safe_load(record.read_text())
         if {k: found.get(k) for k in wanted} == yaml.safe_load(yaml.safe_dump(wanted)):

@@ -11,11 +11,7 @@ not produce a degenerate per-sample ratio.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
-import numbers
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -25,54 +21,13 @@ from scipy import ndimage
 from skimage.morphology import skeletonize
 from torch import Tensor, nn
 
+from vesuvius_monai.config import LossWeights, from_dict
 from vesuvius_monai.errors import VesuviusError
 
 logger = logging.getLogger(__name__)
 
 SMOOTH = 1e-5
 SKELETON_MODES = ("slices", "3d")
-
-
-@dataclass(frozen=True, kw_only=True)
-class LossWeights:
-    """Weights of the loss components; each is a finite number >= 0 and at least one is > 0.
-
-    Dice + CE is ``LossWeights(dice=1.0, bce=1.0)``.
-    """
-
-    dice: float = 1.0
-    bce: float = 0.0
-    cldice: float = 0.0
-    skel_recall: float = 0.0
-
-    def __post_init__(self) -> None:
-        for name, value in dataclasses.asdict(self).items():
-            _check_weight(name, value)
-        if not any(value > 0 for value in dataclasses.asdict(self).values()):
-            names = ", ".join(f"'{name}'" for name in dataclasses.asdict(self))
-            raise VesuviusError(f"loss weights: at least one of {names} must be > 0, all are 0")
-
-    def active(self) -> dict[str, float]:
-        """Return ``{component: weight}`` for the components with weight > 0."""
-        return {name: float(value) for name, value in dataclasses.asdict(self).items() if value > 0}
-
-
-def _check_weight(name: str, value: object) -> None:
-    """Raise VesuviusError unless ``value`` is a finite real number >= 0."""
-    is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if not is_number or not math.isfinite(float(value)) or float(value) < 0:
-        raise VesuviusError(f"loss weight '{name}' must be a finite number >= 0, got {value!r}")
-
-
-def weights_from_dict(weights: dict) -> LossWeights:
-    """Build LossWeights from a config dict such as ``{"dice": 1, "bce": 1}``; unknown keys are rejected."""
-    known = [field.name for field in dataclasses.fields(LossWeights)]
-    for key in weights:
-        if key not in known:
-            raise VesuviusError(f"unknown loss weight key '{key}'; expected one of {', '.join(known)}")
-    full = {name: 0.0 for name in known}
-    full.update(weights)
-    return LossWeights(**full)
 
 
 # ---------------------------------------------------------------- soft morphology (clDice)
@@ -270,9 +225,10 @@ def build_loss(
     cldice_iters: int = 3,
     skel_mode: str = "slices",
 ) -> SurfaceLoss:
-    """Build a SurfaceLoss from LossWeights or a config dict of weights (missing keys count as 0)."""
+    """Build a SurfaceLoss from LossWeights or a dict of weights, read like ``train.loss`` (omitted terms keep
+    their defaults: dice 1, the others 0)."""
     if isinstance(weights, dict):
-        weights = weights_from_dict(weights)
+        weights = from_dict(LossWeights, weights, "train.loss")
     if not isinstance(weights, LossWeights):
         raise VesuviusError(f"loss weights must be a dict or LossWeights, got {type(weights).__name__}")
     logger.debug("loss weights %s", weights.active())

@@ -8,54 +8,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
+from vesuvius_monai.config import PostprocessConfig
 from vesuvius_monai.errors import VesuviusError
 
 logger = logging.getLogger(__name__)
 
 CONNECTIVITY_RANK = {6: 1, 18: 2, 26: 3}  # neighbours -> rank for ndimage.generate_binary_structure(3, rank)
 DEFAULT_CANDIDATES = np.linspace(0.2, 0.8, 13)
-
-
-@dataclass(frozen=True, kw_only=True)
-class PostprocessConfig:
-    """Post-processing settings.
-
-    threshold: foreground is ``prob > threshold``, in [0, 1].
-    min_size: foreground components with fewer voxels are removed (0 keeps all), >= 0.
-    fill_holes_max: enclosed background cavities of at most this many voxels are filled (0 fills none), >= 0.
-    connectivity: neighbourhood of foreground components, 6, 18 or 26.
-    """
-
-    threshold: float = 0.5
-    min_size: int = 0
-    fill_holes_max: int = 0
-    connectivity: int = 26
-
-    def __post_init__(self) -> None:
-        _check_number("threshold", self.threshold, integer=False)
-        if not 0.0 <= self.threshold <= 1.0:
-            raise VesuviusError(f"postprocess 'threshold' must be in [0, 1], got {self.threshold!r}")
-        for key in ("min_size", "fill_holes_max"):
-            _check_number(key, getattr(self, key), integer=True)
-            if getattr(self, key) < 0:
-                raise VesuviusError(f"postprocess '{key}' must be >= 0, got {getattr(self, key)!r}")
-        if isinstance(self.connectivity, bool) or self.connectivity not in CONNECTIVITY_RANK:
-            raise VesuviusError(f"postprocess 'connectivity' must be 6, 18 or 26, got {self.connectivity!r}")
-
-
-def _check_number(key: str, value: object, *, integer: bool) -> None:
-    """Raise VesuviusError unless value is a finite number (an integer when ``integer``)."""
-    kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
-    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(float(value)):
-        kind = "an integer" if integer else "a finite number"
-        raise VesuviusError(f"postprocess '{key}' must be {kind}, got {value!r}")
 
 
 def _check_prob(prob: np.ndarray) -> None:

@@ -76,7 +76,7 @@ def test_both_empty_scores_one():
         ({"voi_alpha": float("nan")}, "voi_alpha"),
         ({"connectivity": 4}, "connectivity"),
         ({"tiles": (2, 0, 2)}, "tiles"),
-        ({"topo_matching": "exact"}, "matching"),
+        ({"topo_matching": "exakt"}, "matching"),
     ],
 )
 def test_bad_weights(kwargs, message):

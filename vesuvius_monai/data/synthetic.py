@@ -46,6 +46,7 @@ import yaml
 from scipy import ndimage
 from tqdm import tqdm
 
+from vesuvius_monai.config import SynthParams, to_dict
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.atomic import atomic_path, write_text
 from vesuvius_monai.io.nifti import write_nifti
@@ -53,91 +54,7 @@ from vesuvius_monai.io.nifti import write_nifti
 logger = logging.getLogger(__name__)
 
 FORMATS = ("nii.gz", "nii", "tif")
-DTYPES = ("uint8", "uint16")
 TEXTURE_SIZE = 256  # periodic fibre texture, (z, arc) pixels
-
-
-@dataclass(frozen=True, kw_only=True)
-class SynthParams:
-    """Parameters of a synthetic fragment. Lengths are in voxels, intensities in fractions of full scale.
-
-    Sequence fields accept lists (e.g. from YAML) and are stored as tuples.
-    """
-
-    shape: tuple[int, int, int] = (96, 96, 96)  # (z, y, x), every size >= 8
-    sheet_thickness: float = 5.0  # labelled core thickness
-    sheet_gap: float = 4.0  # mean free gap between successive turns
-    scroll_radius: tuple[float, float] = (0.75, 2.5)  # axis distance from volume centre, x max(ny, nx), log-uniform
-    warp_amplitude: float = 2.0  # RMS radial displacement
-    warp_wavelength: float = 48.0  # typical wavelength of the warp modes
-    n_warp_modes: int = 8
-    compression_density: float = 2.5  # compressed regions per 10**6 voxels (rounded; 96^3 -> 2)
-    compression_strength: float = 0.8  # c: local pitch becomes pitch / (1 + c), c jittered x[0.7, 1.2]
-    compression_radius: float = 10.0  # Gaussian sigma of a compressed region
-    sheet_intensity: float = 0.55
-    air_intensity: float = 0.12
-    fibre_strength: float = 0.45  # relative std of the fibre texture inside sheets
-    fibre_length: float = 6.0  # Gaussian sigma of the texture along the fibres
-    sheet_density_jitter: float = 0.12  # relative std of the per-turn density
-    air_noise_std: float = 0.1  # white noise in the air before the blur
-    speck_density: float = 2e-5  # bright inclusions per voxel
-    speck_intensity: float = 0.9
-    blur_sigma: float = 0.8
-    noise_std: float = 0.12  # additive Gaussian noise after the blur
-    drift_strength: float = 0.3  # multiplicative drift, about 1 +- drift_strength across the volume
-    ignore_fraction: float = 0.07  # fraction of the volume in the unlabeled boxes (0 disables them)
-    ignore_index: int = 2
-    dtype: str = "uint8"
-    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)  # (z, y, x), written to file headers
-
-    def __post_init__(self) -> None:
-        for name in ("shape", "scroll_radius", "spacing"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-        self._check()
-
-    def _check(self) -> None:
-        """Raise VesuviusError naming the first bad parameter."""
-        if len(self.shape) != 3 or not all(isinstance(s, (int, np.integer)) and s >= 8 for s in self.shape):
-            raise VesuviusError(f"SynthParams.shape must be three integers >= 8 (z, y, x), got {self.shape!r}")
-        for name in ("sheet_thickness", "warp_wavelength", "compression_radius", "fibre_length"):
-            _require_number(name, getattr(self, name), low=0.0, low_inclusive=False)
-        for name in ("sheet_gap", "warp_amplitude", "compression_density", "compression_strength",
-                     "sheet_intensity", "air_intensity", "fibre_strength", "sheet_density_jitter",
-                     "air_noise_std", "speck_density", "speck_intensity", "blur_sigma", "noise_std"):
-            _require_number(name, getattr(self, name), low=0.0)
-        _require_number("drift_strength", self.drift_strength, low=0.0, high=0.9)
-        _require_number("ignore_fraction", self.ignore_fraction, low=0.0, high=0.5)
-        if len(self.scroll_radius) != 2:
-            raise VesuviusError(f"SynthParams.scroll_radius must be (min, max), got {self.scroll_radius!r}")
-        for value in self.scroll_radius:
-            _require_number("scroll_radius", value, low=0.0, low_inclusive=False)
-        if self.scroll_radius[0] > self.scroll_radius[1]:
-            raise VesuviusError(f"SynthParams.scroll_radius must have min <= max, got {self.scroll_radius!r}")
-        if not isinstance(self.n_warp_modes, (int, np.integer)) or self.n_warp_modes < 0:
-            raise VesuviusError(f"SynthParams.n_warp_modes must be an integer >= 0, got {self.n_warp_modes!r}")
-        if not isinstance(self.ignore_index, (int, np.integer)) or not 2 <= self.ignore_index <= 255:
-            raise VesuviusError(f"SynthParams.ignore_index must be an integer in 2..255, got {self.ignore_index!r}")
-        if self.dtype not in DTYPES:
-            raise VesuviusError(f"SynthParams.dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if len(self.spacing) != 3:
-            raise VesuviusError(f"SynthParams.spacing must be three numbers (z, y, x), got {self.spacing!r}")
-        for value in self.spacing:
-            _require_number("spacing", value, low=0.0, low_inclusive=False)
-
-    def to_dict(self) -> dict:
-        """Plain-YAML dict of all fields (tuples as lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-
-def _require_number(name: str, value: object, *, low: float, high: float | None = None,
-                    low_inclusive: bool = True) -> None:
-    """Raise VesuviusError unless ``value`` is a finite real number in the allowed range."""
-    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-    ok = ok and math.isfinite(value) and (value >= low if low_inclusive else value > low)
-    ok = ok and (high is None or value <= high)
-    if not ok:
-        bound = f"{'>=' if low_inclusive else '>'} {low}" + (f" and <= {high}" if high is not None else "")
-        raise VesuviusError(f"SynthParams.{name} must be a finite number {bound}, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -449,7 +366,7 @@ def write_synthetic_dataset(out_dir: str | os.PathLike, n: int, *, seed: int = 0
         _write_volume(pair[0], image, params)
         _write_volume(pair[1], label, params)
         pairs.append(pair)
-    record = {"generator": __name__, "n": int(n), "seed": int(seed), "fmt": fmt, "params": params.to_dict()}
+    record = {"generator": __name__, "n": int(n), "seed": int(seed), "fmt": fmt, "params": to_dict(params)}
     write_text(out / "synth.yaml", yaml.safe_dump(record, sort_keys=False))
     logger.info("wrote %d synthetic fragments of shape %s to %s", n, params.shape, out)
     return pairs

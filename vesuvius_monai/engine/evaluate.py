@@ -71,7 +71,7 @@ def evaluate_fragment(model: nn.Module, fragment: Fragment, cfg: Config, device:
     """Predict one fragment, score it and write its exports."""
     image = load_normalized(fragment.image, cfg.transforms.percentiles)
     start = time.perf_counter()
-    probs = sliding_window_probs(model, image, cfg.infer, device=device, amp=cfg.train.amp, progress=False)
+    probs = sliding_window_probs(model, image, cfg.infer, device=device, amp=cfg.infer.amp, progress=False)
     seconds = time.perf_counter() - start
     mask = postprocess(probs, cfg.postprocess)
     label = fragment.label.read()
@@ -131,7 +131,7 @@ def write_report(out: Path, results: dict[str, FragmentResult], mean: dict[str, 
 
 def evaluate(cfg: Config, checkpoint: str | Path, out_dir: str | Path | None = None) -> dict:
     """Score the checkpoint's model on ``evaluate.split``; returns the metrics.json payload."""
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.infer.device)
     ckpt = load_checkpoint(checkpoint)
     model = model_from_payload(ckpt, device)
     if (ckpt["model_name"], ckpt["model_kwargs"]) != (cfg.model.name, cfg.model.kwargs):
@@ -165,7 +165,7 @@ def tune_threshold(cfg: Config, checkpoint: str | Path, out_dir: str | Path | No
     from vesuvius_monai.metrics.leaderboard import leaderboard_score
     from vesuvius_monai.postprocess import tune_threshold as pick
 
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.infer.device)
     model, _ = model_from_checkpoint(checkpoint, device)
     fragments = load_splits(cfg.data)["val"]
     if not fragments:
@@ -173,7 +173,7 @@ def tune_threshold(cfg: Config, checkpoint: str | Path, out_dir: str | Path | No
     probs, labels = [], []
     for fragment in tqdm(fragments, desc="predict val", unit="fragment", dynamic_ncols=True):
         image = load_normalized(fragment.image, cfg.transforms.percentiles)
-        probs.append(sliding_window_probs(model, image, cfg.infer, device=device, amp=cfg.train.amp))
+        probs.append(sliding_window_probs(model, image, cfg.infer, device=device, amp=cfg.infer.amp))
         labels.append(fragment.label.read())
 
     def score(pred: np.ndarray, label: np.ndarray) -> float:

@@ -29,7 +29,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise VesuviusError("config key 'train.device' is 'cuda' but no CUDA device is available")
+        raise VesuviusError("device is 'cuda' (train.device / infer.device) but no CUDA device is available")
     return torch.device(name)
 
 

@@ -92,7 +92,7 @@ def predict(cfg: Config, checkpoint: str | Path, input_path: str | Path, output:
     region = checked_roi(reader, roi)
     if output.suffix != ".zarr" and not is_nifti_path(output):
         raise VesuviusError(f"--output {output}: use a .nii.gz, .nii or .zarr file name")
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.infer.device)
     model, _ = model_from_checkpoint(checkpoint, device)
     window = sample_percentiles(reader, q=cfg.transforms.percentiles)
     if output.suffix == ".zarr":
@@ -103,7 +103,7 @@ def predict(cfg: Config, checkpoint: str | Path, input_path: str | Path, output:
         raise VesuviusError(f"{input_path} (region {format_region(region)}) is too large for a NIfTI output in "
                             f"memory; write to a .zarr output (block-wise) or give --roi")
     probs = sliding_window_probs(model, read_normalized(reader, window, region), cfg.infer, device=device,
-                                 amp=cfg.train.amp, progress=True)
+                                 amp=cfg.infer.amp, progress=True)
     affine = roi_affine(reader.affine, region)
     write_nifti(output, probs, affine=affine)
     if mask_output:
@@ -123,7 +123,7 @@ def _predict_zarr(cfg: Config, checkpoint: str | Path, reader: VolumeReader, mod
     log.info("block-wise: blocks %s, halo %s (window %s, stride %s)", block, halo, cfg.infer.roi_size, stride)
 
     def predict_fn(image: np.ndarray) -> np.ndarray:
-        return sliding_window_probs(model, image, cfg.infer, device=device, amp=cfg.train.amp)
+        return sliding_window_probs(model, image, cfg.infer, device=device, amp=cfg.infer.amp)
 
     predict_volume_blockwise(reader, predict_fn, output, block_size=block, halo=halo, dtype=cfg.infer.out_dtype,
                              roi=region, normalize=lambda b: normalize(b, window), run_info=_run_info(cfg, checkpoint),

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from vesuvius_monai.config import Config, TrainConfig, save_config, to_dict
+from vesuvius_monai.config import Config, TrainConfig, save_config, to_dict, upgrade_raw
 from vesuvius_monai.data.dataset import Fragment, load_splits
 from vesuvius_monai.data.patches import PatchDataset, prepare_sources
 from vesuvius_monai.engine.infer import autocast, load_normalized, resolve_device, sliding_window_probs
@@ -91,7 +91,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
 
 def check_resume_config(cfg: Config, saved: dict, path: Path) -> None:
     """A resumed run must have the config it was started with (except harmless keys), or it is not exact."""
-    now, then = _flatten(to_dict(cfg)), _flatten(saved)
+    now, then = _flatten(to_dict(cfg)), _flatten(upgrade_raw(saved))
     differ = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k) and k not in RESUME_MAY_DIFFER)
     if differ:
         detail = ", ".join(f"{k}: {then.get(k)!r} -> {now.get(k)!r}" for k in differ[:5])
@@ -252,7 +252,7 @@ def validate(model: nn.Module, fragments: list[Fragment], cfg: Config, device: t
     scores = []
     for fragment in fragments:
         image = load_normalized(fragment.image, cfg.transforms.percentiles)
-        probs = sliding_window_probs(model, image, cfg.infer, device=device, amp=cfg.train.amp)
+        probs = sliding_window_probs(model, image, cfg.infer, device=device, amp=cfg.infer.amp)
         scores.append(dice(probs > cfg.postprocess.threshold, fragment.label.read(), ignore_index=cfg.data.ignore_index))
     return float(np.mean(scores))
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from vesuvius_monai import __version__
-from vesuvius_monai.config import Config, from_dict, to_dict
+from vesuvius_monai.config import Config, config_from_raw, to_dict
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.atomic import atomic_path
 from vesuvius_monai.models import build_model
@@ -56,7 +56,7 @@ def load_checkpoint(path: str | Path) -> dict:
 
 def config_from_checkpoint(payload: dict) -> Config:
     """The run config stored in a loaded checkpoint."""
-    return from_dict(Config, payload["config"])
+    return config_from_raw(payload["config"])
 
 
 def model_from_payload(payload: dict, device: torch.device | str = "cpu") -> nn.Module:

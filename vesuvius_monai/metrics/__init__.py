@@ -15,7 +15,8 @@ import numpy as np
 from vesuvius_monai.errors import VesuviusError, did_you_mean
 from vesuvius_monai.metrics.cldice import cldice, cldice_parts
 from vesuvius_monai.metrics.context import SCALAR_GETTERS, MetricContext
-from vesuvius_monai.metrics.leaderboard import LeaderboardWeights, leaderboard_score
+from vesuvius_monai.config import LeaderboardWeights
+from vesuvius_monai.metrics.leaderboard import leaderboard_score
 from vesuvius_monai.metrics.overlap import dice, iou
 from vesuvius_monai.metrics.surface import hausdorff95, surface_dice
 from vesuvius_monai.metrics.topology import betti_errors, betti_numbers, topo_score
@@ -23,6 +24,7 @@ from vesuvius_monai.metrics.voi import variation_of_information, voi_score
 
 __all__ = [
     "METRICS",
+    "METRIC_NAMES",
     "LeaderboardWeights",
     "MetricContext",
     "betti_errors",
@@ -40,6 +42,9 @@ __all__ = [
     "variation_of_information",
     "voi_score",
 ]
+
+
+METRIC_NAMES = tuple(SCALAR_GETTERS)
 
 
 def check_metric_names(names: Sequence[str]) -> list[str]:

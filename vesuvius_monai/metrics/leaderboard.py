@@ -14,76 +14,19 @@ The three part weights are clamped at >= 0 and renormalised to sum to 1.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
-from vesuvius_monai.errors import VesuviusError
-from vesuvius_monai.metrics._common import check_connectivity, check_spacing, prepare_pair
+from vesuvius_monai.config import LeaderboardWeights
+from vesuvius_monai.metrics._common import check_spacing, prepare_pair
 from vesuvius_monai.metrics.surface import surface_dice_masks
 from vesuvius_monai.metrics.topology import (
-    check_betti_weights,
-    check_matching,
     tile_betti,
     tile_matches,
     topo_score_from_counts,
 )
 from vesuvius_monai.metrics.voi import voi_masks, voi_score
-
-
-@dataclass(kw_only=True, frozen=True)
-class LeaderboardWeights:
-    """Weights and settings of the leaderboard score.
-
-    Attributes:
-        topo, surface_dice, voi: weights of the three parts; clamped at >= 0 and renormalised (not all <= 0).
-        tolerance: surface Dice tolerance in spacing units (>= 0).
-        voi_alpha: alpha of VOI_score = 1 / (1 + alpha VOI) (>= 0).
-        betti_weights: TopoScore weights of dimensions 0, 1, 2 (>= 0, not all zero).
-        tiles: TopoScore tiles along (z, y, x).
-        connectivity: VOI component connectivity, 6, 18 or 26.
-        topo_matching: TopoScore feature matching, "betti" or "persistence".
-    """
-
-    topo: float = 0.30
-    surface_dice: float = 0.35
-    voi: float = 0.35
-    tolerance: float = 2.0
-    voi_alpha: float = 0.3
-    betti_weights: tuple[float, float, float] = (0.34, 0.33, 0.33)
-    tiles: tuple[int, int, int] = (2, 2, 2)
-    connectivity: int = 26
-    topo_matching: str = "betti"
-
-    def __post_init__(self) -> None:
-        """Check every field; raise VesuviusError naming the first bad one."""
-        for name in ("topo", "surface_dice", "voi", "tolerance", "voi_alpha"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise VesuviusError(f"leaderboard weight {name} must be a finite number, got {value!r}")
-        if max(self.topo, self.surface_dice, self.voi) <= 0:
-            raise VesuviusError("leaderboard weights topo, surface_dice and voi must not all be <= 0")
-        if self.tolerance < 0:
-            raise VesuviusError(f"leaderboard tolerance must be >= 0, got {self.tolerance!r}")
-        if self.voi_alpha < 0:
-            raise VesuviusError(f"leaderboard voi_alpha must be >= 0, got {self.voi_alpha!r}")
-        try:
-            tiles_ok = len(self.tiles) == 3 and all(int(t) == t and t >= 1 for t in self.tiles)
-        except (TypeError, ValueError):
-            tiles_ok = False
-        if not tiles_ok:
-            raise VesuviusError(f"leaderboard tiles must be three positive integers, got {self.tiles!r}")
-        check_betti_weights(self.betti_weights)
-        check_connectivity(self.connectivity)
-        check_matching(self.topo_matching)
-
-    def part_weights(self) -> tuple[float, float, float]:
-        """(topo, surface_dice, voi) weights clamped at >= 0 and renormalised to sum to 1."""
-        clamped = np.maximum([self.topo, self.surface_dice, self.voi], 0.0)
-        topo, surface, voi = clamped / clamped.sum()
-        return float(topo), float(surface), float(voi)
 
 
 def combine_parts(
