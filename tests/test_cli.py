@@ -157,3 +157,76 @@ def test_mask_may_not_replace_the_input(trained, synthetic_root, tmp_path, capsy
                  "--output", str(tmp_path / "p.nii.gz"), "--mask", str(image)]) == 2
     assert "--mask" in _error_line(capsys)
     assert image.read_bytes() == before
+
+
+# ----------------------------------------------------------------------------------------- nothing lost
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_evaluate_never_replaces_a_foreign_folder(trained, tmp_path, capsys):
+    args, run = trained
+    ckpt = str(run / "checkpoints/best.pt")
+    before = _snapshot(run)  # the run folder: checkpoints, config.yaml, logs, tensorboard
+    (run / "notes.txt").write_text("my notes")
+    before[run.joinpath("notes.txt").relative_to(run)] = b"my notes"
+    assert main(["evaluate", "--checkpoint", ckpt, "--out", str(run), *args]) == 2
+    assert str(run) in _error_line(capsys)
+    assert _snapshot(run) == before  # byte for byte
+    assert main(["evaluate", "--checkpoint", ckpt, "--out", ".", *args]) == 2
+    assert "did not write" in _error_line(capsys)  # one line, no traceback for '.'
+
+
+def test_evaluate_rerun_replaces_only_its_own_folder(trained, capsys):
+    args, run = trained
+    ckpt = str(run / "checkpoints/best.pt")
+    out = run / "eval_rerun"
+    assert main(["evaluate", "--checkpoint", ckpt, "--out", str(out), *args]) == 0
+    assert main(["evaluate", "--checkpoint", ckpt, "--out", str(out), *args]) == 0  # an earlier evaluation: replaced
+    (out / "predictions" / "my_annotation.txt").write_text("keep me")
+    before = _snapshot(out)
+    assert main(["evaluate", "--checkpoint", ckpt, "--out", str(out), *args]) == 2
+    assert "my_annotation.txt" in _error_line(capsys)
+    assert _snapshot(out) == before
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".eval_rerun")]  # no work folder left behind
+
+
+def test_synth_refuses_a_folder_with_other_files(tmp_path, capsys):
+    (tmp_path / "mine.txt").write_text("x")
+    assert main(["synth", f"data.root={tmp_path}", "synth.n_fragments=1", "synth.params.shape=[16,16,16]"]) == 2
+    assert "data.root" in _error_line(capsys)
+    assert _snapshot(tmp_path) == {tmp_path.joinpath("mine.txt").relative_to(tmp_path): b"x"}
+
+
+def test_tune_threshold_refuses_training_fragments(trained, capsys):
+    args, run = trained
+    assert main(["tune-threshold", "--checkpoint", str(run / "checkpoints/best.pt"), *args,
+                 "data.val_fragments=[frag_000]", "data.test_fragments=[frag_004]"]) == 2
+    assert "frag_000" in _error_line(capsys)
+    assert not (run / "threshold.json").exists()
+
+
+def test_evaluate_needs_no_training_fragments(trained, synthetic_root, tmp_path):
+    args, run = trained
+    data = tmp_path / "new_data"
+    (data / "images").mkdir(parents=True)
+    (data / "labels").mkdir()
+    for kind in ("images", "labels"):  # a new data set: two fragments the model never saw, both for testing
+        for i in ("frag_003", "frag_004"):
+            shutil.copy(synthetic_root / kind / f"{i}.nii.gz", data / kind / f"new_{i}.nii.gz")
+    out = tmp_path / "eval_new"
+    assert main(["evaluate", "--checkpoint", str(run / "checkpoints/best.pt"), "--out", str(out),
+                 f"data.root={data}", "data.val_fragments=[]", "data.test_fragments=[new_frag_003, new_frag_004]"]) == 0
+    assert set(json.loads((out / "metrics.json").read_text())["fragments"]) == {"new_frag_003", "new_frag_004"}
+
+
+def test_checkpoint_with_code_objects_is_refused_as_unsafe(tmp_path, capsys):
+    import torch
+
+    bad = tmp_path / "evil.pt"
+    torch.save({"format": "vesuvius_monai.checkpoint/1", "payload": np.random.default_rng(0)}, bad)
+    assert main(["evaluate", "--checkpoint", str(bad), f"output_dir={tmp_path}"]) == 2
+    line = _error_line(capsys)
+    assert "evil.pt" in line and "not allowed to load" in line

@@ -15,19 +15,29 @@ from pathlib import Path
 
 from vesuvius_monai.config import Config, load_config
 from vesuvius_monai.errors import VesuviusError
-from vesuvius_monai.io.atomic import replace_dir
+from vesuvius_monai.io.atomic import check_replaceable, publish_dir, work_dir_beside
 
 log = logging.getLogger("vesuvius_monai")
 
 
-def _config(args: argparse.Namespace) -> Config:
-    """The run config: ``--config`` (else, for commands given a checkpoint, the checkpoint's own) + overrides."""
-    if args.config is None and getattr(args, "checkpoint", None):
+def _config(args: argparse.Namespace, checkpoint=None) -> Config:
+    """The run config: ``--config`` (else the checkpoint's own, when one is given) + overrides."""
+    if args.config is None and checkpoint is not None:
         from vesuvius_monai.config import config_from_raw
-        from vesuvius_monai.io.checkpoint import load_checkpoint
 
-        return config_from_raw(load_checkpoint(args.checkpoint)["config"], args.overrides)
+        return config_from_raw(checkpoint.payload["config"], args.overrides)
     return load_config(args.config, args.overrides)
+
+
+def _checkpoint_and_config(args: argparse.Namespace):
+    """The ``--checkpoint`` (read once) and the run config."""
+    from vesuvius_monai.io.checkpoint import Checkpoint
+
+    checkpoint = Checkpoint.load(args.checkpoint)
+    return checkpoint, _config(args, checkpoint)
+
+
+SYNTH_KIND = "synthetic data"
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
@@ -48,14 +58,14 @@ def cmd_synth(args: argparse.Namespace) -> None:
             return
         raise VesuviusError(f"data.root {root} holds synthetic data made with other settings ({record}); "
                             f"delete it or choose another data.root")
-    if root.exists() and any(root.iterdir()):
-        raise VesuviusError(f"data.root {root} already holds files that are not this synthetic set "
-                            f"(no {record.name}); choose another data.root")
-    work = root.with_name(root.name + ".partial")  # data.root appears complete or not at all
-    if work.exists():
-        shutil.rmtree(work)
-    write_synthetic_dataset(work, cfg.synth.n_fragments, seed=cfg.synth.seed, params=params, fmt=cfg.synth.fmt)
-    replace_dir(work, root)
+    check_replaceable(root, SYNTH_KIND, "data.root")
+    work = work_dir_beside(root)  # data.root appears complete or not at all
+    try:
+        write_synthetic_dataset(work, cfg.synth.n_fragments, seed=cfg.synth.seed, params=params, fmt=cfg.synth.fmt)
+        publish_dir(work, root, SYNTH_KIND, "data.root")
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)  # our own unfinished folder
+        raise
     log.info("wrote %d synthetic fragments to %s", cfg.synth.n_fragments, root)
 
 
@@ -68,7 +78,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from vesuvius_monai.engine.evaluate import evaluate
 
-    payload = evaluate(_config(args), args.checkpoint, args.out)
+    checkpoint, cfg = _checkpoint_and_config(args)
+    payload = evaluate(cfg, checkpoint, args.out)
     summary = {k: round(v, 4) for k, v in payload["mean"].items()}
     log.info("mean over %d fragments: %s", payload["n_fragments"], json.dumps(summary))
 
@@ -76,14 +87,16 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_predict(args: argparse.Namespace) -> None:
     from vesuvius_monai.engine.predict import parse_roi, predict
 
-    predict(_config(args), args.checkpoint, args.input, args.output, mask_output=args.mask, nifti_output=args.nifti,
+    checkpoint, cfg = _checkpoint_and_config(args)
+    predict(cfg, checkpoint.path, args.input, args.output, mask_output=args.mask, nifti_output=args.nifti,
             roi=parse_roi(args.roi))
 
 
 def cmd_tune_threshold(args: argparse.Namespace) -> None:
     from vesuvius_monai.engine.evaluate import tune_threshold
 
-    tune_threshold(_config(args), args.checkpoint, args.out)
+    checkpoint, cfg = _checkpoint_and_config(args)
+    tune_threshold(cfg, checkpoint, args.out)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -178,11 +178,12 @@ def open_fragment(files: FragmentFiles, cfg: DataConfig, *, check_labels: bool =
     return Fragment(id=files.id, image=image, label=label)
 
 
-def load_splits(cfg: DataConfig) -> dict[str, list[Fragment]]:
+def load_splits(cfg: DataConfig, *, require_train: bool = True) -> dict[str, list[Fragment]]:
     """Find, split and open every fragment; logs the split.
 
     Label values of val and test fragments are checked here; training labels are checked (once per file,
-    cached) while their surface index is built (``data.patches.prepare_sources``).
+    cached) while their surface index is built (``data.patches.prepare_sources``). ``require_train=False``
+    (evaluation of a trained model) accepts a data set without training fragments.
     """
     splits = split_fragments(find_fragments(cfg), cfg)
     unlabeled = [f.image for items in splits.values() for f in items if f.label is None]
@@ -190,7 +191,7 @@ def load_splits(cfg: DataConfig) -> dict[str, list[Fragment]]:
         raise VesuviusError(f"fragments without a label cannot be trained or scored: {unlabeled[0]}"
                             + (f" and {len(unlabeled) - 1} more" if len(unlabeled) > 1 else "")
                             + " (use 'vesuvius-monai predict' for unlabeled volumes)")
-    if not splits["train"]:
+    if require_train and not splits["train"]:
         raise VesuviusError("no training fragments left after the split (check data.val_fragments / test_fragments)")
     for name, items in splits.items():
         log.info("%s fragments (%d): %s", name, len(items), ", ".join(f.id for f in items))

@@ -32,8 +32,8 @@ from vesuvius_monai.config import Config, to_dict
 from vesuvius_monai.data.dataset import Fragment, load_splits
 from vesuvius_monai.engine.infer import load_normalized, resolve_device, sliding_window_probs
 from vesuvius_monai.errors import VesuviusError
-from vesuvius_monai.io.atomic import replace_dir, write_text
-from vesuvius_monai.io.checkpoint import load_checkpoint, model_from_checkpoint, model_from_payload
+from vesuvius_monai.io.atomic import check_replaceable, publish_dir, work_dir_beside, write_text
+from vesuvius_monai.io.checkpoint import Checkpoint, as_checkpoint
 from vesuvius_monai.io.nifti import write_nifti
 from vesuvius_monai.metrics import compute_metrics
 from vesuvius_monai.postprocess import postprocess
@@ -42,20 +42,21 @@ from vesuvius_monai.report import component_sizes, save_component_histogram, sav
 log = logging.getLogger(__name__)
 
 
-def select_fragments(cfg: Config, trained_on: list[str] = ()) -> list[Fragment]:
-    """The labelled fragments of the split named by ``evaluate.split``.
+def select_fragments(cfg: Config, split: str, trained_on: list[str] = ()) -> list[Fragment]:
+    """The labelled fragments of ``split`` ("test", "val" or "all"); no training fragments are needed.
 
-    ``trained_on`` (the checkpoint's training fragments) may not appear in a val or test evaluation: a changed
+    ``trained_on`` (the checkpoint's training fragments) may not appear in a val or test selection: a changed
     split seed or folder would otherwise score the model on its own training data.
     """
-    splits = load_splits(cfg.data)
-    chosen = splits["train"] + splits["val"] + splits["test"] if cfg.evaluate.split == "all" else splits[cfg.evaluate.split]
+    splits = load_splits(cfg.data, require_train=False)
+    chosen = splits["train"] + splits["val"] + splits["test"] if split == "all" else splits[split]
     if not chosen:
-        raise VesuviusError(f"config key 'evaluate.split': the '{cfg.evaluate.split}' split has no fragments")
+        raise VesuviusError(f"the '{split}' split of the data has no fragments (data.val_fragments / "
+                            f"data.test_fragments, the fractions or the dataset YAML decide it)")
     leaked = [f.id for f in chosen if f.id in set(trained_on)]
-    if leaked and cfg.evaluate.split != "all":
-        raise VesuviusError(f"fragments {leaked} of the '{cfg.evaluate.split}' split were used to train this checkpoint; "
-                            f"evaluate with the run's own data split (its config.yaml / splits.json)")
+    if leaked and split != "all":
+        raise VesuviusError(f"fragments {leaked} of the '{split}' split were used to train this checkpoint; "
+                            f"score it with the run's own data split (its config.yaml / splits.json)")
     return chosen
 
 
@@ -129,18 +130,38 @@ def write_report(out: Path, results: dict[str, FragmentResult], mean: dict[str, 
         i: r.scores for i, r in results.items()}, mean=mean, figures=figures, notes=notes)
 
 
-def evaluate(cfg: Config, checkpoint: str | Path, out_dir: str | Path | None = None) -> dict:
-    """Score the checkpoint's model on ``evaluate.split``; returns the metrics.json payload."""
+EVAL_KIND = "evaluation"
+
+
+def evaluate(cfg: Config, checkpoint: str | Path | Checkpoint, out_dir: str | Path | None = None) -> dict:
+    """Score the checkpoint's model on ``evaluate.split``; returns the metrics.json payload.
+
+    The evaluation folder (default ``<output_dir>/eval``) is built beside its place and appears complete in one
+    rename; an existing folder is only replaced when it holds nothing but an earlier evaluation.
+    """
+    ckpt = as_checkpoint(checkpoint)
+    out = (Path(out_dir) if out_dir else Path(cfg.output_dir) / "eval").resolve()
+    check_replaceable(out, EVAL_KIND, "evaluation folder")
     device = resolve_device(cfg.infer.device)
-    ckpt = load_checkpoint(checkpoint)
-    model = model_from_payload(ckpt, device)
-    if (ckpt["model_name"], ckpt["model_kwargs"]) != (cfg.model.name, cfg.model.kwargs):
-        log.info("model comes from the checkpoint: %s %s", ckpt["model_name"], ckpt["model_kwargs"])
-    out = Path(out_dir) if out_dir else Path(cfg.output_dir) / "eval"
-    fragments = select_fragments(cfg, ckpt.get("splits", {}).get("train", []))
-    work = out.with_name(out.name + ".partial")  # the folder appears complete or not at all
-    if work.exists():
-        shutil.rmtree(work)
+    model = ckpt.model(device)
+    if (ckpt.payload["model_name"], ckpt.payload["model_kwargs"]) != (cfg.model.name, cfg.model.kwargs):
+        log.info("model comes from the checkpoint: %s %s", ckpt.payload["model_name"], ckpt.payload["model_kwargs"])
+    fragments = select_fragments(cfg, cfg.evaluate.split, ckpt.trained_on)
+    work = work_dir_beside(out)
+    try:
+        payload = _evaluate_into(work, model, fragments, cfg, device, ckpt.path)
+        publish_dir(work, out, EVAL_KIND, "evaluation folder")
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)  # our own unfinished folder
+        raise
+    log.info("mean Dice over %d %s fragments: %.4f", len(fragments), cfg.evaluate.split,
+             payload["mean"].get("dice", float("nan")))
+    return payload
+
+
+def _evaluate_into(work: Path, model: nn.Module, fragments: list[Fragment], cfg: Config, device: torch.device,
+                   checkpoint: Path) -> dict:
+    """Predict, score and export every fragment into ``work``; write the tables and the report there."""
     results = {}
     for fragment in tqdm(fragments, desc="evaluate", unit="fragment", dynamic_ncols=True):
         results[fragment.id] = evaluate_fragment(model, fragment, cfg, device, work)
@@ -150,13 +171,11 @@ def evaluate(cfg: Config, checkpoint: str | Path, out_dir: str | Path | None = N
     meta = {"checkpoint": str(checkpoint), "split": cfg.evaluate.split, "n_fragments": len(fragments),
             "config": to_dict(cfg)}
     payload = write_tables(work, per_fragment, mean, meta)
-    write_report(work, results, mean, cfg, Path(checkpoint))
-    replace_dir(work, out)
-    log.info("mean Dice over %d %s fragments: %.4f", len(fragments), cfg.evaluate.split, mean.get("dice", float("nan")))
+    write_report(work, results, mean, cfg, checkpoint)
     return payload
 
 
-def tune_threshold(cfg: Config, checkpoint: str | Path, out_dir: str | Path | None = None) -> dict:
+def tune_threshold(cfg: Config, checkpoint: str | Path | Checkpoint, out_dir: str | Path | None = None) -> dict:
     """Pick ``postprocess.threshold`` on the validation fragments by the combined leaderboard score.
 
     Writes ``threshold.json`` (best threshold, score per candidate) to ``out_dir`` (default: the run folder);
@@ -165,11 +184,10 @@ def tune_threshold(cfg: Config, checkpoint: str | Path, out_dir: str | Path | No
     from vesuvius_monai.metrics.leaderboard import leaderboard_score
     from vesuvius_monai.postprocess import tune_threshold as pick
 
+    ckpt = as_checkpoint(checkpoint)
+    fragments = select_fragments(cfg, "val", ckpt.trained_on)
     device = resolve_device(cfg.infer.device)
-    model, _ = model_from_checkpoint(checkpoint, device)
-    fragments = load_splits(cfg.data)["val"]
-    if not fragments:
-        raise VesuviusError("tune-threshold needs validation fragments (data.val_fragments or data.val_fraction)")
+    model = ckpt.model(device)
     probs, labels = [], []
     for fragment in tqdm(fragments, desc="predict val", unit="fragment", dynamic_ncols=True):
         image = load_normalized(fragment.image, cfg.transforms.percentiles)
@@ -181,8 +199,8 @@ def tune_threshold(cfg: Config, checkpoint: str | Path, out_dir: str | Path | No
 
     best, scores = pick(probs, labels, score, base=cfg.postprocess)
     payload = {"threshold": best, "score": scores[best], "scores": {f"{t:.3f}": s for t, s in scores.items()},
-               "fragments": [f.id for f in fragments], "checkpoint": str(checkpoint)}
-    out = Path(out_dir) if out_dir else Path(checkpoint).parent.parent
+               "fragments": [f.id for f in fragments], "checkpoint": str(ckpt.path)}
+    out = Path(out_dir) if out_dir else ckpt.path.parent.parent
     write_text(out / "threshold.json", json.dumps(payload, indent=2))
     log.info("best threshold %.3f (leaderboard score %.4f on %d val fragments); use postprocess.threshold=%.3f",
              best, scores[best], len(fragments), best)

@@ -1,16 +1,21 @@
 """Atomic output: write to a temporary sibling, then rename over the target.
 
-A crash or an error mid-write leaves the previous file (or no file) in place, never a truncated one.
+A crash or an error mid-write leaves the previous file (or no file) in place, never a truncated one. Folders are
+built in a fresh hidden sibling and published with one rename; a folder is only ever replaced when it holds nothing
+but an earlier output of the same command (recorded in its owner file).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from vesuvius_monai.errors import VesuviusError
 
 
 @contextlib.contextmanager
@@ -49,15 +54,66 @@ def write_text(target: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
+def work_dir_beside(target: str | os.PathLike) -> Path:
+    """A new empty folder beside ``target`` (hidden, unique name) in which to build an output before publishing it."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+
+
+OWNER_FILE = ".vesuvius_output.json"  # written into every folder a command publishes: what kind, which files
+
+
+def _files_under(folder: Path) -> list[str]:
+    """Relative paths of every file (not folder) under ``folder``, sorted."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir())
+
+
+def check_replaceable(target: str | os.PathLike, kind: str, name: str = "output folder") -> None:
+    """Raise unless publishing a folder at ``target`` would delete no file that an earlier ``kind`` output did not write.
+
+    Fine: no ``target``, an empty folder, or a folder published earlier as ``kind`` that still holds only the files
+    it was published with. Anything else (a file, a foreign folder, extra files) is a VesuviusError naming ``name``,
+    the folder and one of the files in the way.
+    """
+    target = Path(target)
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise VesuviusError(f"{name} {target} is an existing file, not a folder; choose another {name}")
+    try:
+        record = json.loads((target / OWNER_FILE).read_text())
+        ours = set(record["files"]) if record["kind"] == kind else set()
+    except (OSError, ValueError, KeyError, TypeError):
+        ours = set()
+    foreign = [f for f in _files_under(target) if f not in ours | {OWNER_FILE}]
+    if foreign:
+        raise VesuviusError(f"{name} {target} already holds files this command did not write (e.g. {foreign[0]}); "
+                            f"nothing was changed there: choose another {name} or move them away")
+
+
+def publish_dir(work: Path, target: str | os.PathLike, kind: str, name: str = "output folder") -> Path:
+    """Move the finished folder ``work`` to ``target`` in one rename, recording its files as a ``kind`` output.
+
+    ``target`` must pass :func:`check_replaceable`: only an earlier output of the same kind is replaced.
+    """
+    target = Path(target)
+    write_text(work / OWNER_FILE, json.dumps({"kind": kind, "files": _files_under(work) + [OWNER_FILE]}, indent=1))
+    check_replaceable(target, kind, name)
+    replace_dir(work, target)
+    return target
+
+
 def replace_dir(source: Path, target: Path) -> None:
-    """Move folder ``source`` onto ``target``, replacing an existing ``target`` folder (kept until the move)."""
+    """Move folder ``source`` onto ``target``; an existing ``target`` folder is swapped out, then deleted.
+
+    Callers check first that ``target`` holds nothing they did not write (:func:`check_replaceable`).
+    """
     source, target = Path(source), Path(target)
     if not target.exists():
         os.replace(source, target)
         return
-    old = target.with_name(target.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    os.replace(target, old)
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    os.replace(target, old)  # onto the empty folder just made: a unique name, never someone else's
     os.replace(source, target)
     shutil.rmtree(old)

@@ -7,6 +7,8 @@ and the resolved run config, from which the model name and keyword arguments com
 from __future__ import annotations
 
 import logging
+import pickle
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +43,19 @@ def save_checkpoint(path: str | Path, *, cfg: Config, model: nn.Module, step: in
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint onto the CPU; clear errors for a missing, corrupt or foreign file."""
+    """Read a checkpoint onto the CPU; clear errors for a missing, corrupt, unsafe or foreign file.
+
+    Only plain tensors and Python values load (``weights_only``): a file holding other objects is refused.
+    """
     path = Path(path)
     if not path.is_file():
         raise VesuviusError(f"checkpoint not found: {path}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # weights_only refused a global: code, not data
+        first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise VesuviusError(f"checkpoint {path} holds objects that are not allowed to load (only tensors and plain "
+                            f"values are); it was not loaded: {first}") from None
     except Exception as err:  # torch raises many types for a damaged file
         raise VesuviusError(f"checkpoint {path} is corrupt or not a torch file: {err}") from None
     if not isinstance(payload, dict) or payload.get("format") != "vesuvius_monai.checkpoint/1":
@@ -71,3 +80,29 @@ def model_from_checkpoint(path: str | Path, device: torch.device | str = "cpu") 
     """Rebuild the network of a checkpoint with its weights, in eval mode, plus the run config."""
     payload = load_checkpoint(path)
     return model_from_payload(payload, device), config_from_checkpoint(payload)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint read once: its path (for messages and records) and its loaded payload."""
+
+    path: Path
+    payload: dict
+
+    @classmethod
+    def load(cls, path: str | Path) -> Checkpoint:
+        return cls(Path(path), load_checkpoint(path))
+
+    def model(self, device: torch.device | str = "cpu") -> nn.Module:
+        """The network with its weights, in eval mode, on ``device``."""
+        return model_from_payload(self.payload, device)
+
+    @property
+    def trained_on(self) -> list[str]:
+        """Ids of the fragments the checkpoint was trained on (empty if it does not record them)."""
+        return list(self.payload.get("splits", {}).get("train", []))
+
+
+def as_checkpoint(checkpoint: str | Path | Checkpoint) -> Checkpoint:
+    """``checkpoint`` itself, or the checkpoint at that path loaded."""
+    return checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.load(checkpoint)
