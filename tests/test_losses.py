@@ -162,6 +162,48 @@ def test_one_adamw_step_lowers_loss(name):
 # ---------------------------------------------------------------- skeletons
 
 
+def _former_soft_skeleton(x: torch.Tensor, iters: int) -> torch.Tensor:
+    """The hand-written soft skeleton this project used before MONAI's ``soft_skel`` (kept as the reference)."""
+
+    def erode(v):
+        along_z = -F.max_pool3d(-v, (3, 1, 1), stride=1, padding=(1, 0, 0))
+        along_y = -F.max_pool3d(-v, (1, 3, 1), stride=1, padding=(0, 1, 0))
+        along_x = -F.max_pool3d(-v, (1, 1, 3), stride=1, padding=(0, 0, 1))
+        return torch.minimum(torch.minimum(along_z, along_y), along_x)
+
+    def opened(v):
+        return F.max_pool3d(erode(v), kernel_size=3, stride=1, padding=1)
+
+    skel = F.relu(x - opened(x))
+    for _ in range(iters):
+        x = erode(x)
+        delta = F.relu(x - opened(x))
+        skel = skel + F.relu(delta - skel * delta)
+    return skel
+
+
+def test_soft_skeleton_equals_the_former_hand_written_one():
+    """MONAI's soft_skel (used now) gives the numbers of the former copy, on random shapes, values and iterations."""
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        shape = (int(rng.integers(1, 3)), int(rng.integers(1, 3)), *rng.integers(2, 18, size=3).tolist())
+        x = torch.from_numpy(rng.random(shape, dtype=np.float32))
+        if rng.random() < 0.5:
+            x = (x > 0.5).float()  # binary inputs too, like a target
+        iters = int(rng.integers(1, 6))
+        assert torch.equal(soft_skeleton(x, iters), _former_soft_skeleton(x, iters))
+
+
+def test_last_parts_are_tensors_until_read():
+    loss = build_loss({"dice": 1.0, "bce": 0.5})
+    total = loss(random_logits(), make_target())
+    assert set(loss.last_parts) == {"dice", "bce"}
+    assert all(isinstance(v, torch.Tensor) and not v.requires_grad for v in loss.last_parts.values())
+    parts = loss.last_components
+    assert parts["total"] == pytest.approx(total.item())
+    assert parts["total"] == pytest.approx(parts["dice"] + 0.5 * parts["bce"])
+
+
 def test_soft_skeleton_of_thick_bar_is_thinner():
     bar = torch.zeros(1, 1, 15, 15, 20)
     bar[:, :, 4:11, 4:11, 2:18] = 1  # 7 x 7 cross-section along x

@@ -261,7 +261,12 @@ class LossWeights:
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    """``train``: optimisation, validation and checkpointing."""
+    """``train``: optimisation, validation and checkpointing.
+
+    With ``max_minutes`` the learning-rate schedule (warm-up, then cosine / poly decay) runs on elapsed time and
+    ends annealed at the budget, less the time measured for the final validation and save; ``steps`` then only
+    caps the run (the schedule follows the steps instead while they run ahead of the time).
+    """
 
     steps: int = 400
     batch_size: int = 2
@@ -277,7 +282,7 @@ class TrainConfig:
     amp: bool = True  # mixed precision, CUDA only (never on CPU)
     num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     num_workers: int = 0  # DataLoader workers
-    max_minutes: float = 0.0  # wall-clock budget; 0 = none. Stops early, saves, and says so.
+    max_minutes: float = 0.0  # time budget of the run, final validation + save included; 0 = none (see below)
 
     def __post_init__(self) -> None:
         check_fields(self, "train")

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceLoss
+from monai.losses.cldice import soft_skel
 from scipy import ndimage
 from skimage.morphology import skeletonize
 from torch import Tensor, nn
@@ -30,38 +31,16 @@ SMOOTH = 1e-5
 SKELETON_MODES = ("slices", "3d")
 
 
-# ---------------------------------------------------------------- soft morphology (clDice)
-
-
-def soft_erode(x: Tensor) -> Tensor:
-    """Soft erosion of (B, C, Z, Y, X) values in [0, 1]: minimum over the centre and its 6 face neighbours."""
-    along_z = -F.max_pool3d(-x, (3, 1, 1), stride=1, padding=(1, 0, 0))
-    along_y = -F.max_pool3d(-x, (1, 3, 1), stride=1, padding=(0, 1, 0))
-    along_x = -F.max_pool3d(-x, (1, 1, 3), stride=1, padding=(0, 0, 1))
-    return torch.minimum(torch.minimum(along_z, along_y), along_x)
-
-
-def soft_dilate(x: Tensor) -> Tensor:
-    """Soft dilation of (B, C, Z, Y, X) values: maximum over the 3x3x3 neighbourhood."""
-    return F.max_pool3d(x, kernel_size=3, stride=1, padding=1)
-
-
-def soft_open(x: Tensor) -> Tensor:
-    """Soft morphological opening (erode, then dilate) of (B, C, Z, Y, X) values."""
-    return soft_dilate(soft_erode(x))
+# ---------------------------------------------------------------- soft skeleton (clDice)
 
 
 def soft_skeleton(x: Tensor, iters: int) -> Tensor:
     """Soft skeleton (Shit et al. 2021) of (B, C, Z, Y, X) values in [0, 1]; same shape, values in [0, 1].
 
-    ``iters`` erosions are applied; structures up to about ``2 * iters + 1`` voxels thick are thinned.
+    MONAI's ``soft_skel`` (soft erosion = minimum over the 6 face neighbours, dilation = 3x3x3 maximum);
+    ``iters`` erosions are applied, so structures up to about ``2 * iters + 1`` voxels thick are thinned.
     """
-    skel = F.relu(x - soft_open(x))
-    for _ in range(iters):
-        x = soft_erode(x)
-        delta = F.relu(x - soft_open(x))
-        skel = skel + F.relu(delta - skel * delta)
-    return skel
+    return soft_skel(x, iters)
 
 
 # ---------------------------------------------------------------- skeleton of the target (Skeleton Recall)
@@ -158,8 +137,10 @@ class SurfaceLoss(nn.Module):
     """Weighted sum of masked Dice, BCE, soft clDice and Skeleton Recall losses.
 
     ``forward(logits, target)`` takes logits (B, 1, Z, Y, X) and a target of the same shape with values
-    {0, 1, ignore_index} and returns a scalar tensor. After each call ``last_components`` holds the unweighted
-    value of each active component and the weighted ``total`` as floats, for logging.
+    {0, 1, ignore_index} and returns a scalar tensor. After each call ``last_parts`` holds the unweighted value
+    of each active component as a detached scalar tensor on the input's device (reading them as floats is left
+    to the caller, so a training step does not wait for the GPU); ``last_components`` gives them and the
+    weighted ``total`` as floats.
     """
 
     def __init__(
@@ -184,7 +165,8 @@ class SurfaceLoss(nn.Module):
         self.skel_mode = skel_mode
         self.skel_dilate = skel_dilate
         self.dice = DiceLoss(sigmoid=False, smooth_nr=SMOOTH, smooth_dr=SMOOTH, batch=True)
-        self.last_components: dict[str, float] = {}
+        self.last_parts: dict[str, Tensor] = {}
+        self._last_total: Tensor | None = None
 
     def components(self, logits: Tensor, target: Tensor) -> dict[str, Tensor]:
         """Return the unweighted scalar loss of each active component, keyed by its LossWeights name."""
@@ -213,9 +195,17 @@ class SurfaceLoss(nn.Module):
         parts = self.components(logits, target)
         active = self.weights.active()
         total = sum(active[name] * value for name, value in parts.items())
-        self.last_components = {name: float(value.detach()) for name, value in parts.items()}
-        self.last_components["total"] = float(total.detach())
+        self.last_parts = {name: value.detach() for name, value in parts.items()}
+        self._last_total = total.detach()
         return total
+
+    @property
+    def last_components(self) -> dict[str, float]:
+        """The last call's unweighted components and weighted ``total`` as floats (waits for the device)."""
+        values = {name: float(value) for name, value in self.last_parts.items()}
+        if self._last_total is not None:
+            values["total"] = float(self._last_total)
+        return values
 
 
 def build_loss(

@@ -122,3 +122,32 @@ def test_cache_hit_invalidation_and_repair(tmp_path, label, monkeypatch):
     newest.write_bytes(b"corrupt")
     np.testing.assert_array_equal(load_or_build_foreground_index(open_volume(path), cache, block=16), [[0, 0, 0]])
     assert not [p for p in cache.iterdir() if ".tmp" in p.name]
+
+
+def test_cache_key_tells_arrays_of_one_zarr_group_apart(tmp_path):
+    """Two arrays of one Zarr group (data.zarr_key) and two OME-Zarr levels (data.zarr_level) get their own index."""
+    import zarr
+
+    first = np.zeros((8, 8, 8), dtype=np.uint8)
+    first[1, 2, 3] = 1
+    second = np.zeros((8, 8, 8), dtype=np.uint8)
+    second[4, 5, 6] = 1
+    group = zarr.open_group(str(tmp_path / "labels.zarr"), mode="w")
+    group.create_array("a", shape=first.shape, dtype=first.dtype)[:] = first
+    group.create_array("b", shape=second.shape, dtype=second.dtype)[:] = second
+    cache = tmp_path / "cache"
+    a = load_or_build_foreground_index(open_volume(tmp_path / "labels.zarr", key="a"), cache)
+    b = load_or_build_foreground_index(open_volume(tmp_path / "labels.zarr", key="b"), cache)
+    np.testing.assert_array_equal(a, [[1, 2, 3]])
+    np.testing.assert_array_equal(b, [[4, 5, 6]])
+    assert len(list(cache.iterdir())) == 2
+
+    pyramid = zarr.open_group(str(tmp_path / "ome.zarr"), mode="w")
+    for level in ("0", "1"):
+        pyramid.create_array(level, shape=first.shape, dtype=first.dtype)[:] = first if level == "0" else second
+    pyramid.attrs["multiscales"] = [{"version": "0.4", "axes": [{"name": n} for n in "zyx"],
+                                     "datasets": [{"path": "0"}, {"path": "1"}]}]
+    level0 = load_or_build_foreground_index(open_volume(tmp_path / "ome.zarr", level=0), cache)
+    level1 = load_or_build_foreground_index(open_volume(tmp_path / "ome.zarr", level=1), cache)
+    np.testing.assert_array_equal(level0, [[1, 2, 3]])
+    np.testing.assert_array_equal(level1, [[4, 5, 6]])

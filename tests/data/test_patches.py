@@ -95,3 +95,24 @@ def test_bad_training_label_is_caught_while_indexing(synthetic_root, tmp_path):
     splits = load_splits(DataConfig(root=str(root), val_fragments=["frag_003"], test_fragments=["frag_004"]))
     with pytest.raises(VesuviusError, match=r"labels/frag_000\.nii\.gz has values \[3\]"):
         prepare_sources(splits["train"], TransformConfig(patch_size=(16, 16, 16)), tmp_path / "cache", 2)
+
+
+def test_rank_items_split_the_global_batch():
+    """W processes of batch b read exactly the items of one process of batch W*b, step by step, none twice."""
+    from vesuvius_monai.data.patches import rank_items
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        world, batch, steps, first = (int(v) for v in (rng.integers(1, 5), rng.integers(1, 4), rng.integers(0, 6),
+                                                       rng.integers(0, 40)))
+        single = rank_items(first, steps, world * batch)
+        per_rank = [rank_items(first, steps, batch, rank, world) for rank in range(world)]
+        for step in range(steps):
+            union = [i for items in per_rank for i in items[step * batch:(step + 1) * batch]]
+            assert union == single[step * world * batch:(step + 1) * world * batch]
+        flat = [i for items in per_rank for i in items]
+        assert len(set(flat)) == len(flat) == steps * world * batch
+    assert rank_items(6, 2, 3) == [6, 7, 8, 9, 10, 11]
+    assert rank_items(0, 2, 1, rank=1, world_size=2) == [1, 3]
+    with pytest.raises(VesuviusError):
+        rank_items(0, 1, 1, rank=2, world_size=2)

@@ -1,11 +1,15 @@
 import csv
 import math
+import shutil
+import time
 
 import pytest
 import torch
 
+import vesuvius_monai.engine.trainer as trainer
 from vesuvius_monai.config import TrainConfig
-from vesuvius_monai.engine.train import lr_factor, train
+from vesuvius_monai.engine.train import RUN_MARKER, lr_factor, prepare_run_dir, train
+from vesuvius_monai.engine.trainer import LR_FLOOR, RunClock
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.checkpoint import load_checkpoint, model_from_checkpoint
 
@@ -28,6 +32,9 @@ def test_train_writes_a_complete_run(tiny_config):
     rows = list(csv.DictReader((run / "train_log.csv").open()))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
     assert rows[1]["val_dice"] and rows[3]["val_dice"]
+    factor = lr_factor(tiny_config.train)  # no time budget: the schedule runs on steps, as it always did
+    assert [float(r["lr"]) for r in rows] == pytest.approx([tiny_config.train.lr * factor(s) for s in range(4)])
+    assert (run / RUN_MARKER).is_file()
     payload = load_checkpoint(run / "checkpoints" / "last.pt")
     assert payload["step"] == 4
     assert payload["model_name"] == "resunet3d" and payload["model_kwargs"]["init_features"] == 4
@@ -77,3 +84,157 @@ def test_splits_are_recorded(tiny_config):
     splits = json.loads((run / "splits.json").read_text())
     assert splits == {"train": ["frag_000", "frag_001", "frag_002"], "val": ["frag_003"], "test": ["frag_004"]}
     assert load_checkpoint(run / "checkpoints" / "best.pt")["splits"] == splits
+
+
+def test_log_holds_each_loss_term(make_tiny_config):
+    run = train(make_tiny_config("r", "train.loss={dice: 1, bce: 0.5}", "train.log_every=2", "train.val_every=4"))
+    rows = list(csv.DictReader((run / "train_log.csv").open()))
+    assert list(rows[0]) == ["step", "loss", "loss_dice", "loss_bce", "lr", "seconds", "steps_per_s", "val_dice"]
+    assert [int(r["step"]) for r in rows] == [2, 4]
+    for r in rows:  # means over the logging interval of a weighted sum: the weighted sum of the means
+        assert float(r["loss"]) == pytest.approx(float(r["loss_dice"]) + 0.5 * float(r["loss_bce"]), rel=1e-5)
+
+
+# ---------------------------------------------------------------- time budget
+
+
+class FakeTime:
+    """A clock that moves only when told: each training step, validation and save takes a fixed time."""
+
+    def __init__(self, step_s: float = 0.05, val_s: float = 0.5, save_s: float = 0.2) -> None:
+        self.t, self.step_s, self.val_s, self.save_s = 1000.0, step_s, val_s, save_s
+
+    def __call__(self) -> float:
+        return self.t
+
+    def install(self, monkeypatch) -> None:
+        import vesuvius_monai.engine.train as train_module
+
+        def timed(func, seconds):
+            def wrapper(*args, **kwargs):
+                result = func(*args, **kwargs)
+                self.t += seconds
+                return result
+            return wrapper
+
+        monkeypatch.setattr(train_module, "RunClock", lambda **kw: RunClock(timer=self, **kw))
+        monkeypatch.setattr(train_module, "validate", timed(train_module.validate, self.val_s))
+        monkeypatch.setattr(trainer, "save_state", timed(trainer.save_state, self.save_s))
+        monkeypatch.setattr(trainer.Trainer, "_step", timed(trainer.Trainer._step, self.step_s))
+
+
+def test_time_budgeted_run_ends_annealed_inside_the_budget(make_tiny_config, monkeypatch):
+    """6 s budget, steps of 0.05 s, validation 0.5 s, saves 0.2 s (a fake clock: the machine is too noisy for a
+    test on real time): the run stops on time, its last step at the schedule's floor, its final validation and
+    saves done before the budget ends."""
+    fake = FakeTime()
+    fake.install(monkeypatch)
+    cfg = make_tiny_config("r", "train.max_minutes=0.1", "train.steps=100000", "train.val_every=25",
+                           "train.log_every=5", "train.warmup_steps=1000")
+    began = fake.t
+    run = train(cfg)
+    assert fake.t - began <= 6.0  # everything, the final validation and saves included, inside the budget
+    rows = list(csv.DictReader((run / "train_log.csv").open()))
+    assert rows[0]["step"] == "0" and rows[0]["val_dice"]  # validation and save measured before training
+    steps = load_checkpoint(run / "checkpoints" / "last.pt")["step"]
+    assert 30 < steps < 100 and int(rows[-1]["step"]) == steps and rows[-1]["val_dice"]
+    lrs = [float(r["lr"]) for r in rows[1:]]
+    assert lrs[-1] < 1.5 * LR_FLOOR * cfg.train.lr  # at the floor, but for the one step it takes
+    assert lr_factor(cfg.train)(steps) < 0.1  # the step-based warm-up would barely have begun
+    assert max(lrs) > 0.9 * cfg.train.lr and lrs.index(max(lrs)) < len(lrs) // 2  # warm-up, then decay
+
+
+def test_real_time_budget_is_kept(make_tiny_config):
+    """The same on the real clock, with generous tolerance: stopped by the budget, annealed, on time."""
+    cfg = make_tiny_config("r", "train.max_minutes=0.1", "train.steps=100000", "train.val_every=100000",
+                           "train.log_every=1", "train.warmup_steps=0")
+    began = time.perf_counter()
+    run = train(cfg)
+    assert time.perf_counter() - began < 6.0 * 1.5
+    rows = list(csv.DictReader((run / "train_log.csv").open()))
+    lrs = [float(r["lr"]) for r in rows[1:]]
+    assert int(rows[-1]["step"]) < 100000 and rows[-1]["val_dice"]
+    assert lrs[-1] < 0.8 * cfg.train.lr  # decayed on time (on steps it would still be 1.0 x lr)
+
+
+def test_clock_maps_training_time_onto_the_steps():
+    fake = FakeTime()
+    clock = RunClock(budget_s=101.0, timer=fake)
+    fake.t += 10  # set-up
+    clock.train_start_s, clock.val_s, clock.save_s = clock.now(), 0.0, 0.0  # reserve: the 1 s margin
+    assert clock.reserve() == pytest.approx(1.0)
+    fake.t += 45  # half of the 90 s training window
+    assert clock.position(3, 1000) == pytest.approx(500.0)
+    assert clock.position(700, 1000) == 700.0  # the steps ran ahead of the time: they drive
+    clock.recent_steps.append(2.0)
+    assert not clock.out_of_time(checkpoint_due=False)
+    fake.t += 44  # 99 s: the next step (2 s) + reserve (1 s) would end past 101 s
+    assert clock.out_of_time(checkpoint_due=False)
+    assert clock.position(3, 1000) == pytest.approx(1000 * 89 / 90)
+    saved = clock.state_dict()
+    fake.t += 500  # the run was stopped; the resumed session's clock continues from the saved run time
+    resumed = RunClock(budget_s=101.0, timer=fake)
+    resumed.load_state_dict(saved)
+    assert resumed.now() == pytest.approx(99.0)
+    assert resumed.position(3, 1000) == pytest.approx(1000 * 89 / 90)
+    assert RunClock(timer=fake).position(7, 1000) == 7.0  # no budget: the step
+
+
+def test_no_budget_never_stops_on_time():
+    fake = FakeTime()
+    clock = RunClock(timer=fake)
+    fake.t += 1e9
+    assert not clock.out_of_time(checkpoint_due=True)
+
+
+# ---------------------------------------------------------------- run folders
+
+
+def _snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_refuses_a_folder_that_is_not_a_run_and_leaves_it_intact(make_tiny_config, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("my: own config\n")
+    (mine / "train_log.csv").write_text("my,own\n1,2\n")
+    (mine / "notes").mkdir()
+    (mine / "notes" / "a.txt").write_bytes(b"\x00\x01keep")
+    before = _snapshot(mine)
+    with pytest.raises(VesuviusError, match=rf"output_dir {mine} is not empty and is not a vesuvius_monai run"):
+        train(make_tiny_config("mine"))
+    with pytest.raises(VesuviusError, match="cannot resume"):
+        train(make_tiny_config("mine"), resume=True)
+    assert _snapshot(mine) == before
+    assert sorted(p.name for p in mine.iterdir()) == ["config.yaml", "notes", "train_log.csv"]
+
+
+def test_run_stopped_before_its_first_checkpoint_starts_again(make_tiny_config, tmp_path):
+    cfg = make_tiny_config("r")
+    prepare_run_dir(cfg, resume=False)  # what a run killed during set-up leaves: marker, config.yaml
+    (tmp_path / "r" / "train_log.csv").write_text("step,loss\n1,0.5\n")
+    with pytest.raises(VesuviusError, match="stopped before its first checkpoint"):
+        train(cfg, resume=True)
+    run = train(cfg)
+    rows = list(csv.DictReader((run / "train_log.csv").open()))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+
+
+def test_empty_folder_is_fine(make_tiny_config, tmp_path):
+    (tmp_path / "r").mkdir()
+    assert load_checkpoint(train(make_tiny_config("r")) / "checkpoints" / "last.pt")["step"] == 4
+
+
+def test_resume_refuses_a_changed_split(make_tiny_config, synthetic_root, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    cfg = make_tiny_config("r", f"data.root={root}")
+    train(cfg, stop_at_step=2)
+    for folder in ("images", "labels"):  # one more fragment: it joins the training split
+        src = next((root / folder).glob("frag_002.*"))
+        shutil.copy(src, src.with_name(src.name.replace("frag_002", "frag_005")))
+    splits_before = (tmp_path / "r" / "splits.json").read_text()
+    with pytest.raises(VesuviusError, match=r"data split changed.*frag_005: absent -> train"):
+        train(cfg, resume=True)
+    assert (tmp_path / "r" / "splits.json").read_text() == splits_before

@@ -109,3 +109,15 @@ def test_overridden_strides_give_a_working_divisor():
     model = build_model("dynunet", **kwargs).eval()
     with torch.no_grad():
         assert model(torch.randn(1, 1, d, 3 * d, 5 * d)).shape == (1, 1, d, 3 * d, 5 * d)
+
+
+def test_check_input_sizes_names_the_key_that_does_not_fit():
+    from vesuvius_monai.models import check_input_sizes
+
+    check_input_sizes("resunet3d", {"depth": 2}, {"transforms.patch_size": (4, 8, 12), "infer.roi_size": [16, 16, 16]})
+    with pytest.raises(VesuviusError, match=r"'infer.roi_size': \[16, 16, 20\] must be multiples of 8 .*'resunet3d'"):
+        check_input_sizes("resunet3d", {}, {"transforms.patch_size": (64, 64, 64), "infer.roi_size": (16, 16, 20)})
+    with pytest.raises(VesuviusError, match=r"'transforms.patch_size'.*multiples of 16 .*'basicunet'"):
+        check_input_sizes("basicunet", {}, {"transforms.patch_size": (8, 16, 16)})
+    with pytest.raises(VesuviusError, match="unknown model"):
+        check_input_sizes("resunt3d", {}, {"transforms.patch_size": (8, 8, 8)})

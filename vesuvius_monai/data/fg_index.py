@@ -92,12 +92,21 @@ def _file_signature(path: Path) -> str:
     return f"{size}:{mtime}"
 
 
+def _array_in_file(reader: VolumeReader) -> str:
+    """Which array of the file the reader reads: the array's path inside a Zarr store (a group member or an
+    OME-Zarr level, "" for a plain array); "" for single-array formats."""
+    array = getattr(reader, "_array", None)  # ZarrReader keeps the opened zarr.Array here
+    return str(getattr(array, "path", "") or "")
+
+
 def foreground_cache_path(
     label_reader: VolumeReader, cache_dir: str | os.PathLike, *, value: int, block: int, max_points: int, seed: int
 ) -> Path:
-    """Cache file for an index: keyed by the label's resolved path, size, mtime and the index parameters."""
+    """Cache file for an index: keyed by the label's resolved path, size, mtime, the array read inside it (a Zarr
+    group's ``data.zarr_key`` / ``data.zarr_level``), its shape and the index parameters."""
     path = label_reader.path.resolve()
-    key = f"{path}|{_file_signature(path)}|{label_reader.shape}|{value}|{block}|{max_points}|{seed}"
+    key = (f"{path}|{_array_in_file(label_reader)}|{_file_signature(path)}|{label_reader.shape}|{value}|{block}|"
+           f"{max_points}|{seed}")
     digest = hashlib.sha1(key.encode()).hexdigest()[:16]
     stem = path.name.split(".")[0]
     return Path(cache_dir) / f"fg_{stem}_{digest}.npy"

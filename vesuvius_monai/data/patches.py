@@ -5,7 +5,10 @@ than memory trains in bounded memory. A share ``pos_fraction`` of patches is cen
 drawn from a small precomputed index of surface locations per fragment (cached), the rest anywhere.
 
 Item ``i`` depends only on ``(seed, i)``: the batch of step ``s`` is items ``s*B .. s*B+B-1`` whatever
-happened before, which is what makes resuming a run exact.
+happened before, which is what makes resuming a run exact. With ``W`` data-parallel processes of batch ``b``,
+the global batch of a step is ``W*b`` consecutive items and process ``r`` takes the ``r``-th run of ``b``
+(:func:`rank_items`), so ``W`` processes of batch ``b`` see exactly the patches of one process of batch ``W*b``
+and no two processes share a patch.
 """
 
 from __future__ import annotations
@@ -52,6 +55,17 @@ def prepare_sources(fragments: list[Fragment], cfg: TransformConfig, cache_dir: 
         log.info("fragment %s: window %.1f..%.1f, %d surface points indexed", fragment.id, *window, len(surface))
         sources.append(PatchSource(fragment=fragment, window=window, surface=surface))
     return sources
+
+
+def rank_items(first_item: int, steps: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[int]:
+    """Item indices one process reads for ``steps`` steps, in order, when the first step's global batch starts at
+    item ``first_item``: per step ``world_size * batch_size`` consecutive items, of which process ``rank`` takes
+    ``batch_size`` starting at ``rank * batch_size``."""
+    if not 0 <= rank < world_size or batch_size < 1 or steps < 0 or first_item < 0:
+        raise VesuviusError(f"bad item range: first_item={first_item}, steps={steps}, batch_size={batch_size}, "
+                            f"rank={rank}, world_size={world_size}")
+    global_batch = world_size * batch_size
+    return [first_item + step * global_batch + rank * batch_size + k for step in range(steps) for k in range(batch_size)]
 
 
 def patch_region(shape: tuple[int, ...], patch: tuple[int, ...], centre: np.ndarray) -> tuple[slice, ...]:

@@ -6,7 +6,15 @@ Importing this package registers ``resunet3d`` (the residual UNet3D) and the MON
 """
 
 from vesuvius_monai.models import monai_nets, resunet  # noqa: F401  (imported to register the models)
-from vesuvius_monai.models.registry import build_model, list_models, register_model, size_divisor
+from vesuvius_monai.models.registry import (
+    build_model,
+    check_input_sizes,
+    list_models,
+    register_model,
+    size_divisor,
+)
 from vesuvius_monai.models.resunet import ResidualBlock, UNet3D
 
-__all__ = ["ResidualBlock", "UNet3D", "build_model", "list_models", "register_model", "size_divisor"]
+__all__ = [
+    "ResidualBlock", "UNet3D", "build_model", "check_input_sizes", "list_models", "register_model", "size_divisor",
+]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import inspect
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from torch import nn
 
@@ -160,3 +160,17 @@ def size_divisor(name: str, **kwargs: Any) -> int:
     """
     divisor = _lookup(name).size_divisor
     return int(divisor(kwargs) if callable(divisor) else divisor)
+
+
+def check_input_sizes(name: str, kwargs: dict[str, Any], sizes: dict[str, Sequence[int]]) -> None:
+    """Raise a VesuviusError unless every named (z, y, x) size is a multiple of the model's size divisor.
+
+    ``sizes`` maps a config key to its size, e.g. ``{"transforms.patch_size": (64, 64, 64),
+    "infer.roi_size": (64, 64, 64)}``; the error names the first key that does not fit, the divisor and
+    the model. Call it at every entry that feeds patches or windows to ``build_model(name, **kwargs)``.
+    """
+    divisor = size_divisor(name, **kwargs)
+    for key, size in sizes.items():
+        if any(int(s) % divisor for s in size):
+            raise VesuviusError(f"config key '{key}': {list(size)} must be multiples of {divisor} for model "
+                                f"'{name}' with kwargs {dict(kwargs)}")
