@@ -9,7 +9,7 @@ Predicts the test fragments once per inference setting and scores every setting 
     e_tta_rot90     with --rot90: mirror z, y + 4 quarter turns in y-x (16 distinct views), threshold 0.5
 
 Post-processing is tuned by the leaderboard score: for every (min_size, fill_holes_max) of a small grid,
-``vesuvius_monai.postprocess.tune_threshold`` picks the threshold; the best combination wins (ties go to the
+``vesuvius_monai.postprocess.pick_threshold`` picks the threshold; the best combination wins (ties go to the
 earlier, simpler grid entry). Each change gets a paired verdict against a_plain ("helped", "hurt" or "no
 measurable change", judged on the per-fragment deltas). Without --checkpoint a model is trained with the config
 into <run-dir>/train first (configs/demo.yaml: ~2-3 minutes on 2 CPU cores).
@@ -44,7 +44,7 @@ from vesuvius_monai.engine.train import train
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.checkpoint import model_from_checkpoint
 from vesuvius_monai.metrics.leaderboard import leaderboard_score
-from vesuvius_monai.postprocess import PostprocessConfig, postprocess, tune_threshold
+from vesuvius_monai.postprocess import PostprocessConfig, pick_threshold, postprocess
 
 log = logging.getLogger("bench_tta_postprocess")
 
@@ -157,7 +157,7 @@ def tune_postprocess(probs: list[np.ndarray], val: Split, cfg: Config, min_sizes
     for min_size in min_sizes:
         for fill in fills:
             base = PostprocessConfig(min_size=min_size, fill_holes_max=fill)
-            best, scores = tune_threshold(probs, val.labels, score, base=base)
+            best, scores = pick_threshold(probs, val.labels, score, base=base)
             rows.append({"min_size": min_size, "fill_holes_max": fill, "threshold": best, "val_score": scores[best]})
             log.info("val: min_size %d, fill_holes_max %d -> threshold %.3f, leaderboard %.4f",
                      min_size, fill, best, scores[best])

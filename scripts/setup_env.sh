@@ -1,6 +1,6 @@
 # Sourced by demo.sh and test.sh: make sure a Python environment with the project installed is active.
 # Uses the active virtualenv if there is one, else creates/uses .venv beside the repo.
-# Re-installs only when requirements.txt or pyproject.toml changed since the last install.
+# Re-installs only when requirements*.txt or pyproject.toml changed since the last install.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -12,10 +12,14 @@ if [[ -z "${VIRTUAL_ENV:-}" ]]; then
   source .venv/bin/activate
 fi
 STAMP="$VIRTUAL_ENV/.vesuvius_monai_installed"
-WANT="$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
+WANT="$(cat requirements.txt requirements-betti-matching.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$WANT" ]]; then
   echo "installing requirements into $VIRTUAL_ENV ..."
   python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+  # exact Betti matching: the extension alone, without the wheel's dependencies (see that file)
+  python -m pip install --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+      -r requirements-betti-matching.txt \
+    || echo "warning: exact Betti matching (topolosses) not installed; TopoScore will use a stand-in" >&2
   python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
   echo "$WANT" > "$STAMP"
 fi

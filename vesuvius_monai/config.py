@@ -366,8 +366,11 @@ class LeaderboardWeights:
     betti_weights: TopoScore weights of dimensions 0, 1, 2 (>= 0, not all zero).
     tiles: TopoScore tiles along (z, y, x).
     connectivity: VOI component connectivity, 6, 18 or 26.
-    topo_matching: TopoScore feature matching: "exact" (Betti matching, the competition's), or the stand-ins
-        "persistence" (spatial matching through the union) and "betti" (m_k = min(p_k, g_k), an upper bound).
+    topo_matching: TopoScore feature matching: "exact" (default; Betti matching by the competition's library,
+        installed by scripts/setup_env.sh), or the stand-ins "persistence" (spatial matching through the union)
+        and "betti" (m_k = min(p_k, g_k), an upper bound). Where the library cannot be loaded, "exact" falls back
+        to "persistence" with a warning; ``vesuvius_monai.metrics.topo_matching_used(weights)`` names the
+        matching that produced a figure.
     """
 
     topo: float = 0.30
@@ -378,7 +381,7 @@ class LeaderboardWeights:
     betti_weights: tuple[float, float, float] = (0.34, 0.33, 0.33)
     tiles: Triple = (2, 2, 2)
     connectivity: int = 26
-    topo_matching: str = "betti"
+    topo_matching: str = "exact"
 
     def __post_init__(self) -> None:
         key = "evaluate.leaderboard"

@@ -1,6 +1,6 @@
 """Post-processing of surface probabilities: threshold, drop small components, fill small cavities.
 
-Also ``tune_threshold``, which picks the threshold that maximises a score over validation fragments.
+Also :func:`pick_threshold`, which picks the threshold that maximises a score over validation fragments.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 from scipy import ndimage
+from skimage.morphology import remove_small_objects
 from tqdm import tqdm
 
 from vesuvius_monai.config import PostprocessConfig
@@ -37,18 +38,14 @@ def remove_small_components(mask: np.ndarray, min_size: int, connectivity: int =
     """Drop foreground components of a bool (Z, Y, X) mask with fewer than ``min_size`` voxels; new bool array."""
     if min_size <= 0:
         return mask.copy()
-    structure = ndimage.generate_binary_structure(3, CONNECTIVITY_RANK[connectivity])
-    labels, _ = ndimage.label(mask, structure=structure)
-    sizes = np.bincount(labels.ravel())
-    keep = sizes >= min_size
-    keep[0] = False
-    return keep[labels]
+    return remove_small_objects(mask, max_size=min_size - 1, connectivity=CONNECTIVITY_RANK[connectivity])
 
 
 def fill_small_holes(mask: np.ndarray, max_size: int) -> np.ndarray:
     """Fill enclosed background cavities of at most ``max_size`` voxels in a bool (Z, Y, X) mask; new bool array.
 
     Background components are 6-connected; one that touches the volume border is not enclosed and is kept.
+    (Hand-written: ``skimage.morphology.remove_small_holes`` would also fill small pockets open to the border.)
     """
     if max_size <= 0:
         return mask.copy()
@@ -74,7 +71,7 @@ def postprocess(prob: np.ndarray, cfg: PostprocessConfig) -> np.ndarray:
     return fill_small_holes(mask, cfg.fill_holes_max)
 
 
-def tune_threshold(
+def pick_threshold(
     probs: list[np.ndarray],
     labels: list[np.ndarray],
     score_fn: Callable[[np.ndarray, np.ndarray], float],
@@ -90,14 +87,14 @@ def tune_threshold(
     """
     if len(probs) == 0 or len(probs) != len(labels):
         raise VesuviusError(
-            f"tune_threshold needs equally many probs and labels (> 0), got {len(probs)} and {len(labels)}"
+            f"pick_threshold needs equally many probs and labels (> 0), got {len(probs)} and {len(labels)}"
         )
     for i, (prob, label) in enumerate(zip(probs, labels)):
         if prob.shape != label.shape:
-            raise VesuviusError(f"tune_threshold fragment {i}: prob shape {prob.shape} != label shape {label.shape}")
+            raise VesuviusError(f"pick_threshold fragment {i}: prob shape {prob.shape} != label shape {label.shape}")
     thresholds = [float(t) for t in candidates]
     if not thresholds:
-        raise VesuviusError("tune_threshold 'candidates' is empty")
+        raise VesuviusError("pick_threshold 'candidates' is empty")
     base = base or PostprocessConfig()
     scores = {}
     for t in tqdm(thresholds, desc="thresholds", leave=False):
@@ -119,6 +116,9 @@ def _mean_score(
     for i, (prob, label) in enumerate(zip(probs, labels)):
         value = float(score_fn(postprocess(prob, cfg), label))
         if not math.isfinite(value):
-            raise VesuviusError(f"tune_threshold: score_fn gave {value} for fragment {i} at threshold {cfg.threshold}")
+            raise VesuviusError(f"pick_threshold: score_fn gave {value} for fragment {i} at threshold {cfg.threshold}")
         values.append(value)
     return float(np.mean(values))
+
+
+tune_threshold = pick_threshold  # old name, still imported by vesuvius_monai/engine/evaluate.py; remove with that import

@@ -82,6 +82,30 @@ def test_random_volumes_match_cripser_and_skimage(seed, density):
     assert euler_characteristic(mask) == euler_number(mask, connectivity=3)
 
 
+@pytest.mark.parametrize("seed, density", [(3, 0.3), (4, 0.5), (5, 0.7)])
+def test_six_connected_betti_numbers_match_cripser_v_construction(seed, density):
+    """Connectivity 6 (the exact Betti matching library's construction) is cripser's V-construction."""
+    mask = np.random.default_rng(seed).random((13, 11, 15)) < density
+    pairs = cripser.compute_ph(np.where(mask, 0.0, 1.0), filtration="V", maxdim=2)
+    expected = tuple(int(np.count_nonzero((pairs[:, 0] == k) & (pairs[:, 1] == 0))) for k in range(3))
+    assert betti_numbers(mask, connectivity=6) == expected
+    assert betti_numbers(mask, connectivity=6) != betti_numbers(mask)  # the two constructions differ here
+
+
+def test_six_connected_shapes():
+    assert betti_numbers(ball(), connectivity=6) == (1, 0, 0)
+    assert betti_numbers(shell(), connectivity=6) == (1, 0, 1)
+    assert betti_numbers(torus(), connectivity=6) == (1, 1, 0)
+    diagonal = np.zeros((4, 4, 4), dtype=np.uint8)
+    diagonal[1, 1, 1] = diagonal[2, 2, 2] = 1
+    assert betti_numbers(diagonal, connectivity=6) == (2, 0, 0)
+    box = np.ones((5, 5, 5), dtype=bool)
+    box[2, 2, 2] = box[1, 1, 1] = False  # holes sharing a corner: one cavity when the background is 26-connected
+    assert betti_numbers(box, connectivity=6) == (1, 0, 1)
+    with pytest.raises(VesuviusError, match="connectivity"):
+        betti_numbers(box, connectivity=18)
+
+
 def test_tiles_cover_the_volume_evenly():
     slices = tile_slices((5, 6, 7), (2, 2, 2))
     assert len(slices) == 8

@@ -4,6 +4,10 @@ Every metric takes ``pred`` (binary mask, bool or 0/1) and ``label`` (0 backgrou
 ``ignore_index`` unlabeled; ignored voxels become background in both). :data:`METRICS` maps a name to a
 scalar metric ``f(pred, label, *, ignore_index=2, spacing=(1, 1, 1), weights=LeaderboardWeights())``;
 :func:`compute_metrics` computes several at once and shares their intermediate results.
+
+TopoScore matches features with exact Betti matching (the competition's library) by default; where that
+library cannot be loaded it falls back to a stand-in with a warning. :func:`topo_matching_used` names the
+matching that actually produces the figures, for reports.
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 from vesuvius_monai.errors import VesuviusError, did_you_mean
+from vesuvius_monai.config import LeaderboardWeights
+from vesuvius_monai.metrics.betti_matching import matching_used
 from vesuvius_monai.metrics.cldice import cldice, cldice_parts
 from vesuvius_monai.metrics.context import SCALAR_GETTERS, MetricContext
-from vesuvius_monai.config import LeaderboardWeights
 from vesuvius_monai.metrics.leaderboard import leaderboard_score
 from vesuvius_monai.metrics.overlap import dice, iou
 from vesuvius_monai.metrics.surface import hausdorff95, surface_dice
@@ -38,6 +43,7 @@ __all__ = [
     "iou",
     "leaderboard_score",
     "surface_dice",
+    "topo_matching_used",
     "topo_score",
     "variation_of_information",
     "voi_score",
@@ -45,6 +51,19 @@ __all__ = [
 
 
 METRIC_NAMES = tuple(SCALAR_GETTERS)
+
+
+def topo_matching_used(weights: LeaderboardWeights | str = LeaderboardWeights()) -> str:
+    """The matching that produces TopoScore and Betti-error figures for these settings, in this process.
+
+    Args:
+        weights: the leaderboard settings (their ``topo_matching``) or a matching name.
+
+    Returns:
+        "exact" (Betti matching, the competition's), or the stand-in in use: "persistence" (also where
+        "exact" was asked for but the library cannot be loaded; a warning says so once per process) or "betti".
+    """
+    return matching_used(weights if isinstance(weights, str) else weights.topo_matching)
 
 
 def check_metric_names(names: Sequence[str]) -> list[str]:

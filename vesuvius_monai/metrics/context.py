@@ -1,7 +1,8 @@
 """One prediction/label pair with its intermediate results cached, so several metrics share the work.
 
-The masks are checked once; tile Betti numbers serve the three Betti errors and TopoScore; the component
-labelings serve the VOI parts; the surface Dice, the TopoScore and the VOI serve the leaderboard score.
+The masks are checked once; tile Betti numbers serve the three Betti errors (and the stand-in matchings'
+TopoScore); the topology counts serve TopoScore; the component labelings serve the VOI parts; the surface
+Dice, the TopoScore and the VOI serve the leaderboard score.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from typing import Callable, Sequence
 import numpy as np
 
 from vesuvius_monai.metrics._common import check_spacing, check_tiles, prepare_pair
+from vesuvius_monai.metrics.betti_matching import matching_used
 from vesuvius_monai.metrics.cldice import cldice_from_skeletons, skeleton
 from vesuvius_monai.metrics.leaderboard import LeaderboardWeights, combine_parts
 from vesuvius_monai.metrics.overlap import dice_masks, iou_masks
 from vesuvius_monai.metrics.surface import hausdorff_masks, surface_dice_masks
-from vesuvius_monai.metrics.topology import tile_betti, tile_matches, topo_score_from_counts
+from vesuvius_monai.metrics.topology import TopoCounts, betti_connectivity, tile_betti, topo_counts
 from vesuvius_monai.metrics.voi import voi_masks, voi_score
 
 
@@ -24,7 +26,9 @@ class MetricContext:
     """Checked boolean masks (z, y, x) of a pair plus lazily computed, cached intermediate results.
 
     Settings of the VOI (connectivity, alpha), TopoScore (tiles, Betti weights, matching) and surface Dice
-    (tolerance) come from ``weights``; ``spacing`` applies to the surface metrics.
+    (tolerance) come from ``weights``; ``spacing`` applies to the surface metrics. ``topo_matching`` is the
+    matching that actually produces the TopoScore and Betti errors here (``weights.topo_matching``, or the
+    stand-in where exact Betti matching cannot be loaded).
     """
 
     def __init__(
@@ -42,9 +46,16 @@ class MetricContext:
         check_tiles(weights.tiles, self.pred.shape)
 
     @cached_property
+    def topo_matching(self) -> str:
+        """"exact", "persistence" or "betti": the matching used for TopoScore and the Betti errors."""
+        return matching_used(self.weights.topo_matching)
+
+    @cached_property
     def tile_betti(self) -> tuple[np.ndarray, np.ndarray]:
-        """Betti numbers per tile of (pred, label), each int64 (n_tiles, 3)."""
-        return tile_betti(self.pred, self.weights.tiles), tile_betti(self.label, self.weights.tiles)
+        """Betti numbers per tile of (pred, label), each int64 (n_tiles, 3), in the matching's construction."""
+        connectivity = betti_connectivity(self.topo_matching)
+        tiles = self.weights.tiles
+        return tile_betti(self.pred, tiles, connectivity), tile_betti(self.label, tiles, connectivity)
 
     @cached_property
     def betti_errors(self) -> np.ndarray:
@@ -53,14 +64,18 @@ class MetricContext:
         return np.abs(pred_betti - label_betti).sum(axis=0)
 
     @cached_property
+    def topo_counts(self) -> TopoCounts:
+        """Per-tile p_k, g_k, m_k of the TopoScore."""
+        if self.topo_matching == "exact":
+            return topo_counts(self.pred, self.label, self.weights.tiles, "exact")
+        pred_betti, label_betti = self.tile_betti
+        return topo_counts(self.pred, self.label, self.weights.tiles, self.topo_matching,
+                           pred_betti=pred_betti, label_betti=label_betti)
+
+    @cached_property
     def topo_score(self) -> float:
         """TopoScore with the settings of ``weights``."""
-        pred_betti, label_betti = self.tile_betti
-        w = self.weights
-        matches = tile_matches(self.pred, self.label, w.tiles, w.topo_matching, pred_betti, label_betti)
-        return topo_score_from_counts(
-            pred_betti.sum(axis=0), label_betti.sum(axis=0), matches.sum(axis=0), w.betti_weights
-        )
+        return self.topo_counts.score(self.weights.betti_weights)
 
     @cached_property
     def voi_parts(self) -> tuple[float, float]:

@@ -1,15 +1,17 @@
 """The surface-detection leaderboard score: 0.30 TopoScore + 0.35 SurfaceDice + 0.35 VOI_score.
 
-Parts (see /work/shared/notes/competition-metric.md):
+Parts, as the competition's public description and scorer define them:
 
 - TopoScore: :func:`vesuvius_monai.metrics.topology.topo_score` on 2 x 2 x 2 tiles, Betti weights
-  0.34 / 0.33 / 0.33; Betti matching is replaced by ``topo_matching`` ("betti": m_k = min(p_k, g_k), an upper
-  bound, the default because it is fast; "persistence": spatial matching through the union).
+  0.34 / 0.33 / 0.33, features matched by exact Betti matching (``topo_matching="exact"``, the competition's
+  library). Where that library cannot be loaded the "persistence" stand-in is used, with a warning;
+  :func:`vesuvius_monai.metrics.betti_matching.matching_used` says which matching produced a figure.
 - SurfaceDice: DeepMind's normalised surface Dice at tolerance 2 voxels (surfel areas weighted).
 - VOI_score = 1 / (1 + alpha VOI), alpha = 0.3, VOI in bits between 26-connected components over the union
   of both foregrounds.
 
-The three part weights are clamped at >= 0 and renormalised to sum to 1.
+Label value 2 (``ignore_index``) is set to background in both volumes before any part is computed. The three
+part weights are clamped at >= 0 and renormalised to sum to 1.
 """
 
 from __future__ import annotations
@@ -19,13 +21,9 @@ from typing import Sequence
 import numpy as np
 
 from vesuvius_monai.config import LeaderboardWeights
-from vesuvius_monai.metrics._common import check_spacing, prepare_pair
+from vesuvius_monai.metrics._common import check_spacing, check_tiles, prepare_pair
 from vesuvius_monai.metrics.surface import surface_dice_masks
-from vesuvius_monai.metrics.topology import (
-    tile_betti,
-    tile_matches,
-    topo_score_from_counts,
-)
+from vesuvius_monai.metrics.topology import topo_counts
 from vesuvius_monai.metrics.voi import voi_masks, voi_score
 
 
@@ -67,16 +65,12 @@ def leaderboard_score(
 
     Returns:
         {"score", "topo_score", "surface_dice", "voi_score", "voi", "voi_split", "voi_merge"}; score in [0, 1],
-        1.0 for a perfect prediction.
+        1.0 for a perfect prediction. ``matching_used(weights.topo_matching)`` names the TopoScore's matching.
     """
     pred_mask, label_mask = prepare_pair(pred, label, ignore_index)
     spacing = check_spacing(spacing)
-    pred_betti = tile_betti(pred_mask, weights.tiles)
-    label_betti = tile_betti(label_mask, weights.tiles)
-    matches = tile_matches(pred_mask, label_mask, weights.tiles, weights.topo_matching, pred_betti, label_betti)
-    topo = topo_score_from_counts(
-        pred_betti.sum(axis=0), label_betti.sum(axis=0), matches.sum(axis=0), weights.betti_weights
-    )
+    check_tiles(weights.tiles, pred_mask.shape)
+    topo = topo_counts(pred_mask, label_mask, weights.tiles, weights.topo_matching).score(weights.betti_weights)
     surface = surface_dice_masks(pred_mask, label_mask, weights.tolerance, spacing)
     split, merge = voi_masks(pred_mask, label_mask, weights.connectivity)
     return combine_parts(topo, surface, split, merge, weights)

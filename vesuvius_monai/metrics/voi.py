@@ -8,24 +8,19 @@ where 0 means "background in that mask". With entropies in bits (log2, as scikit
 - merge = H(GT | PR): how much the prediction glues label components together (under-segmentation);
 - VOI = split + merge.
 
-This is exactly ``skimage.metrics.variation_of_information(gt_cc[union], pr_cc[union])``, which returns
+Computed by ``skimage.metrics.variation_of_information(gt_cc[union], pr_cc[union])``, which returns
 ``[H(image1 | image0), H(image0 | image1)]`` = ``[H(PR | GT), H(GT | PR)]`` and documents the pair as
-"false splits, false merges". (The brief for this module wrote split = H(GT|PR); that swaps the two names
-relative to scikit-image and to the usual convention. The sum, and so the score, is the same either way.)
+"false splits, false merges". (Some write split = H(GT | PR), swapping the two names; the sum, and so the
+score, is the same either way.)
 """
 
 from __future__ import annotations
 
 import numpy as np
+from skimage.metrics import variation_of_information as _skimage_voi
 
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.metrics._common import check_connectivity, label_components, prepare_pair
-
-
-def _entropy_bits(counts: np.ndarray, total: int) -> float:
-    """Shannon entropy in bits of a distribution given as positive counts summing to ``total``."""
-    p = counts[counts > 0] / total
-    return float(-(p * np.log2(p)).sum())
 
 
 def voi_from_components(gt_cc: np.ndarray, pr_cc: np.ndarray) -> tuple[float, float]:
@@ -38,16 +33,10 @@ def voi_from_components(gt_cc: np.ndarray, pr_cc: np.ndarray) -> tuple[float, fl
     Returns:
         (0.0, 0.0) when there is no voxel.
     """
-    total = gt_cc.size
-    if total == 0:
+    if gt_cc.size == 0:
         return 0.0, 0.0
-    gt = gt_cc.ravel().astype(np.int64)
-    pr = pr_cc.ravel().astype(np.int64)
-    _, joint = np.unique(gt * (int(pr.max()) + 1) + pr, return_counts=True)
-    h_joint = _entropy_bits(joint, total)
-    h_gt = _entropy_bits(np.bincount(gt), total)
-    h_pr = _entropy_bits(np.bincount(pr), total)
-    return max(h_joint - h_gt, 0.0), max(h_joint - h_pr, 0.0)
+    split, merge = _skimage_voi(gt_cc.ravel(), pr_cc.ravel())
+    return max(float(split), 0.0), max(float(merge), 0.0)
 
 
 def voi_masks(
