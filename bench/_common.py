@@ -1,8 +1,8 @@
-"""Shared helpers of the quality benchmarks (bench_tta_postprocess.py, bench_losses.py).
+"""Shared helpers of the quality benchmarks (bench_tta_postprocess.py, bench_losses.py, bench_recipes.py).
 
 Config and synthetic data set-up, scoring a binary mask with the full metric set, per-fragment means and
-spreads, a paired "helped / hurt / no measurable change" verdict, a plain-text table and atomic JSON output.
-Arrays are (z, y, x).
+spreads, a paired "helped / hurt / no measurable change" verdict, a plain-text table and atomic JSON output,
+connected components over the scorer's octants and the last row of a run's training log. Arrays are (z, y, x).
 """
 
 from __future__ import annotations
@@ -133,11 +133,12 @@ def verdict_text(metric: str, base: dict[str, float], new: dict[str, float], min
 def format_table(rows: dict[str, dict], columns: Sequence[tuple[str, str, str]], row_header: str = "setting") -> str:
     """Plain-text table: one line per row name, columns given as (key, header, format spec such as '.4f')."""
     first = max(len(row_header), *(len(name) for name in rows))
-    widths = [max(len(header), 8) for _, header, _ in columns]
+    cells = {name: [format(values[key], spec) if key in values else "-" for key, _, spec in columns]
+             for name, values in rows.items()}
+    widths = [max(len(header), 8, *(len(c[i]) for c in cells.values())) for i, (_, header, _) in enumerate(columns)]
     lines = ["  ".join([f"{row_header:<{first}}", *(f"{h:>{w}}" for (_, h, _), w in zip(columns, widths))])]
-    for name, values in rows.items():
-        cells = [format(values[key], spec) if key in values else "-" for key, _, spec in columns]
-        lines.append("  ".join([f"{name:<{first}}", *(f"{c:>{w}}" for c, w in zip(cells, widths))]))
+    for name, row in cells.items():
+        lines.append("  ".join([f"{name:<{first}}", *(f"{c:>{w}}" for c, w in zip(row, widths))]))
     return "\n".join(lines)
 
 
@@ -156,3 +157,55 @@ def run_main(parse_args, run, argv: list[str] | None = None) -> None:
     except VesuviusError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+# --------------------------------------------------------------------------- spreads, components, timings
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """``{mean, std, min, max, n}`` of the finite values (std with ddof=0; NaN everywhere when none is finite)."""
+    array = np.asarray(list(values), dtype=np.float64)
+    finite = array[np.isfinite(array)]
+    if not finite.size:
+        return {"mean": float("nan"), "std": float("nan"), "min": float("nan"), "max": float("nan"), "n": 0}
+    return {"mean": float(finite.mean()), "std": float(finite.std()), "min": float(finite.min()),
+            "max": float(finite.max()), "n": int(finite.size)}
+
+
+def spread_text(stats: dict[str, float], spec: str = ".4f") -> str:
+    """'0.9512 [0.9401-0.9633]': mean and min-max of a :func:`spread` (just the mean for one value)."""
+    if stats["n"] <= 1:
+        return format(stats["mean"], spec)
+    return f"{stats['mean']:{spec}} [{stats['min']:{spec}}-{stats['max']:{spec}}]"
+
+
+def octant_components(mask: np.ndarray, tiles: Sequence[int] = (2, 2, 2), connectivity: int = 26) -> int:
+    """Connected components of a bool volume (z, y, x) summed over the scorer's tiles (2 x 2 x 2 octants, split like
+    ``np.array_split``), each tile labelled on its own with scipy.ndimage (26-connected by default)."""
+    from scipy import ndimage
+
+    rank = {6: 1, 18: 2, 26: 3}[connectivity]
+    structure = ndimage.generate_binary_structure(3, rank)
+    total = 0
+    for z in np.array_split(np.arange(mask.shape[0]), tiles[0]):
+        for y in np.array_split(np.arange(mask.shape[1]), tiles[1]):
+            for x in np.array_split(np.arange(mask.shape[2]), tiles[2]):
+                tile = mask[z[0]:z[-1] + 1, y[0]:y[-1] + 1, x[0]:x[-1] + 1]
+                total += int(ndimage.label(tile, structure=structure)[1])
+    return total
+
+
+def read_train_log(run: Path) -> dict[str, float]:
+    """Last row of ``run/train_log.csv``: steps done, training loop seconds and steps/s."""
+    import csv
+
+    path = Path(run) / "train_log.csv"
+    if not path.is_file():
+        raise VesuviusError(f"{path} not found: the run did not log a single step")
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        raise VesuviusError(f"{path} holds no rows")
+    last = rows[-1]
+    return {"steps": int(last["step"]), "train_seconds": float(last["seconds"]),
+            "steps_per_s": float(last["steps_per_s"])}
