@@ -527,7 +527,8 @@ def _plan_values(cfg: Config, cand: Candidate, timing: dict, budget: Budget, fp:
     if budget.validations:
         values["train.val_every"] = max(1, budget.steps // budget.validations)
         each = budget.val_seconds / budget.validations
-        reasons["train.val_every"] = (f"{budget.validations} validation passes of {each:.1f} s each "
+        passes = "1 validation pass" if budget.validations == 1 else f"{budget.validations} validation passes"
+        reasons["train.val_every"] = (f"{passes} of {each:.1f} s each "
                                       f"({fp['val_voxels']} val voxels at {timing['infer_vox_s'] / 1e6:.2f} Mvox/s, "
                                       f"overlap {cfg.infer.overlap}) within {rules.val_share:.0%} of the budget")
     else:
