@@ -1,19 +1,23 @@
-"""Whole-volume prediction through the real command: `vesuvius-monai predict --output probs.zarr`.
+"""Whole-volume prediction through the real command (`vesuvius-monai predict --output probs.zarr`), before and after.
 
-Writes synthetic uint16 Zarr volumes (chunks 128^3) of each ``--sizes`` edge, saves a checkpoint of an
-(untrained: speed does not depend on the weights) resunet3d, then for each size runs the CLI in a fresh
-process and prints its peak resident memory, output voxels per second, and the ratio of its wall time to
-the model's own time on the same number of voxels (the network run on non-overlapping windows of the
-configured size, measured in the same run). The ratio shows the cost of window overlap, block halos
-aligned to the window grid, reading, normalising and writing.
+1. Inference options, on one batch of windows of the bench model (medians of interleaved repeats): no_grad vs
+   inference_mode, channels-last 3D input, sliding-window batch size, larger windows, optionally torch.compile.
+2. For each ``--sizes`` N: an N^3 uint16 Zarr (chunks 128^3), predicted by the CLI in a fresh process, "after"
+   (this tree) and "before" (the CLI of git commit BEFORE, extracted with ``git archive`` into a temporary folder
+   and run from there: the old halo engine, measured in the same run on the same volume). Printed per run: wall
+   time, output Mvox/s, peak resident memory of that process (``os.wait4``) and the ratio of wall time to the
+   model's time on the windows of the volume's own sliding-window grid (grid windows x the time of one window
+   batch / batch size, measured here in this run with the engine's own predictor).
 
-    python bench/bench_predict.py --sizes 256 512
+    python bench/bench_predict.py --sizes 256 512                  # CPU, before and after
+    python bench/bench_predict.py --sizes 256 512 --device cuda     # a GPU, AMP on (infer.amp)
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
+import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,14 +29,23 @@ import torch
 import zarr
 
 from vesuvius_monai.config import load_config
+from vesuvius_monai.engine.infer import make_predictor, resolve_device
+from vesuvius_monai.engine.windows import WindowGrid
 from vesuvius_monai.io.checkpoint import save_checkpoint
 from vesuvius_monai.models import build_model
+
+BEFORE = "61bbcb3"  # last commit with the halo engine (block-wise halos, a separate in-memory path)
+REPO = Path(__file__).resolve().parent.parent
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="volume edges N (N^3 voxels)")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[256, 512], help="volume edges N (N^3 voxels)")
     parser.add_argument("--features", type=int, default=8, help="init_features of resunet3d")
+    parser.add_argument("--device", default="cpu", help="infer.device of the runs (cpu, cuda)")
+    parser.add_argument("--no-before", action="store_true", help="skip the runs of the old engine")
+    parser.add_argument("--compile", action="store_true", help="add torch.compile to the options table (slow)")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats of the options table")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. infer.overlap=0.5")
     return parser.parse_args()
 
@@ -49,49 +62,156 @@ def write_volume(path: Path, size: int) -> None:
         arr[z:z + len(zz)] = np.clip(sheets + noise, 0, 65535).astype(np.uint16)
 
 
-def model_seconds_per_voxel(cfg) -> float:
-    """Seconds per voxel of the bare network on batches of windows (no overlap, no I/O)."""
-    model = build_model(cfg.model.name, **cfg.model.kwargs).eval()
-    x = torch.randn(cfg.infer.sw_batch_size, 1, *cfg.infer.roi_size)
-    with torch.inference_mode():
-        model(x)
-        start = time.perf_counter()
-        for _ in range(3):
-            model(x)
-    return (time.perf_counter() - start) / 3 / x.numel()
+# ------------------------------------------------------------------------------------------ options
 
 
-def run_cli(ckpt: Path, volume: Path, out: Path, overrides: list[str]) -> float:
+def _timed(fn, x) -> float:
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "vesuvius_monai.cli", "predict", "--checkpoint", str(ckpt), "--input",
-                    str(volume), "--output", str(out), *overrides], check=True, stderr=subprocess.DEVNULL)
+    fn(x)
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+def option_rows(cfg, device: torch.device, compile_too: bool) -> dict[str, tuple]:
+    """name -> (callable, input batch) for the options table; the first row is the old path."""
+    model = build_model(cfg.model.name, **cfg.model.kwargs).to(device).eval()
+    roi, batch = tuple(cfg.infer.roi_size), cfg.infer.sw_batch_size
+    cl = torch.channels_last_3d
+    model_cl = build_model(cfg.model.name, **cfg.model.kwargs).to(device).eval().to(memory_format=cl)
+    model_cl.load_state_dict(model.state_dict())
+
+    def grad_free(m, mode):
+        def run(x):
+            with mode():
+                return m(x)
+        return run
+
+    x = torch.randn(batch, 1, *roi, device=device)
+    rows = {
+        f"no_grad, batch {batch} (before)": (grad_free(model, torch.no_grad), x),
+        f"inference_mode, batch {batch}": (grad_free(model, torch.inference_mode), x),
+        f"inference_mode, channels-last input, batch {batch}": (grad_free(model, torch.inference_mode),
+                                                                x.to(memory_format=cl)),
+        f"inference_mode, channels-last model+input, batch {batch}": (grad_free(model_cl, torch.inference_mode),
+                                                                      x.to(memory_format=cl)),
+    }
+    for b in (1, 4, 8):
+        rows[f"inference_mode, batch {b}"] = (grad_free(model, torch.inference_mode),
+                                              torch.randn(b, 1, *roi, device=device))
+    for edge in (96, 128):
+        rows[f"inference_mode, window {edge}^3, batch 1"] = (grad_free(model, torch.inference_mode),
+                                                             torch.randn(1, 1, edge, edge, edge, device=device))
+    if compile_too:
+        rows[f"torch.compile, inference_mode, batch {batch}"] = (grad_free(torch.compile(model), torch.inference_mode),
+                                                                 x)
+    return rows
+
+
+def print_options(cfg, device: torch.device, repeats: int, compile_too: bool) -> None:
+    """Mvox/s of each option on one batch (medians of ``repeats`` interleaved rounds after one warm-up)."""
+    rows = option_rows(cfg, device, compile_too)
+    seconds = {name: [] for name in rows}
+    for name, (fn, x) in rows.items():
+        start = time.perf_counter()
+        fn(x)
+        if name.startswith("torch.compile"):
+            print(f"  (torch.compile: first call with compilation {time.perf_counter() - start:.1f} s)")
+    for _ in range(repeats):
+        for name, (fn, x) in rows.items():
+            seconds[name].append(_timed(fn, x))
+    print(f"inference options ({device}, torch threads {torch.get_num_threads()}, medians of {repeats} interleaved "
+          f"rounds of one batch; window voxels per second):")
+    for name, (_, x) in rows.items():
+        t = statistics.median(seconds[name])
+        print(f"  {name:58s} {x.numel() / t / 1e6:8.2f} Mvox/s   ({t * 1000:.0f} ms per batch)")
+
+
+# ------------------------------------------------------------------------------------------ runs
+
+
+def model_seconds_per_window(cfg, device: torch.device, repeats: int = 5) -> float:
+    """Seconds per window of the engine's own predictor on one batch (median of ``repeats`` after a warm-up)."""
+    torch.manual_seed(0)
+    model = build_model(cfg.model.name, **cfg.model.kwargs).to(device).eval()
+    predictor = make_predictor(model, cfg.infer, device, cfg.infer.amp)
+    x = torch.randn(cfg.infer.sw_batch_size, 1, *cfg.infer.roi_size, device=device)
+    with torch.inference_mode():
+        predictor(x)
+        times = [_timed(predictor, x) for _ in range(repeats)]
+    return statistics.median(times) / x.shape[0]
+
+
+def run_cli(command: list[str], env: dict | None = None, cwd: Path | None = None) -> tuple[float, float]:
+    """Run a command in a fresh process; (wall seconds, its own peak resident memory in GiB)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, stderr=subprocess.DEVNULL, env=env, cwd=cwd)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"command failed: {' '.join(command)}")
+    return seconds, usage.ru_maxrss / 2**20
+
+
+def old_tree(tmp: Path) -> Path:
+    """The package as of commit BEFORE, extracted (read-only use of the repository) into ``tmp/before``."""
+    target = tmp / "before"
+    target.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", BEFORE, "vesuvius_monai"], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    return target
+
+
+def old_checkpoint(tree: Path, path: Path, overrides: list[str]) -> dict:
+    """Save the bench model with the old code (its own config format); returns the env that runs the old CLI."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    script = ("import sys, torch; from vesuvius_monai.config import load_config; "
+              "from vesuvius_monai.io.checkpoint import save_checkpoint; from vesuvius_monai.models import build_model; "
+              "import vesuvius_monai; assert vesuvius_monai.__file__.startswith(sys.argv[2]), vesuvius_monai.__file__; "
+              "cfg = load_config(None, sys.argv[3:]); torch.manual_seed(0); "
+              "save_checkpoint(sys.argv[1], cfg=cfg, model=build_model(cfg.model.name, **cfg.model.kwargs), step=0)")
+    subprocess.run([sys.executable, "-c", script, str(path), str(tree), *overrides], check=True, env=env, cwd=tree)
+    return env
 
 
 def main() -> None:
     args = parse_args()
-    cfg = load_config(None, [f"model.kwargs={{init_features: {args.features}}}", *args.overrides])
+    overrides = [f"model.kwargs={{init_features: {args.features}}}", f"infer.device={args.device}", *args.overrides]
+    cfg = load_config(None, overrides)
+    device = resolve_device(cfg.infer.device)
+    print_options(cfg, device, args.repeats, args.compile)
+    per_window = model_seconds_per_window(cfg, device)
+    print(f"\nruns: resunet3d init_features={args.features}, window {list(cfg.infer.roi_size)}, overlap "
+          f"{cfg.infer.overlap}, batch {cfg.infer.sw_batch_size}, blocks {list(cfg.infer.block_size)}, {device}, "
+          f"amp {cfg.infer.amp and device.type == 'cuda'}; model alone {per_window * 1000:.0f} ms per window "
+          f"(engine predictor, batch of {cfg.infer.sw_batch_size})")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         ckpt = tmp / "model.pt"
         torch.manual_seed(0)
         save_checkpoint(ckpt, cfg=cfg, model=build_model(cfg.model.name, **cfg.model.kwargs), step=0)
-        per_voxel = model_seconds_per_voxel(cfg)
-        print(f"resunet3d init_features={args.features}, window {list(cfg.infer.roi_size)}, overlap "
-              f"{cfg.infer.overlap}, blocks {list(cfg.infer.block_size)}, halo {list(cfg.infer.halo)}, "
-              f"torch threads {torch.get_num_threads()}; model alone: {1 / per_voxel / 1e6:.2f} Mvox/s "
-              f"(3 passes of {cfg.infer.sw_batch_size} windows)")
+        tree = None if args.no_before else old_tree(tmp)
+        old_env = None if tree is None else old_checkpoint(tree, tmp / "old.pt", overrides)
+        print(f"{'volume':>7} {'engine':>7} {'wall s':>8} {'Mvox/s':>7} {'peak GiB':>9} {'windows':>8} "
+              f"{'model s':>8} {'wall/model':>10}")
         for size in args.sizes:
             volume = tmp / f"vol{size}.zarr"
             write_volume(volume, size)
-            before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-            seconds = run_cli(ckpt, volume, tmp / f"probs{size}.zarr", args.overrides)
-            peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-            note = "" if peak > before else " (not above an earlier, larger run: compare sizes in separate runs)"
-            voxels = size**3
-            print(f"{size}^3: {seconds:.1f} s, {voxels / seconds / 1e6:.2f} Mvox/s, peak RSS {peak / 2**20:.2f} GiB"
-                  f"{note}, whole-volume time / model time on {voxels} voxels = {seconds / (per_voxel * voxels):.2f}",
-                  flush=True)
+            grid = WindowGrid((size,) * 3, cfg.infer.roi_size, cfg.infer.overlap, cfg.infer.block_size)
+            model_s = grid.n_windows * per_window
+            runs = [("after", [sys.executable, "-m", "vesuvius_monai.cli", "predict", "--checkpoint", str(ckpt)],
+                     None, None)]
+            if tree is not None:
+                runs.insert(0, ("before", [sys.executable, "-m", "vesuvius_monai.cli", "predict", "--checkpoint",
+                                           str(tmp / "old.pt")], old_env, tree))
+            for name, command, env, cwd in runs:
+                out = tmp / f"probs{size}_{name}.zarr"
+                seconds, peak = run_cli([*command, "--input", str(volume), "--output", str(out), *overrides], env, cwd)
+                print(f"{size:>6}^3 {name:>7} {seconds:8.1f} {size**3 / seconds / 1e6:7.2f} {peak:9.2f} "
+                      f"{grid.n_windows:8d} {model_s:8.1f} {seconds / model_s:10.2f}", flush=True)
 
 
 if __name__ == "__main__":

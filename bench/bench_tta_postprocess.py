@@ -39,7 +39,8 @@ from _common import (ALL_METRICS, VERDICT_RULE, ensure_synthetic, format_table, 
                      run_main, verdict_text, with_overrides, write_json)
 from vesuvius_monai.config import Config, to_dict
 from vesuvius_monai.data.dataset import Fragment, load_splits
-from vesuvius_monai.engine.infer import load_normalized, resolve_device, sliding_window_probs
+from vesuvius_monai.data.readers import VolumeReader
+from vesuvius_monai.engine.infer import infer_volume, resolve_device
 from vesuvius_monai.engine.train import train
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.checkpoint import model_from_checkpoint
@@ -78,10 +79,10 @@ SETTING_COLUMNS = [("views", "tta_views", "d"), ("threshold", "threshold", ".3f"
 
 @dataclass
 class Split:
-    """Fragments of one split held in memory: normalised images and labels (z, y, x), voxel spacings."""
+    """Fragments of one split: image readers (normalised at inference), labels (z, y, x) in memory, spacings."""
 
     ids: list[str]
-    images: list[np.ndarray]
+    images: list[VolumeReader]
     labels: list[np.ndarray]
     spacings: list[tuple[float, float, float]]
 
@@ -121,7 +122,7 @@ def load_split(fragments: list[Fragment], cfg: Config) -> Split:
         unlabeled = [f.id for f in fragments if f.label is None]
         raise VesuviusError(f"fragments without labels cannot be scored: {unlabeled}")
     return Split(ids=[f.id for f in fragments],
-                 images=[load_normalized(f.image, cfg.transforms.percentiles) for f in fragments],
+                 images=[f.image for f in fragments],
                  labels=[f.label.read() for f in fragments],
                  spacings=[tuple(f.image.spacing) for f in fragments])
 
@@ -132,7 +133,7 @@ def predict_split(model: nn.Module, split: Split, mode: str, cfg: Config, device
     axes, rot90 = INFERENCE_MODES[mode]
     infer_cfg = dataclasses.replace(cfg.infer, tta_flip_axes=list(axes), tta_rot90=rot90)
     start = time.perf_counter()
-    probs = [sliding_window_probs(model, image, infer_cfg, device=device, amp=cfg.infer.amp)
+    probs = [infer_volume(model, image, dataclasses.replace(cfg, infer=infer_cfg), device=device)
              for image in tqdm(split.images, desc=f"predict {mode}", leave=False)]
     return probs, time.perf_counter() - start
 

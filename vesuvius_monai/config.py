@@ -309,8 +309,7 @@ class InferConfig:
     sigma_scale: float = 0.125
     tta_flip_axes: list[int] = field(default_factory=list)  # any of 0 (z), 1 (y), 2 (x)
     tta_rot90: bool = False
-    block_size: Triple = (192, 192, 192)  # block-wise prediction: rounded up to multiples of the window stride
-    halo: Triple = (32, 32, 32)  # context per side; raised to the reach of the windows (see engine.predict)
+    block_size: Triple = (192, 192, 192)  # inference blocks: rounded up to multiples of the stride, >= the window
     out_dtype: str = "uint8"  # zarr probability output: uint8 (p*255), float16 or float32
     device: str = "auto"  # auto | cpu | cuda (evaluate, predict, tune-threshold; validation runs on train.device)
     amp: bool = True  # mixed precision, CUDA only (never on CPU)
@@ -326,7 +325,6 @@ class InferConfig:
         require(set(self.tta_flip_axes) <= {0, 1, 2} and len(set(self.tta_flip_axes)) == len(self.tta_flip_axes),
                 "infer.tta_flip_axes", f"distinct axes 0, 1 or 2, got {self.tta_flip_axes}")
         choice("infer.out_dtype", self.out_dtype, ("uint8", "float16", "float32"))
-        require(min(self.halo) >= 0, "infer.halo", f"must be >= 0, got {self.halo}")
         choice("infer.device", self.device, ("auto", "cpu", "cuda"))
 
 
@@ -538,7 +536,8 @@ def read_yaml_mapping(path: str | Path, what: str) -> dict:
 
 
 # Keys that older versions wrote (into config.yaml and checkpoints): old dotted key -> new key, or None (dropped).
-RENAMED_KEYS: dict[str, str | None] = {"synth.shape": "synth.params.shape"}
+RENAMED_KEYS: dict[str, str | None] = {"synth.shape": "synth.params.shape",
+                                       "infer.halo": None}  # blocks share partial sums now: no halo
 
 
 def upgrade_raw(raw: dict) -> dict:

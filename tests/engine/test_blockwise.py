@@ -1,180 +1,251 @@
-"""Block-wise prediction: seam-free equality with whole-volume prediction, resume, ROI, bounded reads."""
+"""Block-wise inference against MONAI's whole-volume sliding_window_inference: equality, windows computed once,
+resume after a crash, bounded memory."""
 
 from __future__ import annotations
 
-import nibabel as nib
+import tracemalloc
+
 import numpy as np
 import pytest
-from scipy import ndimage
+import torch
+from monai.data.utils import dense_patch_slices
+from monai.inferers import sliding_window_inference
+from monai.inferers.utils import _get_scan_interval
 
-from vesuvius_monai.data.readers import NpyReader, open_volume
-from vesuvius_monai.engine.blockwise import export_nifti, predict_volume_blockwise
+from vesuvius_monai.config import load_config
+from vesuvius_monai.data.readers import open_volume, sample_percentiles
+from vesuvius_monai.data.transforms import normalize
+from vesuvius_monai.engine.blockwise import run_blocks
+from vesuvius_monai.engine.infer import infer_volume, load_normalized, make_predictor
+from vesuvius_monai.engine.windows import WindowGrid
 from vesuvius_monai.errors import VesuviusError
+from vesuvius_monai.io.zarr_store import PredictionStore, SpillFolder
 
-SHAPE = (37, 50, 61)
-BLOCK = (16, 16, 16)
-HALO = (8, 8, 8)
-N_BLOCKS = 3 * 4 * 4
+CPU = torch.device("cpu")
 
 
-def context_fn(block: np.ndarray) -> np.ndarray:
-    """Gaussian blur (sigma 1.5, support radius 6 < halo) then a sigmoid: depends on neighbours."""
-    blurred = ndimage.gaussian_filter(block.astype(np.float64), sigma=1.5, mode="reflect", truncate=4.0)
-    return (1.0 / (1.0 + np.exp(-3.0 * blurred))).astype(np.float32)
+class TinyNet(torch.nn.Module):
+    """Two 3x3x3 convolutions with zero padding (outputs depend on where a window sits); counts the windows."""
 
+    def __init__(self, fail_after: int | None = None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3, padding=1), torch.nn.Tanh(),
+                                       torch.nn.Conv3d(2, 1, 3, padding=1))
+        self.windows = 0
+        self.fail_after = fail_after
 
-@pytest.fixture
-def volume(tmp_path):
-    """Random uint16-like intensities on an odd grid, saved as .npy with anisotropic spacing."""
-    data = np.random.default_rng(0).normal(0, 1, SHAPE).astype(np.float32)
-    np.save(tmp_path / "scan.npy", data)
-    return data, open_volume(tmp_path / "scan.npy", spacing=(2.0, 1.0, 0.5))
-
-
-class CountingFn:
-    """``context_fn`` that counts its calls and raises on call number ``fail_at``."""
-
-    def __init__(self, fail_at: int | None = None):
-        self.calls = 0
-        self.fail_at = fail_at
-
-    def __call__(self, block):
-        self.calls += 1
-        if self.calls == self.fail_at:
+    def forward(self, x):
+        if self.fail_after is not None and self.windows >= self.fail_after:
             raise RuntimeError("simulated crash")
-        return context_fn(block)
+        self.windows += x.shape[0]
+        return self.net(x) * 3.0
 
 
-@pytest.mark.parametrize("dtype, atol", [("float32", 1e-5), ("float16", 2.5e-4), ("uint8", 0.5 / 255 + 1e-6)])
-def test_equals_whole_volume_prediction(tmp_path, volume, dtype, atol):
-    data, reader = volume
-    out = predict_volume_blockwise(reader, context_fn, tmp_path / "p.zarr", block_size=BLOCK, halo=HALO,
-                                   dtype=dtype, progress=False)
-    result = open_volume(out)
-    assert result.shape == SHAPE and result.dtype == np.dtype(dtype)
-    assert result.spacing == (2.0, 1.0, 0.5)
-    probs = result.read().astype(np.float32) / (255.0 if dtype == "uint8" else 1.0)
-    assert np.abs(probs - context_fn(data)).max() <= atol
+def make_cfg(roi, block, overlap=0.25, blend="gaussian", sigma=0.125, batch=2, dtype="float32", tta=()):
+    return load_config(None, [f"infer.roi_size={list(roi)}", f"infer.block_size={list(block)}",
+                              f"infer.overlap={overlap}", f"infer.blend={blend}", f"infer.sigma_scale={sigma}",
+                              f"infer.sw_batch_size={batch}", f"infer.out_dtype={dtype}",
+                              f"infer.tta_flip_axes={list(tta)}", "infer.device=cpu"])
 
 
-def test_without_halo_seams_show(tmp_path, volume):
-    data, reader = volume
-    out = predict_volume_blockwise(reader, context_fn, tmp_path / "p.zarr", block_size=BLOCK, halo=(0, 0, 0),
-                                   dtype="float32", progress=False)
-    assert np.abs(open_volume(out).read() - context_fn(data)).max() > 1e-2  # so the test above can fail
+def monai_reference(net, reader, cfg) -> np.ndarray:
+    """MONAI's sliding_window_inference over the whole normalised volume: the independent reference."""
+    image = torch.from_numpy(load_normalized(reader, cfg.transforms.percentiles))[None, None]
+    icfg = cfg.infer
+    with torch.inference_mode():
+        out = sliding_window_inference(image, icfg.roi_size, icfg.sw_batch_size, make_predictor(net, icfg, CPU, False),
+                                       overlap=icfg.overlap, mode=icfg.blend, sigma_scale=icfg.sigma_scale)
+    return out[0, 0].numpy()
 
 
-class SpyReader(NpyReader):
-    """Records the size of every region read."""
-
-    def __init__(self, path):
-        super().__init__(path, None)
-        self.sizes: list[int] = []
-
-    def _read(self, region):
-        data = super()._read(region)
-        self.sizes.append(data.size)
-        return data
+def monai_window_count(shape, roi, overlap) -> int:
+    padded = tuple(max(d, r) for d, r in zip(shape, roi))
+    return len(dense_patch_slices(padded, roi, _get_scan_interval(padded, roi, 3, (overlap,) * 3)))
 
 
-def test_reads_are_bounded_by_block_plus_halo(tmp_path, volume):
-    reader = SpyReader(tmp_path / "scan.npy")
-    predict_volume_blockwise(reader, context_fn, tmp_path / "p.zarr", block_size=BLOCK, halo=HALO, progress=False)
-    assert len(reader.sizes) == N_BLOCKS
-    # largest read: z 8:37 (block 16:32 + halo, clipped at 37) x y 8:40 x x 8:40; never the whole volume
-    assert max(reader.sizes) == 29 * 32 * 32
+def save_volume(tmp_path, shape, seed, name="scan.npy"):
+    data = np.random.default_rng(seed).normal(1000, 200, shape).astype(np.float32)
+    np.save(tmp_path / name, data)
+    return open_volume(tmp_path / name)
 
 
-def test_resume_after_crash(tmp_path, volume):
-    data, reader = volume
-    reference = predict_volume_blockwise(reader, context_fn, tmp_path / "ref.zarr", block_size=BLOCK, halo=HALO,
-                                         dtype="float32", progress=False)
-    out = tmp_path / "p.zarr"
-    crashing = CountingFn(fail_at=6)
+def random_case(rng):
+    """Shapes 1..34 (often smaller than the window on some axis), windows 2..15, any block size and overlap.
+
+    Overlaps up to 0.75 (float sums of at most 64 windows per voxel) and at most 250 windows keep it fast;
+    test_high_overlap covers stride 1.
+    """
+    while True:
+        shape = tuple(int(v) for v in rng.integers(1, 35, 3))
+        roi = tuple(int(v) for v in rng.integers(2, 16, 3))
+        block = tuple(int(v) for v in rng.integers(1, 30, 3))
+        overlap = float(rng.choice([0.0, 0.25, 0.5, 0.75, round(float(rng.uniform(0, 0.75)), 3)]))
+        if monai_window_count(shape, roi, overlap) <= 250:
+            break
+    blend = str(rng.choice(["gaussian", "constant"]))
+    return shape, roi, block, dict(overlap=overlap, blend=blend, sigma=round(float(rng.uniform(0.05, 1.0)), 3),
+                                   batch=int(rng.integers(1, 5)))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_equals_monai_whole_volume_inference(tmp_path, seed):
+    """Property: for random shapes, windows, blocks, overlaps and blending, the in-memory and the Zarr output
+    equal MONAI's sliding_window_inference, and the network sees each window of MONAI's grid exactly once."""
+    rng = np.random.default_rng(seed)
+    multi_block = 0
+    for case in range(6):
+        shape, roi, block, kw = random_case(rng)
+        reader = save_volume(tmp_path, shape, seed * 100 + case, f"v{case}.npy")
+        cfg = make_cfg(roi, block, **kw)
+        expected = monai_reference(TinyNet(), reader, cfg)
+        net = TinyNet()
+        got = infer_volume(net, reader, cfg, device=CPU)
+        assert net.windows == monai_window_count(shape, roi, kw["overlap"]), (shape, roi, block, kw)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6, err_msg=str((shape, roi, block, kw)))
+        stored = infer_volume(TinyNet(), reader, cfg, device=CPU, output=tmp_path / f"p{case}.zarr")
+        np.testing.assert_array_equal(open_volume(stored).read(), got)
+        multi_block += len(WindowGrid(shape, roi, kw["overlap"], block).blocks()) > 1
+    assert multi_block >= 3  # the cases do cut volumes into blocks
+
+
+def test_high_overlap(tmp_path):
+    """Stride 1 on two axes (hundreds of windows summed per voxel: float tolerance grows with the count)."""
+    reader = save_volume(tmp_path, (9, 11, 30), 2)
+    cfg = make_cfg((4, 5, 8), (5, 5, 8), overlap=0.9, blend="constant", batch=8)
+    expected = monai_reference(TinyNet(), reader, cfg)
+    np.testing.assert_allclose(infer_volume(TinyNet(), reader, cfg, device=CPU), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("overlap", [0.25, 0.5])
+def test_thin_last_block_gets_full_context(tmp_path, overlap):
+    """The reported case: 37 x 61 x 50, blocks 48, window 32 (the last blocks are thinner than a window)."""
+    reader = save_volume(tmp_path, (37, 61, 50), 3)
+    cfg = make_cfg((32, 32, 32), (48, 48, 48), overlap=overlap)
+    expected = monai_reference(TinyNet(), reader, cfg)
+    out = infer_volume(TinyNet(), reader, cfg, device=CPU, output=tmp_path / "p.zarr")
+    np.testing.assert_allclose(open_volume(out).read(), expected, rtol=0, atol=2e-6)
+
+
+def test_tta_and_uint8(tmp_path):
+    reader = save_volume(tmp_path, (20, 24, 24), 4)
+    cfg = make_cfg((8, 12, 12), (12, 12, 12), overlap=0.5, dtype="uint8", tta=(0, 2))
+    expected = monai_reference(TinyNet(), reader, cfg)
+    out = open_volume(infer_volume(TinyNet(), reader, cfg, device=CPU, output=tmp_path / "p.zarr"))
+    assert out.dtype == np.uint8
+    assert np.abs(out.read() / 255.0 - expected).max() <= 0.5 / 255 + 1e-6
+
+
+def test_roi_is_predicted_as_a_volume_of_its_own(tmp_path):
+    """The ROI is predicted like a volume of its own, normalised with the whole volume's percentile window."""
+    reader = save_volume(tmp_path, (30, 40, 40), 5)
+    roi = (slice(5, 30), slice(10, None), slice(-19, None))
+    cfg = make_cfg((8, 8, 8), (8, 8, 8))
+    out = open_volume(infer_volume(TinyNet(), reader, cfg, device=CPU, roi=roi, output=tmp_path / "roi.zarr"))
+    assert out.shape == (25, 30, 19)
+    np.testing.assert_allclose(out.affine[:3, 3], [21.0, 10.0, 5.0])  # origin at the ROI's first voxel (x, y, z)
+    crop = normalize(reader.read(roi), sample_percentiles(reader, q=cfg.transforms.percentiles))
+    with torch.inference_mode():
+        expected = sliding_window_inference(torch.from_numpy(crop)[None, None], (8, 8, 8), 2,
+                                            make_predictor(TinyNet(), cfg.infer, CPU, False), overlap=0.25,
+                                            mode="gaussian")[0, 0].numpy()
+    np.testing.assert_allclose(out.read(), expected, rtol=0, atol=2e-6)
+
+
+def test_crash_then_resume_is_identical_and_skips_finished_blocks(tmp_path):
+    reader = save_volume(tmp_path, (30, 26, 22), 6)
+    cfg = make_cfg((8, 8, 8), (8, 8, 8), overlap=0.5)
+    grid = WindowGrid((30, 26, 22), (8, 8, 8), 0.5, (8, 8, 8))
+    reference = open_volume(infer_volume(TinyNet(), reader, cfg, device=CPU, output=tmp_path / "ref.zarr")).read()
+
+    out, work = tmp_path / "p.zarr", tmp_path / "p.zarr.partial"
     with pytest.raises(RuntimeError, match="simulated"):
-        predict_volume_blockwise(reader, crashing, out, block_size=BLOCK, halo=HALO, dtype="float32", progress=False)
+        infer_volume(TinyNet(fail_after=grid.n_windows // 2), reader, cfg, device=CPU, output=out)
     assert not out.exists()  # the output only appears complete
-    assert len(list((tmp_path / "p.zarr.partial" / ".blocks_done").iterdir())) == 5
+    done = PredictionStore.open(work).done_blocks()
+    assert 0 < len(done) < len(grid.blocks())
+    assert SpillFolder(work / ".spills").keys()  # partial sums of finished blocks wait for their successors
 
-    resumed = CountingFn()
-    predict_volume_blockwise(reader, resumed, out, block_size=BLOCK, halo=HALO, dtype="float32", progress=False)
-    assert resumed.calls == N_BLOCKS - 5  # the 5 finished blocks were not recomputed
-    np.testing.assert_array_equal(open_volume(out).read(), open_volume(reference).read())
-    assert not (tmp_path / "p.zarr.partial").exists()
-    assert not (out / ".blocks_done").exists()
+    resumed = TinyNet()
+    infer_volume(resumed, reader, cfg, device=CPU, output=out)
+    assert resumed.windows == sum(grid.n_own_windows(i) for i in grid.blocks() if i not in done)
+    np.testing.assert_array_equal(open_volume(out).read(), reference)  # bit-identical
+    assert not work.exists() and not (out / ".spills").exists() and not (out / ".blocks_done").exists()
 
-    again = CountingFn()
-    predict_volume_blockwise(reader, again, out, block_size=BLOCK, halo=HALO, dtype="float32", progress=False)
-    assert again.calls == 0
-    fresh = CountingFn()
-    predict_volume_blockwise(reader, fresh, out, block_size=BLOCK, halo=HALO, dtype="float32", progress=False,
-                             resume=False)
-    assert fresh.calls == N_BLOCKS
-    np.testing.assert_array_equal(open_volume(out).read(), open_volume(reference).read())
+    again = TinyNet()
+    infer_volume(again, reader, cfg, device=CPU, output=out)
+    assert again.windows == 0
+    fresh = TinyNet()
+    infer_volume(fresh, reader, cfg, device=CPU, output=out, resume=False)
+    assert fresh.windows == grid.n_windows
 
 
-def test_resume_refuses_different_settings(tmp_path, volume):
-    _, reader = volume
+def test_other_settings_are_named(tmp_path):
+    reader = save_volume(tmp_path, (20, 20, 20), 7)
     out = tmp_path / "p.zarr"
     with pytest.raises(RuntimeError):
-        predict_volume_blockwise(reader, CountingFn(fail_at=3), out, block_size=BLOCK, halo=HALO, progress=False)
-    with pytest.raises(VesuviusError, match=r"p\.zarr\.partial.*different settings"):
-        predict_volume_blockwise(reader, context_fn, out, block_size=(8, 8, 8), halo=HALO, progress=False)
-    predict_volume_blockwise(reader, context_fn, out, block_size=BLOCK, halo=HALO, progress=False)
-    with pytest.raises(VesuviusError, match=r"p\.zarr.*different settings"):
-        predict_volume_blockwise(reader, context_fn, out, block_size=BLOCK, halo=HALO, dtype="float16",
-                                 progress=False)
-
-
-def test_roi(tmp_path, volume):
-    data, reader = volume
-    roi = (slice(5, 30), slice(10, None), slice(-20, None))
-    counting = CountingFn()
-    out = predict_volume_blockwise(reader, counting, tmp_path / "roi.zarr", block_size=BLOCK, halo=HALO,
-                                   dtype="float32", roi=roi, progress=False)
-    result = open_volume(out)
-    assert result.shape == (25, 40, 20)
-    assert counting.calls == 2 * 3 * 2
-    # context from outside the ROI is used, so the ROI equals the crop of the whole-volume prediction
-    np.testing.assert_allclose(result.read(), context_fn(data)[5:30, 10:, 41:], atol=1e-5)
-    # origin moves to the ROI's first voxel: x 41 * 0.5, y 10 * 1, z 5 * 2
-    np.testing.assert_allclose(result.affine[:3, 3], [20.5, 10.0, 10.0])
-
-    nifti = export_nifti(out, tmp_path / "roi.nii.gz")
-    img = nib.load(str(nifti))
-    assert img.shape == (20, 40, 25)
-    np.testing.assert_allclose(np.asarray(img.dataobj).transpose(2, 1, 0), result.read(), atol=1e-7)
-    np.testing.assert_allclose(img.affine, result.affine)
-
-
-def test_normalize_is_applied_before_predict(tmp_path, volume):
-    data, reader = volume
-    out = predict_volume_blockwise(reader, lambda b: 1 / (1 + np.exp(-b)), tmp_path / "n.zarr", block_size=BLOCK,
-                                   halo=(0, 0, 0), dtype="float32", normalize=lambda b: (b - 0.5) * 4.0,
-                                   progress=False)
-    np.testing.assert_allclose(open_volume(out).read(), 1 / (1 + np.exp(-(data - 0.5) * 4.0)), atol=1e-6)
-
-
-def test_errors(tmp_path, volume):
-    _, reader = volume
-    with pytest.raises(VesuviusError, match="shape"):
-        predict_volume_blockwise(reader, lambda b: b[:-1], tmp_path / "a.zarr", block_size=BLOCK, progress=False)
-    with pytest.raises(VesuviusError, match="NaN"):
-        predict_volume_blockwise(reader, lambda b: b * np.nan, tmp_path / "b.zarr", block_size=BLOCK,
-                                 progress=False)
-    with pytest.raises(VesuviusError, match="block_size"):
-        predict_volume_blockwise(reader, context_fn, tmp_path / "c.zarr", block_size=(16, 0, 16), progress=False)
-    with pytest.raises(VesuviusError, match="dtype"):
-        predict_volume_blockwise(reader, context_fn, tmp_path / "c.zarr", dtype="int16", progress=False)
-    with pytest.raises(VesuviusError, match="empty"):
-        predict_volume_blockwise(reader, context_fn, tmp_path / "c.zarr", roi=(slice(5, 5), slice(None), slice(None)),
-                                 progress=False)
+        infer_volume(TinyNet(fail_after=8), reader, make_cfg((8, 8, 8), (8, 8, 8)), device=CPU, output=out)
+    with pytest.raises(VesuviusError, match=r"p\.zarr\.partial: unfinished prediction with other settings "
+                                            r"\(.*infer\.overlap 0\.25 -> 0\.5\).*another --output.*delete"):
+        infer_volume(TinyNet(), reader, make_cfg((8, 8, 8), (8, 8, 8), overlap=0.5), device=CPU, output=out)
+    infer_volume(TinyNet(), reader, make_cfg((8, 8, 8), (8, 8, 8)), device=CPU, output=out)
+    with pytest.raises(VesuviusError, match=r"p\.zarr: exists .*dtype float32 -> float16.*another --output"):
+        infer_volume(TinyNet(), reader, make_cfg((8, 8, 8), (8, 8, 8), dtype="float16"), device=CPU, output=out)
     precious = tmp_path / "precious.zarr"
     precious.mkdir()
     (precious / "notes.txt").write_text("keep me")
     for resume in (True, False):
         with pytest.raises(VesuviusError, match=r"precious\.zarr"):
-            predict_volume_blockwise(reader, context_fn, precious, block_size=BLOCK, progress=False, resume=resume)
+            infer_volume(TinyNet(), reader, make_cfg((8, 8, 8), (8, 8, 8)), device=CPU, output=precious,
+                         resume=resume)
     assert (precious / "notes.txt").read_text() == "keep me"
-    with pytest.raises(VesuviusError, match=r"a\.zarr.*not complete"):
-        export_nifti(tmp_path / "a.zarr.partial", tmp_path / "a.nii.gz")
+
+
+def test_nan_and_empty_roi_are_errors(tmp_path):
+    data = np.ones((12, 12, 12), np.float32)
+    data[3, 4, 5] = np.nan
+    np.save(tmp_path / "nan.npy", data)
+    reader = save_volume(tmp_path, (12, 12, 12), 8)
+    with pytest.raises(VesuviusError, match="empty"):
+        infer_volume(TinyNet(), reader, make_cfg((8, 8, 8), (8, 8, 8)), roi=(slice(5, 5), slice(None), slice(None)))
+    with pytest.raises(VesuviusError, match="NaN"):
+        infer_volume(TinyNet(), open_volume(tmp_path / "nan.npy"), make_cfg((8, 8, 8), (8, 8, 8)))
+
+
+class NullSink:
+    def done_blocks(self):
+        return set()
+
+    def write_block(self, index, region, probs):
+        pass
+
+
+def engine_peak_bytes(tmp_path, shape) -> tuple[int, int]:
+    """Peak traced bytes of the engine on ``shape`` (spills on disk, output discarded), and one extent's bytes.
+
+    Window 16, overlap 0.25: blocks of 36 with extents of 40; a pointwise predictor keeps it fast.
+    """
+    grid = WindowGrid(shape, (16, 16, 16), 0.25, (32, 32, 32))
+    rng = np.random.default_rng(0)
+    read = lambda region: rng.random(tuple(s.stop - s.start for s in region), dtype=np.float32)  # noqa: E731
+    spills = SpillFolder(tmp_path / f"spills{shape[0]}")
+    tracemalloc.start()
+    try:
+        run_blocks(grid, read, torch.sigmoid, NullSink(), spills, batch=32, blend="gaussian", sigma_scale=0.125,
+                   device=CPU)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert not spills.keys()
+    extent = max(np.prod([s.stop - s.start for s in grid.extent(i)]) for i in grid.blocks())
+    return peak, int(extent) * 4
+
+
+def test_memory_is_bounded_by_a_few_blocks(tmp_path):
+    """Peak memory has a bound independent of the volume size: two inputs (current, prefetched), two sums
+    (network, writer), the writer's block and two cached weight maps, about 7.5 extents at most (6.4-7.7
+    measured, depending on how the threads overlap), whether the volume has 8 or 64 blocks."""
+    for size in (72, 144):  # 8 and 64 blocks
+        peak, extent = engine_peak_bytes(tmp_path, (size, size, size))
+        assert extent == 40**3 * 4
+        assert peak < 8.5 * extent, (size, peak / extent)

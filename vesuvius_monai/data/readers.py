@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import os
 import re
 import xml.etree.ElementTree as ET
@@ -22,62 +21,23 @@ import numpy as np
 import tifffile
 import zarr
 
+from vesuvius_monai.data.ome_zarr import open_zarr_array
+from vesuvius_monai.data.regions import (  # noqa: F401  (re-exported: readers were their first home)
+    Region,
+    block_grid,
+    format_region,
+    normalize_region,
+    region_shape,
+)
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.nifti import is_nifti_path, load_nifti_image, spacing_to_affine
 
 logger = logging.getLogger(__name__)
 
-Region = tuple[slice, slice, slice]
 Spacing = tuple[float, float, float]
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 ZARR_MARKERS = (".zarray", ".zgroup", "zarr.json")
-
-
-# ----------------------------------------------------------------------------------------------- regions
-
-
-def normalize_region(region: Region | None, shape: tuple[int, int, int]) -> Region:
-    """Clip a (z, y, x) tuple of slices to ``shape``; None means the whole volume.
-
-    Slices may have None / negative bounds (Python semantics) but only step None or 1.
-    """
-    if region is None:
-        return tuple(slice(0, d) for d in shape)  # type: ignore[return-value]
-    if len(region) != 3 or not all(isinstance(s, slice) for s in region):
-        raise VesuviusError(f"region must be a tuple of three slices (z, y, x), got {region!r}")
-    out = []
-    for s, d in zip(region, shape):
-        if s.step not in (None, 1):
-            raise VesuviusError(f"region slices must have step 1, got {s!r}")
-        start, stop, _ = s.indices(d)
-        out.append(slice(start, max(start, stop)))
-    return tuple(out)  # type: ignore[return-value]
-
-
-def region_shape(region: Region) -> tuple[int, int, int]:
-    """Shape (z, y, x) of a normalised region."""
-    return tuple(s.stop - s.start for s in region)  # type: ignore[return-value]
-
-
-def format_region(region: Region) -> str:
-    """Human-readable region, e.g. ``z=0:16, y=0:16, x=32:48``."""
-    return ", ".join(f"{a}={s.start}:{s.stop}" for a, s in zip("zyx", region))
-
-
-def block_grid(shape: tuple[int, int, int], block: tuple[int, int, int]) -> list[tuple[tuple[int, int, int], Region]]:
-    """Tile a (z, y, x) volume with blocks; the last block along each axis is cut at the border.
-
-    Returns ``[(block_index, region), ...]`` in C order; every voxel is in exactly one region.
-    """
-    if any(int(b) < 1 for b in block):
-        raise VesuviusError(f"block size must be >= 1 along every axis, got {tuple(block)}")
-    counts = [math.ceil(d / b) for d, b in zip(shape, block)]
-    grid = []
-    for index in itertools.product(*(range(c) for c in counts)):
-        region = tuple(slice(i * b, min((i + 1) * b, d)) for i, b, d in zip(index, block, shape))
-        grid.append((tuple(index), region))
-    return grid  # type: ignore[return-value]
 
 
 # ----------------------------------------------------------------------------------------------- readers
@@ -226,7 +186,7 @@ class ZarrReader(VolumeReader):
     """
 
     def __init__(self, path: Path, spacing: Spacing | None, level: int = 0, key: str | None = None) -> None:
-        array, file_spacing, translation = _open_zarr_array(path, level, key)
+        array, file_spacing, translation = open_zarr_array(path, level, key)
         self._array = array
         self._lead = _leading_singletons(path, array.shape)
         spacing_zyx = _pick_spacing(path, file_spacing, spacing)
@@ -395,71 +355,3 @@ def _leading_singletons(path: Path, shape: tuple[int, ...]) -> int:
     if lead < 0 or any(d != 1 for d in shape[:lead]):
         raise VesuviusError(f"{path}: expected a 3D volume (z, y, x), got shape {tuple(shape)}")
     return lead
-
-
-def _ome_multiscales(attrs: dict) -> list | None:
-    """The OME-Zarr ``multiscales`` list (v0.4 top level or v0.5 under ``ome``), or None."""
-    if "multiscales" in attrs:
-        return attrs["multiscales"]
-    ome = attrs.get("ome")
-    return ome.get("multiscales") if isinstance(ome, dict) else None
-
-
-def _ome_transform(transforms: list | None, kind: str) -> list[float] | None:
-    """The ``scale`` or ``translation`` vector of an OME coordinateTransformations list, or None."""
-    for t in transforms or []:
-        if t.get("type") == kind and kind in t:
-            return [float(v) for v in t[kind]]
-    return None
-
-
-def _open_zarr_array(path: Path, level: int, key: str | None) -> tuple[zarr.Array, Spacing | None, np.ndarray | None]:
-    """Open the zarr array to read.
-
-    Returns (array, OME spacing (z, y, x) or None, OME translation (z, y, x) or None).
-    """
-    try:
-        node = zarr.open(str(path), mode="r")
-    except Exception as exc:
-        raise VesuviusError(f"{path}: not a readable zarr array or group ({exc})") from exc
-    if isinstance(node, zarr.Array):
-        return node, None, None
-    multiscales = _ome_multiscales(dict(node.attrs))
-    if key is not None:
-        return _group_member(path, node, key), None, None
-    if multiscales:
-        return _ome_level(path, node, multiscales[0], level)
-    arrays = sorted(node.array_keys())
-    if len(arrays) != 1:
-        raise VesuviusError(f"{path}: zarr group holds arrays {arrays}; pass key= to choose one")
-    return node[arrays[0]], None, None
-
-
-def _group_member(path: Path, group: zarr.Group, key: str) -> zarr.Array:
-    """The array ``key`` of a zarr group, or VesuviusError naming the path and the available arrays."""
-    try:
-        member = group[key]
-    except KeyError:
-        raise VesuviusError(f"{path}: zarr group has no array {key!r}; it holds {sorted(group.array_keys())}") from None
-    if not isinstance(member, zarr.Array):
-        raise VesuviusError(f"{path}: {key!r} is a zarr group, not an array")
-    return member
-
-
-def _ome_level(
-    path: Path, group: zarr.Group, multiscale: dict, level: int
-) -> tuple[zarr.Array, Spacing | None, np.ndarray | None]:
-    """Array, spacing and translation of pyramid ``level`` of one OME-Zarr multiscale."""
-    datasets = multiscale.get("datasets", [])
-    if not 0 <= level < len(datasets):
-        raise VesuviusError(f"{path}: level={level} out of range; the OME-Zarr pyramid has {len(datasets)} levels")
-    dataset = datasets[level]
-    array = _group_member(path, group, dataset["path"])
-    scale = _ome_transform(dataset.get("coordinateTransformations"), "scale")
-    shift = _ome_transform(dataset.get("coordinateTransformations"), "translation")
-    global_scale = _ome_transform(multiscale.get("coordinateTransformations"), "scale")
-    if scale is not None and global_scale is not None:
-        scale = [a * b for a, b in zip(scale, global_scale)]
-    spacing = tuple(scale[-3:]) if scale is not None and len(scale) >= 3 else None
-    translation = np.array(shift[-3:], dtype=np.float64) if shift is not None and len(shift) >= 3 else None
-    return array, spacing, translation  # type: ignore[return-value]

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from vesuvius_monai.config import Config, to_dict
 from vesuvius_monai.data.dataset import Fragment, load_splits
-from vesuvius_monai.engine.infer import load_normalized, resolve_device, sliding_window_probs
+from vesuvius_monai.engine.infer import infer_volume, load_normalized, resolve_device
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.atomic import check_replaceable, publish_dir, work_dir_beside, write_text
 from vesuvius_monai.io.checkpoint import Checkpoint, as_checkpoint
@@ -70,10 +70,10 @@ class FragmentResult:
 def evaluate_fragment(model: nn.Module, fragment: Fragment, cfg: Config, device: torch.device,
                       out: Path) -> FragmentResult:
     """Predict one fragment, score it and write its exports."""
-    image = load_normalized(fragment.image, cfg.transforms.percentiles)
     start = time.perf_counter()
-    probs = sliding_window_probs(model, image, cfg.infer, device=device, amp=cfg.infer.amp, progress=False)
+    probs = infer_volume(model, fragment.image, cfg, device=device)
     seconds = time.perf_counter() - start
+    image = load_normalized(fragment.image, cfg.transforms.percentiles)  # for the slice figure
     mask = postprocess(probs, cfg.postprocess)
     label = fragment.label.read()
     # distances (surface-Dice tolerance, HD95) in voxels, as the competition scores them
@@ -190,8 +190,7 @@ def tune_threshold(cfg: Config, checkpoint: str | Path | Checkpoint, out_dir: st
     model = ckpt.model(device)
     probs, labels = [], []
     for fragment in tqdm(fragments, desc="predict val", unit="fragment", dynamic_ncols=True):
-        image = load_normalized(fragment.image, cfg.transforms.percentiles)
-        probs.append(sliding_window_probs(model, image, cfg.infer, device=device, amp=cfg.infer.amp))
+        probs.append(infer_volume(model, fragment.image, cfg, device=device))
         labels.append(fragment.label.read())
 
     def score(pred: np.ndarray, label: np.ndarray) -> float:

@@ -1,24 +1,32 @@
-"""Sliding-window inference: logits -> probabilities with Gaussian blending, optional TTA.
+"""The one inference path: read + normalise a volume, sliding windows with blending, into memory or a Zarr store.
 
-All functions take and return arrays (Z, Y, X); the network sees (B, 1, Z, Y, X). Probabilities are
-blended (not logits), as nnU-Net does. AMP is used on CUDA only: on CPU there is no fast half precision.
+Validation during training, ``evaluate``, ``tune-threshold``, ``predict`` to NIfTI and ``predict`` to Zarr all
+call :func:`infer_volume`. It runs MONAI's sliding-window grid block by block (see
+:mod:`vesuvius_monai.engine.blockwise`): every window computed once, the output equal to MONAI's
+``sliding_window_inference`` of the whole normalised volume. Probabilities are blended (not logits), as nnU-Net
+does. Arrays are (z, y, x); the network sees (B, 1, z, y, x). AMP is used on CUDA only.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
 from torch import nn
 
-from vesuvius_monai.config import InferConfig
+from vesuvius_monai.config import Config, InferConfig, to_dict
 from vesuvius_monai.data.readers import VolumeReader, sample_percentiles
+from vesuvius_monai.data.regions import Region, region_shape, relative, shift_region
 from vesuvius_monai.data.transforms import read_normalized
+from vesuvius_monai.engine.blockwise import ArraySink, MemorySpills, Reader, run_blocks
 from vesuvius_monai.engine.tta import tta_predict
+from vesuvius_monai.engine.windows import WindowGrid
+from vesuvius_monai.engine.zarr_output import checked_roi, predict_to_zarr, run_meta
 from vesuvius_monai.errors import VesuviusError
 
 log = logging.getLogger(__name__)
@@ -54,28 +62,61 @@ def make_predictor(model: nn.Module, cfg: InferConfig, device: torch.device, amp
     return predict
 
 
-@torch.no_grad()
-def sliding_window_probs(model: nn.Module, image: np.ndarray, cfg: InferConfig, *, device: torch.device,
-                         amp: bool = True, progress: bool = False) -> np.ndarray:
-    """Probabilities (Z, Y, X) float32 for a normalised image (Z, Y, X) of any size.
+def volume_reader(reader: VolumeReader, window: tuple[float, float], roi: Region, grid: WindowGrid) -> Reader:
+    """Region of the padded ROI (grid coordinates) -> normalised float32 input, zeros where MONAI pads."""
+    inside = tuple(slice(p, p + d) for p, d in zip(grid.pad_lo, grid.shape))
+    to_volume = tuple(r.start - p for r, p in zip(roi, grid.pad_lo))
 
-    Windows of ``cfg.roi_size`` overlap by ``cfg.overlap`` and are blended with a Gaussian weight
-    (``cfg.blend``); volumes smaller than a window are padded and cropped back.
+    def read(region: Region) -> np.ndarray:
+        part = tuple(slice(max(s.start, i.start), min(s.stop, i.stop)) for s, i in zip(region, inside))
+        data = read_normalized(reader, window, shift_region(part, to_volume))  # type: ignore[arg-type]
+        if part == region:
+            return data
+        padded = np.zeros(region_shape(region), dtype=np.float32)
+        padded[relative(part, region)] = data  # type: ignore[arg-type]
+        return padded
+
+    return read
+
+
+def infer_volume(model: nn.Module, reader: VolumeReader, cfg: Config, *, device: torch.device | None = None,
+                 roi: Region | None = None, output: str | os.PathLike | None = None, run_info: dict | None = None,
+                 resume: bool = True, progress: bool = False) -> np.ndarray | Path:
+    """Probabilities of ``reader`` (or its ``roi``): float32 (z, y, x) in memory, or written to a Zarr ``output``.
+
+    The volume is normalised with its own percentile window (``transforms.percentiles``, sampled over the whole
+    volume), then predicted with the ``infer`` settings (window, overlap, blending, TTA, batch, block size, AMP
+    on CUDA). The ROI is predicted as a volume of its own. With ``output`` (a ``.zarr`` path) the blocks go to a
+    resumable store (``infer.out_dtype``); a rerun resumes an interrupted one when its settings, ``run_info``
+    included, are the same. ``device``: where the model is (default: its parameters' device).
     """
-    was_training = model.training
-    model.eval()
-    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
-    try:
-        out = sliding_window_inference(
-            x, roi_size=cfg.roi_size, sw_batch_size=cfg.sw_batch_size, predictor=make_predictor(model, cfg, device, amp),
-            overlap=cfg.overlap, mode=cfg.blend, sigma_scale=cfg.sigma_scale, sw_device=device, device="cpu",
-            progress=progress,
-        )
-    finally:
-        model.train(was_training)
-    return torch.as_tensor(out).as_subclass(torch.Tensor)[0, 0].numpy().astype(np.float32, copy=False)
+    device = device or next(model.parameters()).device
+    icfg = cfg.infer
+    region = checked_roi(reader, roi)
+    grid = WindowGrid(region_shape(region), icfg.roi_size, icfg.overlap, icfg.block_size)
+    read = volume_reader(reader, sample_percentiles(reader, q=cfg.transforms.percentiles), region, grid)
+    predictor = make_predictor(model, icfg, device, icfg.amp)
+
+    def run(sink, spills) -> None:
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():
+                run_blocks(grid, read, predictor, sink, spills, batch=icfg.sw_batch_size, blend=icfg.blend,
+                           sigma_scale=icfg.sigma_scale, device=device, progress=progress)
+        finally:
+            model.train(was_training)
+
+    if output is None:
+        sink = ArraySink(region_shape(region))
+        run(sink, MemorySpills())
+        return sink.array
+    extra = {"percentiles": list(cfg.transforms.percentiles), "infer": to_dict(icfg), **(run_info or {})}
+    meta = run_meta(reader, region, grid.block_size, icfg.out_dtype, extra)
+    return predict_to_zarr(output, reader, region, grid.block_size, icfg.out_dtype, meta,
+                           lambda store: run(store, store.spills()), resume=resume)
 
 
 def load_normalized(reader: VolumeReader, percentiles: tuple[float, float]) -> np.ndarray:
-    """Read a whole volume, check it is finite, and normalise it with its own percentile window."""
+    """A whole volume as inference sees it (read, checked finite, normalised): float32 (z, y, x), for figures."""
     return read_normalized(reader, sample_percentiles(reader, q=percentiles))

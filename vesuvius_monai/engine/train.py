@@ -34,7 +34,7 @@ from vesuvius_monai import __version__
 from vesuvius_monai.config import Config, TrainConfig, save_config, to_dict, upgrade_raw
 from vesuvius_monai.data.dataset import Fragment, load_splits
 from vesuvius_monai.data.patches import PatchDataset, prepare_sources, rank_items
-from vesuvius_monai.engine.infer import load_normalized, resolve_device, sliding_window_probs
+from vesuvius_monai.engine.infer import infer_volume, resolve_device
 from vesuvius_monai.engine.trainer import (  # noqa: F401  (lr_factor: re-exported)
     RunClock,
     RunLog,
@@ -183,8 +183,7 @@ def validate(model: nn.Module, fragments: list[Fragment], cfg: Config, device: t
     """
     scores = []
     for fragment in fragments:
-        image = load_normalized(fragment.image, cfg.transforms.percentiles)
-        probs = sliding_window_probs(model, image, cfg.infer, device=device, amp=cfg.infer.amp)
+        probs = infer_volume(model, fragment.image, cfg, device=device)
         scores.append(dice(probs > cfg.postprocess.threshold, fragment.label.read(), ignore_index=cfg.data.ignore_index))
     return float(np.mean(scores))
 

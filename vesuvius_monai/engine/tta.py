@@ -12,7 +12,6 @@ from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from vesuvius_monai.errors import VesuviusError
 
@@ -84,7 +83,7 @@ def tta_predict(
         rot90 = False
     transforms = tta_transforms(flip_axes, rot90)
     total: Tensor | None = None
-    for forward, inverse in tqdm(transforms, desc="TTA", leave=False, disable=len(transforms) == 1):
+    for forward, inverse in transforms:
         pred = inverse(predict_fn(forward(x)))
         if pred.ndim != 5 or pred.shape[0] != x.shape[0] or pred.shape[2:] != x.shape[2:]:
             raise VesuviusError(f"TTA prediction shape {tuple(pred.shape)} does not match input shape {tuple(x.shape)}")

@@ -5,6 +5,7 @@ Layout (zarr v2 format, OME-Zarr 0.4 style so viewers and :func:`open_volume` re
     out.zarr/.zgroup, .zattrs      multiscales (axes z, y, x; scale = spacing) + "vesuvius_prediction" metadata
     out.zarr/0/                    the (z, y, x) array, chunks = prediction blocks
     out.zarr/.blocks_done/z.y.x    empty marker per finished block, created only after its data are written
+    out.zarr/.spills/a.b.c-z.y.x.npy   partial sums block a.b.c left for block z.y.x (float32, atomic files)
 
 Probabilities are stored as uint8 (round(p * 255)), float16 or float32.
 """
@@ -21,6 +22,7 @@ import numpy as np
 import zarr
 
 from vesuvius_monai.errors import VesuviusError
+from vesuvius_monai.io.atomic import atomic_path
 from vesuvius_monai.io.nifti import affine_to_spacing, spacing_to_affine
 
 logger = logging.getLogger(__name__)
@@ -28,6 +30,7 @@ logger = logging.getLogger(__name__)
 STORE_DTYPES = ("uint8", "float16", "float32")
 ARRAY_NAME = "0"
 MARKER_DIR = ".blocks_done"
+SPILL_DIR = ".spills"
 META_KEY = "vesuvius_prediction"
 
 BlockIndex = tuple[int, int, int]
@@ -151,8 +154,61 @@ class PredictionStore:
         """Record that every block is written and drop the markers (the store is then final)."""
         self.group.attrs[META_KEY] = {**self.meta, "complete": True}
         shutil.rmtree(self.path / MARKER_DIR, ignore_errors=True)
+        shutil.rmtree(self.path / SPILL_DIR, ignore_errors=True)
+
+    def spills(self) -> SpillFolder:
+        """The folder of partial sums passed between blocks of an unfinished prediction."""
+        return SpillFolder(self.path / SPILL_DIR)
 
     def read_probabilities(self, region: tuple[slice, slice, slice] | None = None) -> np.ndarray:
         """Float32 probabilities (z, y, x) of ``region`` (whole array if None)."""
         data = self.array[region] if region is not None else self.array[...]
         return decode_probabilities(np.asarray(data))
+
+
+def _block_name(index: BlockIndex) -> str:
+    return ".".join(str(int(i)) for i in index)
+
+
+class SpillFolder:
+    """Float32 arrays keyed by (source block, destination block), one atomic ``.npy`` file each.
+
+    Read back bit-exactly, so a resumed prediction adds the same partial sums as an uninterrupted one.
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def _file(self, key: tuple[BlockIndex, BlockIndex]) -> Path:
+        return self.folder / f"{_block_name(key[0])}-{_block_name(key[1])}.npy"
+
+    def put(self, key: tuple[BlockIndex, BlockIndex], array: np.ndarray) -> None:
+        """Store ``array`` (as float32) under ``key``, replacing an earlier one atomically."""
+        with atomic_path(self._file(key)) as tmp, open(tmp, "wb") as handle:
+            np.save(handle, np.ascontiguousarray(array, dtype=np.float32))
+
+    def take(self, key: tuple[BlockIndex, BlockIndex]) -> np.ndarray:
+        """The array stored under ``key``; VesuviusError naming the file when it is missing or unreadable."""
+        try:
+            return np.load(self._file(key), allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise VesuviusError(f"{self._file(key)}: cannot read partial sums of an unfinished prediction "
+                                f"({exc}); delete {self.folder.parent} to start over") from exc
+
+    def drop(self, key: tuple[BlockIndex, BlockIndex]) -> None:
+        self._file(key).unlink(missing_ok=True)
+
+    def keys(self) -> list[tuple[BlockIndex, BlockIndex]]:
+        """Keys of every stored array (temporary files of an interrupted write are skipped)."""
+        out = []
+        for path in self.folder.glob("*.npy"):
+            if path.name.startswith("."):
+                continue
+            src, dst = path.stem.split("-")
+            out.append((tuple(int(i) for i in src.split(".")), tuple(int(i) for i in dst.split("."))))
+        return out  # type: ignore[return-value]
+
+    def nbytes(self) -> int:
+        """Bytes on disk of every stored array."""
+        return sum(p.stat().st_size for p in self.folder.glob("*.npy") if not p.name.startswith("."))

@@ -1,0 +1,197 @@
+"""Geometry of sliding-window inference over a volume, cut into blocks that each own a set of windows.
+
+The windows are MONAI's own grid (``sliding_window_inference``): a volume axis shorter than the window is padded
+to the window (``pad_lo = (window - size) // 2`` zeros before it), the stride is MONAI's ``_get_scan_interval``
+and the starts come from MONAI's ``dense_patch_slices``, one axis at a time (the 3D grid is their product):
+0, s, 2s, ... plus a last window flush with the end. All positions here are in *padded* coordinates.
+
+Blocks tile the padded volume with an edge that is a multiple of the stride and at least one window (an axis
+with a single window is one block), so block boundaries are window starts. A block owns the windows whose start
+lies in it; their span (the block's *extent*) reaches at most into the next block along each axis. The part of
+the extent beyond the block is a *spill* to the up to 7 successor blocks (+z, +y, +x and their combinations),
+so a block's sum is final once its own windows and the spills of its up to 7 predecessors are added.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from monai.data.utils import compute_importance_map, dense_patch_slices
+from monai.inferers.utils import _get_scan_interval
+
+from vesuvius_monai.data.regions import Region, Triple, intersect, region_shape, relative
+
+OFFSETS = [o for o in itertools.product((0, 1), repeat=3) if any(o)]  # successor = index + o, in this order
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One axis of the grid: volume ``size``, window, stride, padding, window starts and block edge."""
+
+    size: int
+    window: int
+    stride: int
+    pad_lo: int
+    starts: tuple[int, ...]
+    block: int
+
+    @property
+    def padded(self) -> int:
+        """Length of the padded axis: max(size, window)."""
+        return max(self.size, self.window)
+
+    @property
+    def n_blocks(self) -> int:
+        return math.ceil(self.padded / self.block)
+
+    def block_span(self, j: int) -> tuple[int, int]:
+        """[start, stop) of block ``j`` (padded coordinates)."""
+        return j * self.block, min((j + 1) * self.block, self.padded)
+
+    def own_starts(self, j: int) -> tuple[int, ...]:
+        """Starts of the windows that block ``j`` owns (start inside the block)."""
+        lo, hi = self.block_span(j)
+        return tuple(t for t in self.starts if lo <= t < hi)
+
+    def extent(self, j: int) -> tuple[int, int]:
+        """[start, stop) of block ``j`` together with the windows it owns."""
+        lo, hi = self.block_span(j)
+        return lo, max([hi] + [t + self.window for t in self.own_starts(j)])
+
+    def covering_starts(self, j: int) -> tuple[int, ...]:
+        """Starts of every window that overlaps block ``j`` (owned by it or by block j - 1)."""
+        lo, hi = self.block_span(j)
+        return tuple(t for t in self.starts if t < hi and t + self.window > lo)
+
+
+def make_axis(size: int, window: int, overlap: float, block: int) -> Axis:
+    """The axis of MONAI's grid for a volume axis of ``size``; ``block`` is rounded up (see module docstring)."""
+    padded = max(size, window)
+    stride = _get_scan_interval((padded,), (window,), 1, (overlap,))[0]
+    starts = tuple(int(s[0].start) for s in dense_patch_slices((padded,), (window,), (stride,)))
+    edge = padded if len(starts) == 1 else stride * math.ceil(max(block, window) / stride)
+    return Axis(size=size, window=window, stride=stride, pad_lo=(padded - size) // 2, starts=starts, block=edge)
+
+
+class WindowGrid:
+    """MONAI's sliding-window grid of a (z, y, x) volume, cut into blocks (see the module docstring).
+
+    ``shape``: the volume (z, y, x); ``window``: the window size; ``overlap``: MONAI's overlap in [0, 1);
+    ``block``: wanted block edges (rounded up to multiples of the stride, at least one window).
+    """
+
+    def __init__(self, shape: Triple, window: Triple, overlap: float, block: Triple) -> None:
+        self.shape = tuple(int(d) for d in shape)
+        self.window = tuple(int(w) for w in window)
+        self.axes = tuple(make_axis(d, w, overlap, b) for d, w, b in zip(self.shape, self.window, block))
+
+    @property
+    def block_size(self) -> Triple:
+        return tuple(a.block for a in self.axes)  # type: ignore[return-value]
+
+    @property
+    def counts(self) -> Triple:
+        """Number of blocks per axis."""
+        return tuple(a.n_blocks for a in self.axes)  # type: ignore[return-value]
+
+    @property
+    def pad_lo(self) -> Triple:
+        return tuple(a.pad_lo for a in self.axes)  # type: ignore[return-value]
+
+    @property
+    def n_windows(self) -> int:
+        """Windows in the whole grid (each is computed exactly once)."""
+        return math.prod(len(a.starts) for a in self.axes)
+
+    def blocks(self) -> list[Triple]:
+        """Every block index, in C order (the processing order: predecessors come first)."""
+        return list(itertools.product(*(range(c) for c in self.counts)))  # type: ignore[arg-type]
+
+    def block_region(self, index: Triple) -> Region:
+        """The block (padded coordinates)."""
+        return tuple(slice(*a.block_span(j)) for a, j in zip(self.axes, index))  # type: ignore[return-value]
+
+    def extent(self, index: Triple) -> Region:
+        """The block plus the far-side reach of its own windows (padded coordinates): its input region."""
+        return tuple(slice(*a.extent(j)) for a, j in zip(self.axes, index))  # type: ignore[return-value]
+
+    def window_batches(self, index: Triple, batch: int) -> list[list[Triple]]:
+        """The block's own window starts (padded coordinates), in C order, cut into batches of at most ``batch``.
+
+        Batches never mix z-start planes: recomputing any z-plane of windows reproduces its batches exactly.
+        """
+        own = [a.own_starts(j) for a, j in zip(self.axes, index)]
+        batches = []
+        for z in own[0]:
+            plane = [(z, y, x) for y in own[1] for x in own[2]]
+            batches += [plane[i:i + batch] for i in range(0, len(plane), batch)]
+        return batches
+
+    def n_own_windows(self, index: Triple) -> int:
+        return math.prod(len(a.own_starts(j)) for a, j in zip(self.axes, index))
+
+    def successors(self, index: Triple) -> list[tuple[Triple, Region]]:
+        """(successor block, the part of this block's extent inside it, padded coordinates) for every spill."""
+        out = []
+        extent = self.extent(index)
+        for offset in OFFSETS:
+            succ = tuple(i + o for i, o in zip(index, offset))
+            if any(s >= c for s, c in zip(succ, self.counts)):
+                continue
+            part = intersect(extent, self.block_region(succ))  # type: ignore[arg-type]
+            if part is not None:
+                out.append((succ, part))
+        return out  # type: ignore[return-value]
+
+    def predecessors(self, index: Triple) -> list[Triple]:
+        """Blocks that may spill into ``index``, in a fixed order (the order their spills are added)."""
+        preds = [tuple(i - o for i, o in zip(index, offset)) for offset in OFFSETS]
+        return [p for p in preds if min(p) >= 0 and index in [s for s, _ in self.successors(p)]]  # type: ignore[misc]
+
+    def output_region(self, index: Triple) -> tuple[Region, Region]:
+        """(region of the volume this block writes, the same voxels relative to the block): drops padding."""
+        block = self.block_region(index)
+        inside = tuple(slice(a.pad_lo, a.pad_lo + a.size) for a in self.axes)
+        kept = intersect(block, inside)  # type: ignore[arg-type]
+        return relative(kept, inside), relative(kept, block)  # type: ignore[arg-type]
+
+    def weights(self, index: Triple, mode: str, sigma_scale: float) -> np.ndarray:
+        """The blending weight sum over the block: sum of MONAI importance maps of every window covering it.
+
+        Read-only float32 (block shape), shared between blocks with the same window layout.
+        """
+        lo = tuple(s.start for s in self.block_region(index))
+        covering = tuple(tuple(t - o for t in a.covering_starts(j)) for a, j, o in zip(self.axes, index, lo))
+        shape = region_shape(self.block_region(index))
+        return _weights(covering, shape, self.window, mode, float(sigma_scale))
+
+
+@functools.lru_cache(maxsize=8)
+def importance(window: Triple, mode: str, sigma_scale: float) -> np.ndarray:
+    """MONAI's importance map of one window (float32, (z, y, x)), as ``sliding_window_inference`` builds it."""
+    return compute_importance_map(window, mode=mode, sigma_scale=sigma_scale, device="cpu",
+                                  dtype=torch.float32).numpy()
+
+
+@functools.lru_cache(maxsize=2)  # interior blocks repeat; each entry is a block of float32
+def _weights(starts: tuple[tuple[int, ...], ...], shape: Triple, window: Triple, mode: str,
+             sigma_scale: float) -> np.ndarray:
+    """Sum of importance maps of windows at ``starts`` (per axis, relative to a block of ``shape``), over the block.
+
+    Interior blocks share their relative starts, so the cache computes their weights once.
+    """
+    imp = importance(window, mode, sigma_scale)
+    total = np.zeros(shape, dtype=np.float32)
+    block = tuple(slice(0, d) for d in shape)
+    for corner in itertools.product(*starts):
+        win = tuple(slice(t, t + w) for t, w in zip(corner, window))
+        part = intersect(win, block)  # type: ignore[arg-type]
+        if part is not None:
+            total[part] += imp[relative(part, win)]  # type: ignore[arg-type]
+    total.flags.writeable = False
+    return total

@@ -1,0 +1,141 @@
+"""Resumable Zarr outputs of block-wise inference: where they are built, when a run may resume, how they finish.
+
+The store is built at ``<out>.partial`` (with a done-marker per block and the spills between blocks) and renamed
+to ``<out>`` once every block is written, so ``<out>`` only ever exists complete. Running the same command
+again resumes ``<out>.partial``; a run with other settings stops with an error naming the settings that differ.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from vesuvius_monai.data.readers import VolumeReader
+from vesuvius_monai.data.regions import Region, Triple, format_region, normalize_region, region_shape
+from vesuvius_monai.errors import VesuviusError
+from vesuvius_monai.io.atomic import replace_dir
+from vesuvius_monai.io.nifti import write_nifti
+from vesuvius_monai.io.zarr_store import STORE_DTYPES, PredictionStore
+
+logger = logging.getLogger(__name__)
+
+
+def checked_roi(reader: VolumeReader, roi: Region | None) -> Region:
+    """``roi`` (None: the whole volume) clipped to the volume; an empty ROI is an error naming the file."""
+    region = normalize_region(roi, reader.shape)
+    if min(region_shape(region)) == 0:
+        raise VesuviusError(f"roi {format_region(region)} is empty for volume {reader.path} of shape {reader.shape}")
+    return region
+
+
+def roi_affine(affine: np.ndarray, roi: Region) -> np.ndarray:
+    """The affine of the ROI sub-volume: origin moved to the ROI's first voxel (index order x, y, z)."""
+    shifted = np.array(affine, dtype=np.float64)
+    start_xyz = np.array([roi[2].start, roi[1].start, roi[0].start, 1.0])
+    shifted[:3, 3] = (affine @ start_xyz)[:3]
+    return shifted
+
+
+def run_meta(reader: VolumeReader, roi: Region, block: Triple, dtype: str, extra: dict | None) -> dict:
+    """What a resumed run must share with the interrupted one (JSON-serialisable)."""
+    return {"source": str(reader.path.resolve()), "source_shape": list(reader.shape),
+            "roi": [[s.start, s.stop] for s in roi], "block_size": list(block), "dtype": dtype, **(extra or {})}
+
+
+def _flat(meta: dict, prefix: str = "") -> dict:
+    """Nested dicts -> {"a.b": value}."""
+    out = {}
+    for key, value in meta.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def settings_diff(stored: dict, wanted: dict) -> list[str]:
+    """``["infer.overlap 0.25 -> 0.5", ...]`` for every setting of ``wanted`` that ``stored`` has otherwise."""
+    old, new = _flat(stored), _flat(wanted)
+    return [f"{key} {old.get(key, '(unset)')} -> {value}" for key, value in new.items() if old.get(key) != value]
+
+
+def predict_to_zarr(out: str | os.PathLike, reader: VolumeReader, roi: Region, block: Triple, dtype: str,
+                    meta: dict, run: Callable[[PredictionStore], None], resume: bool = True) -> Path:
+    """Build the store for ``out`` (resuming ``<out>.partial`` when ``resume``), fill it with ``run``, publish it.
+
+    ``run(store)`` predicts every block the store has not marked done. ``meta`` (see :func:`run_meta`) must match
+    a store being resumed. An existing complete ``out`` from the same settings is kept as it is (nothing to do).
+    """
+    out = Path(out)
+    meta = json.loads(json.dumps(meta))  # as stored: tuples become lists
+    if dtype not in STORE_DTYPES:
+        raise VesuviusError(f"dtype must be one of {STORE_DTYPES}, got {dtype!r}")
+    if out.exists() and _finished_store_matches(out, meta, resume):
+        logger.info("%s: already complete, nothing to do", out)
+        return out
+    store = _work_store(out.with_name(out.name + ".partial"), reader, roi, block, dtype, meta, resume)
+    run(store)
+    store.mark_complete()
+    replace_dir(store.path, out)
+    logger.info("wrote %s", out)
+    return out
+
+
+def _differs(store: PredictionStore, meta: dict) -> str:
+    """What differs between ``store``'s run and ``meta``, as one line naming the settings (old -> new)."""
+    return "; ".join(settings_diff(store.meta, meta)) or "(none)"
+
+
+def _finished_store_matches(out: Path, meta: dict, resume: bool) -> bool:
+    """True when ``resume`` and ``out`` is a complete store from the same run.
+
+    VesuviusError when ``out`` is not a prediction store (it is never replaced then), or, with ``resume``, when it
+    comes from a run with other settings.
+    """
+    store = PredictionStore.open(out, mode="r")
+    if not resume:
+        return False
+    if settings_diff(store.meta, meta):
+        raise VesuviusError(f"{out}: exists from a prediction with other settings ({_differs(store, meta)}); "
+                            f"write to another --output, or delete {out} to predict it again")
+    return bool(store.meta.get("complete"))
+
+
+def _work_store(work: Path, reader: VolumeReader, roi: Region, block: Triple, dtype: str, meta: dict,
+                resume: bool) -> PredictionStore:
+    """Open the unfinished store at ``work`` to resume it, or create a fresh one there."""
+    if work.exists():
+        store = PredictionStore.open(work)
+        if resume and not settings_diff(store.meta, meta):
+            logger.info("%s: resuming, %d blocks already done", work, len(store.done_blocks()))
+            return store
+        if resume:
+            raise VesuviusError(
+                f"{work}: unfinished prediction with other settings ({_differs(store, meta)}); write to "
+                f"another --output, or delete the unfinished folder {work} to start this one over")
+        shutil.rmtree(work)
+    return PredictionStore.create(work, region_shape(roi), block_size=block, dtype=dtype,
+                                  affine=roi_affine(reader.affine, roi), meta=meta)
+
+
+def export_nifti(zarr_path: str | os.PathLike, nifti_path: str | os.PathLike, affine: np.ndarray | None = None, *,
+                 max_voxels: int = 512**3) -> Path:
+    """Write a finished block-wise prediction as a float32 probability NIfTI (whole array in memory).
+
+    ``affine`` defaults to the store's own (the ROI's affine). Refuses stores with more than ``max_voxels``
+    voxels or unfinished ones.
+    """
+    store = PredictionStore.open(zarr_path, mode="r")
+    if not store.meta.get("complete"):
+        raise VesuviusError(f"{zarr_path}: prediction is not complete; finish it before exporting")
+    n_voxels = int(np.prod(store.array.shape))
+    if n_voxels > max_voxels:
+        raise VesuviusError(f"{zarr_path}: {n_voxels} voxels exceed max_voxels={max_voxels} for an in-memory NIfTI")
+    return write_nifti(nifti_path, store.read_probabilities(), affine=store.affine if affine is None else affine,
+                       dtype=np.float32)
