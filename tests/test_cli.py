@@ -137,8 +137,13 @@ def test_tune_threshold_and_report(trained, capsys):
                  f"postprocess.threshold={tuned['threshold']}", "postprocess.min_size=10"]) == 0
     report = (out / "report.html").read_text()
     assert "frag_004" in report and "data:image/png;base64," in report and "leaderboard" in report
-    saved = json.loads((out / "metrics.json").read_text())["config"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    saved = metrics["config"]
     assert saved["infer"]["tta_flip_axes"] == [0, 1, 2] and saved["postprocess"]["min_size"] == 10
+    from vesuvius_monai.metrics import topo_matching_used
+
+    assert metrics["topo_matching"] == topo_matching_used("exact")  # which matching produced the TopoScore
+    assert "TopoScore matching" in report
 
 
 def test_evaluate_refuses_training_fragments(trained, capsys):

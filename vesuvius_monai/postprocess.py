@@ -120,5 +120,3 @@ def _mean_score(
         values.append(value)
     return float(np.mean(values))
 
-
-tune_threshold = pick_threshold  # old name, still imported by vesuvius_monai/engine/evaluate.py; remove with that import

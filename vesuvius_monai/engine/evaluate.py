@@ -35,7 +35,7 @@ from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.atomic import check_replaceable, publish_dir, work_dir_beside, write_text
 from vesuvius_monai.io.checkpoint import Checkpoint, as_checkpoint
 from vesuvius_monai.io.nifti import write_nifti
-from vesuvius_monai.metrics import compute_metrics
+from vesuvius_monai.metrics import compute_metrics, topo_matching_used
 from vesuvius_monai.postprocess import postprocess
 from vesuvius_monai.report import component_sizes, save_component_histogram, save_slices_png, write_html_report
 
@@ -112,6 +112,13 @@ def write_tables(out: Path, per_fragment: dict[str, dict], mean: dict[str, float
     return payload
 
 
+def _matching_note(matching: str) -> str:
+    """How the TopoScore figures of this evaluation were matched, in words."""
+    if matching == "exact":
+        return "exact Betti matching (Betti-Matching-3D), as the competition scores"
+    return f"'{matching}' stand-in, NOT the competition's exact Betti matching (see README, Metrics)"
+
+
 def write_report(out: Path, results: dict[str, FragmentResult], mean: dict[str, float], cfg: Config,
                  checkpoint: Path) -> None:
     """component_sizes.png and the self-contained report.html."""
@@ -125,6 +132,7 @@ def write_report(out: Path, results: dict[str, FragmentResult], mean: dict[str, 
              f"inference: window {list(cfg.infer.roi_size)}, overlap {cfg.infer.overlap}, {cfg.infer.blend} blending, "
              f"TTA flips {cfg.infer.tta_flip_axes}, rot90 {cfg.infer.tta_rot90}",
              f"post-processing: {dataclasses.asdict(cfg.postprocess)}",
+             f"TopoScore matching: {_matching_note(topo_matching_used(cfg.evaluate.leaderboard))}",
              "ignore-label voxels are excluded from every metric"]
     write_html_report(out / "report.html", title="vesuvius_monai evaluation", per_fragment={
         i: r.scores for i, r in results.items()}, mean=mean, figures=figures, notes=notes)
@@ -169,7 +177,7 @@ def _evaluate_into(work: Path, model: nn.Module, fragments: list[Fragment], cfg:
     per_fragment = {frag_id: r.scores for frag_id, r in results.items()}
     mean = summarize(per_fragment)
     meta = {"checkpoint": str(checkpoint), "split": cfg.evaluate.split, "n_fragments": len(fragments),
-            "config": to_dict(cfg)}
+            "topo_matching": topo_matching_used(cfg.evaluate.leaderboard), "config": to_dict(cfg)}
     payload = write_tables(work, per_fragment, mean, meta)
     write_report(work, results, mean, cfg, checkpoint)
     return payload
@@ -182,7 +190,7 @@ def tune_threshold(cfg: Config, checkpoint: str | Path | Checkpoint, out_dir: st
     other post-processing settings of the config are kept while thresholds are compared.
     """
     from vesuvius_monai.metrics.leaderboard import leaderboard_score
-    from vesuvius_monai.postprocess import tune_threshold as pick
+    from vesuvius_monai.postprocess import pick_threshold
 
     ckpt = as_checkpoint(checkpoint)
     fragments = select_fragments(cfg, "val", ckpt.trained_on)
@@ -196,7 +204,7 @@ def tune_threshold(cfg: Config, checkpoint: str | Path | Checkpoint, out_dir: st
     def score(pred: np.ndarray, label: np.ndarray) -> float:
         return leaderboard_score(pred, label, weights=cfg.evaluate.leaderboard, ignore_index=cfg.data.ignore_index)["score"]
 
-    best, scores = pick(probs, labels, score, base=cfg.postprocess)
+    best, scores = pick_threshold(probs, labels, score, base=cfg.postprocess)
     payload = {"threshold": best, "score": scores[best], "scores": {f"{t:.3f}": s for t, s in scores.items()},
                "fragments": [f.id for f in fragments], "checkpoint": str(ckpt.path)}
     out = Path(out_dir) if out_dir else ckpt.path.parent.parent
