@@ -89,7 +89,8 @@ def test_splits_are_recorded(tiny_config):
 def test_log_holds_each_loss_term(make_tiny_config):
     run = train(make_tiny_config("r", "train.loss={dice: 1, bce: 0.5}", "train.log_every=2", "train.val_every=4"))
     rows = list(csv.DictReader((run / "train_log.csv").open()))
-    assert list(rows[0]) == ["step", "loss", "loss_dice", "loss_bce", "lr", "seconds", "steps_per_s", "val_dice"]
+    assert list(rows[0]) == ["step", "loss", "loss_dice", "loss_bce", "grad_norm", "lr", "seconds", "steps_per_s",
+                             "val_dice"]
     assert [int(r["step"]) for r in rows] == [2, 4]
     for r in rows:  # means over the logging interval of a weighted sum: the weighted sum of the means
         assert float(r["loss"]) == pytest.approx(float(r["loss_dice"]) + 0.5 * float(r["loss_bce"]), rel=1e-5)

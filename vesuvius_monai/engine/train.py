@@ -33,9 +33,11 @@ from torch.utils.data import DataLoader
 from vesuvius_monai import __version__
 from vesuvius_monai.config import Config, TrainConfig, save_config, to_dict, upgrade_raw
 from vesuvius_monai.data.dataset import Fragment, load_splits
-from vesuvius_monai.data.patches import PatchDataset, prepare_sources, rank_items
-from vesuvius_monai.engine.infer import infer_volume, resolve_device
+from vesuvius_monai.data.patches import PatchDataset, PatchSource, prepare_sources, rank_items
+from vesuvius_monai.engine.distributed import DistContext, init_distributed, on_main
+from vesuvius_monai.engine.infer import infer_volume
 from vesuvius_monai.engine.trainer import (  # noqa: F401  (lr_factor: re-exported)
+    NullLog,
     RunClock,
     RunLog,
     Trainer,
@@ -68,8 +70,10 @@ def check_sizes(cfg: Config) -> None:
                       {"transforms.patch_size": cfg.transforms.patch_size, "infer.roi_size": cfg.infer.roi_size})
 
 
+# Keys a resumed run may change. train.batch_size too: the patch stream goes on from the patches drawn so far, and
+# with the same effective batch (processes x batch_size, e.g. 2 x 2 resumed as 1 x 4) the run is the same.
 RESUME_MAY_DIFFER = {"train.max_minutes", "train.num_workers", "train.num_threads", "train.device",
-                     "train.log_every", "data.cache_dir"}
+                     "train.log_every", "data.cache_dir", "train.batch_size"}
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -191,10 +195,12 @@ def validate(model: nn.Module, fragments: list[Fragment], cfg: Config, device: t
 # --------------------------------------------------------------------------- entry
 
 
-def make_loader(dataset: PatchDataset, cfg: TrainConfig, first_item: int, steps: int) -> DataLoader:
-    """Batches of ``steps`` steps, in order, the first starting at item ``first_item`` (item indices fix the
-    batch of each step)."""
-    items = rank_items(first_item, steps, cfg.batch_size)
+def make_loader(dataset: PatchDataset, cfg: TrainConfig, first_item: int, steps: int,
+                ctx: DistContext | None = None) -> DataLoader:
+    """This process's batches of ``steps`` steps, in order, the first step's global batch starting at item
+    ``first_item`` (item indices fix the batch of each step; see :func:`rank_items`)."""
+    ctx = ctx or DistContext()
+    items = rank_items(first_item, steps, cfg.batch_size, ctx.rank, ctx.world_size)
     return DataLoader(dataset, batch_size=cfg.batch_size, sampler=items, num_workers=cfg.num_workers,
                       persistent_workers=False)
 
@@ -202,29 +208,29 @@ def make_loader(dataset: PatchDataset, cfg: TrainConfig, first_item: int, steps:
 def train(cfg: Config, *, resume: bool = False, stop_at_step: int | None = None) -> Path:
     """Train a model as ``cfg`` says and return the run folder.
 
+    Under torchrun every process calls this; they train together (see :mod:`vesuvius_monai.engine.distributed`).
     ``stop_at_step`` ends the run early after that step (saving ``last.pt``) as an interruption would;
     a later ``resume=True`` call continues it exactly.
     """
     clock = RunClock(budget_s=cfg.train.max_minutes * 60)
     check_sizes(cfg)
-    run, resumed = prepare_run_dir(cfg, resume)
+    ctx, device = init_distributed(cfg.train.device)
+    run, resumed = on_main(ctx, prepare_run_dir, cfg, resume)
     set_threads(cfg.train)
-    device = resolve_device(cfg.train.device)
     splits = load_splits(cfg.data)
-    ids = {name: [f.id for f in items] for name, items in splits.items()}
-    if resumed is not None:
-        check_resume_splits(resumed.get("splits"), ids, run / "checkpoints" / "last.pt")
     state = build_state(cfg, device)
-    state.splits = record_splits(run, splits)
+    state.splits = on_main(ctx, _check_and_record_splits, run, splits, resumed)
     if resumed is not None:
         restore_state(state, clock, resumed)
+        if ctx.is_main:
+            _check_effective_batch(resumed, cfg.train, ctx)
     loss_fn = build_loss(cfg.train.loss, ignore_index=cfg.data.ignore_index)
     log.info("loss terms and weights: %s", loss_fn.weights.active())
     stop = min(stop_at_step or cfg.train.steps, cfg.train.steps)
-    loader = _training_batches(cfg, run, splits["train"], state, stop)
-    runlog = _open_log(run, loss_fn.weights.active(), state.step if resume else -1)
+    loader = _training_batches(cfg, run, splits["train"], state, stop, ctx)
+    runlog = _open_log(run, loss_fn.weights.active(), state.step if resume else -1) if ctx.is_main else NullLog()
     val = splits["val"]
-    trainer = Trainer(cfg, state, loss_fn=loss_fn, device=device, runlog=runlog, clock=clock,
+    trainer = Trainer(cfg, state, loss_fn=loss_fn, device=device, runlog=runlog, clock=clock, ctx=ctx,
                       validate=(lambda model: validate(model, val, cfg, device)) if val else None)
     try:
         trainer.fit(loader, stop)
@@ -234,19 +240,49 @@ def train(cfg: Config, *, resume: bool = False, stop_at_step: int | None = None)
         raise
     finally:
         runlog.close()
-    plot_learning_curve(run / "train_log.csv", run / "learning_curve.png")
-    log.info("run saved in %s (step %d, best val Dice %.4f)", run, state.step, state.best_metric)
+    if ctx.is_main:
+        plot_learning_curve(run / "train_log.csv", run / "learning_curve.png")
+        log.info("run saved in %s (step %d, best val Dice %.4f)", run, state.step, state.best_metric)
     return run
 
 
-def _training_batches(cfg: Config, run: Path, fragments: list[Fragment], state: TrainState, stop: int) -> DataLoader:
-    """The loader of the training patches of steps ``state.step + 1 .. stop``."""
+def _check_and_record_splits(run: Path, splits: dict[str, list[Fragment]], resumed: dict | None) -> dict:
+    """On resume, check that the split is the run's; then write splits.json. Returns the ids per split."""
+    ids = {name: [f.id for f in items] for name, items in splits.items()}
+    if resumed is not None:
+        check_resume_splits(resumed.get("splits"), ids, run / "checkpoints" / "last.pt")
+    return record_splits(run, splits)
+
+
+def _check_effective_batch(payload: dict, cfg: TrainConfig, ctx: DistContext) -> None:
+    """Say so when a run resumes with another effective batch (processes x train.batch_size)."""
+    world, batch = payload.get("world_size", 1), payload["config"]["train"]["batch_size"]
+    if world * batch != ctx.world_size * cfg.batch_size:
+        log.warning("resuming with another effective batch (%d processes x %d = %d before, %d x %d = %d now): "
+                    "training goes on, but not as the uninterrupted run would have", world, batch, world * batch,
+                    ctx.world_size, cfg.batch_size, ctx.world_size * cfg.batch_size)
+
+
+def _training_sources(cfg: Config, run: Path, fragments: list[Fragment], ctx: DistContext) -> list[PatchSource]:
+    """Intensity windows and surface indices of the training fragments, prepared (and cached) by rank 0."""
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else run / "cache"
-    sources = prepare_sources(fragments, cfg.transforms, cache_dir, cfg.data.ignore_index)
+
+    def prepare() -> list[tuple]:
+        return [(s.window, s.surface) for s in prepare_sources(fragments, cfg.transforms, cache_dir,
+                                                                cfg.data.ignore_index)]
+
+    prepared = on_main(ctx, prepare)
+    return [PatchSource(fragment=f, window=window, surface=surface) for f, (window, surface) in zip(fragments, prepared)]
+
+
+def _training_batches(cfg: Config, run: Path, fragments: list[Fragment], state: TrainState, stop: int,
+                      ctx: DistContext) -> DataLoader:
+    """This process's loader of the training patches of steps ``state.step + 1 .. stop``."""
+    sources = _training_sources(cfg, run, fragments, ctx)
     steps = max(stop - state.step, 0)
-    dataset = PatchDataset(sources, cfg.transforms, seed=cfg.seed, length=state.items + steps * cfg.train.batch_size,
-                           ignore_index=cfg.data.ignore_index)
-    return make_loader(dataset, cfg.train, state.items, steps)
+    length = state.items + steps * ctx.world_size * cfg.train.batch_size
+    dataset = PatchDataset(sources, cfg.transforms, seed=cfg.seed, length=length, ignore_index=cfg.data.ignore_index)
+    return make_loader(dataset, cfg.train, state.items, steps, ctx)
 
 
 def _open_log(run: Path, terms: dict, keep_until: int) -> RunLog:

@@ -6,6 +6,10 @@ periodic validation and checkpoints.
 is followed by (a log row, a checkpoint, the end), ``_checkpoint`` validates and saves. The run folder, data
 and resume checks are set up by :func:`vesuvius_monai.engine.train.train`.
 
+Under torchrun (see :mod:`vesuvius_monai.engine.distributed`) every rank runs the same loop on its own patches
+through a DistributedDataParallel wrapper; rank 0 alone validates, saves and writes the logs while the others
+wait, and rank 0's clock decides the learning rate and the stop of a time-budgeted run for all ranks.
+
 Learning-rate schedule: linear warm-up, then cosine or poly decay to 1 % of ``train.lr`` (or constant), as a
 function of a *position* measured in steps. Without a time budget the position is the step. With
 ``train.max_minutes`` the position is the training time mapped onto the steps (the budget's end, less the time
@@ -29,6 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vesuvius_monai.config import Config, TrainConfig
+from vesuvius_monai.engine.distributed import DistContext, all_reduce_sum, barrier, broadcast_floats, wrap_model
 from vesuvius_monai.engine.infer import autocast
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.checkpoint import save_checkpoint
@@ -135,8 +140,8 @@ def describe_schedule(cfg: TrainConfig, clock: RunClock) -> str:
                 f"{cfg.steps}")
     return (f"learning-rate schedule on elapsed time: warm-up over the first {cfg.warmup_steps}/{cfg.steps} of the "
             f"{cfg.max_minutes:g}-minute budget, {decay} to its end less {clock.reserve():.0f} s kept for the final "
-            f"validation and save (measured); train.steps={cfg.steps} caps the run and drives the schedule instead "
-            f"when the steps run ahead of the time")
+            f"validation and save; train.steps={cfg.steps} caps the run and drives the schedule instead while the "
+            f"steps run ahead of the time")
 
 
 # --------------------------------------------------------------------------- state and logs
@@ -186,8 +191,9 @@ def save_state(path: Path, cfg: Config, state: TrainState, clock: RunClock, worl
 
 
 def log_fields(terms: Iterable[str]) -> list[str]:
-    """Columns of train_log.csv: the loss, each active loss term, learning rate, time, speed, validation Dice."""
-    return ["step", "loss", *(f"loss_{t}" for t in terms), "lr", "seconds", "steps_per_s", "val_dice"]
+    """Columns of train_log.csv: the loss, each active loss term, the gradient norm (before clipping), learning
+    rate, time, speed, validation Dice."""
+    return ["step", "loss", *(f"loss_{t}" for t in terms), "grad_norm", "lr", "seconds", "steps_per_s", "val_dice"]
 
 
 @dataclass
@@ -231,29 +237,44 @@ class RunLog:
         self.writer.close()
 
 
+class NullLog:
+    """The log of ranks other than 0: they write nothing."""
+
+    def write(self, row: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class LossMeter:
-    """Sums of the loss and its terms over a logging interval, kept on the device: reading them is the only
-    point where a step waits for the GPU."""
+    """Sums of the loss, its terms and the gradient norm over a logging interval, kept on the device: reading them
+    is the only point where a step waits for the GPU."""
 
     def __init__(self, terms: Iterable[str]) -> None:
-        self.names = ["loss", *(f"loss_{t}" for t in terms)]
+        self.terms = list(terms)
+        self.names = ["loss", *(f"loss_{t}" for t in self.terms), "grad_norm"]
         self.sums: torch.Tensor | None = None
         self.count = 0
         self.first_step = 0
 
-    def add(self, step: int, total: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
-        values = torch.stack([total.detach().float(), *(parts[n[5:]].float() for n in self.names[1:])])
+    def add(self, step: int, total: torch.Tensor, parts: dict[str, torch.Tensor], grad_norm: torch.Tensor) -> None:
+        values = torch.stack([total.detach().float(), *(parts[t].float() for t in self.terms),
+                              grad_norm.detach().float().to(total.device)])
         if self.sums is None:
             self.sums, self.first_step = values, step
         else:
             self.sums = self.sums + values
         self.count += 1
 
-    def read(self) -> dict[str, float]:
-        """Means over the interval (empty when no step was added), and a new interval."""
+    def read(self, ctx: DistContext) -> dict[str, float]:
+        """Means over the interval and over all ranks (empty when no step was added), and a new interval.
+
+        Every rank must call it at the same steps (a collective under torchrun)."""
         if self.sums is None:
             return {}
-        means = dict(zip(self.names, (self.sums / self.count).tolist()))
+        sums = all_reduce_sum(ctx, self.sums)
+        means = dict(zip(self.names, (sums / (self.count * ctx.world_size)).tolist()))
         self.sums, self.count = None, 0
         return means
 
@@ -265,11 +286,12 @@ class Trainer:
     """Trains ``state`` until a stop step, the time budget or the data runs out.
 
     ``validate(model) -> Dice`` scores the plain model on the validation fragments (None: no validation; the
-    last model is then also saved as best.pt).
+    last model is then also saved as best.pt). ``ctx``: this process's place under torchrun (default: alone).
     """
 
     def __init__(self, cfg: Config, state: TrainState, *, loss_fn: nn.Module, device: torch.device,
-                 runlog: RunLog, clock: RunClock, validate: Callable[[nn.Module], float] | None = None) -> None:
+                 runlog: RunLog | NullLog, clock: RunClock, validate: Callable[[nn.Module], float] | None = None,
+                 ctx: DistContext | None = None) -> None:
         self.cfg, self.tc = cfg, cfg.train
         self.state = state
         self.loss_fn = loss_fn
@@ -277,6 +299,8 @@ class Trainer:
         self.runlog = runlog
         self.clock = clock
         self.validate = validate
+        self.ctx = ctx or DistContext()
+        self.net = wrap_model(self.ctx, state.model, device)  # what the steps run; state.model is saved
         self.factor = lr_factor(cfg.train)
         self.meter = LossMeter(loss_fn.weights.active())
         self.checkpoints = Path(cfg.output_dir) / "checkpoints"
@@ -289,15 +313,15 @@ class Trainer:
 
     def fit(self, batches: Iterable[dict], stop: int) -> None:
         """Train on ``batches`` (one per step, in order) until step ``stop``, the time budget or the batches end."""
-        log.info(describe_schedule(self.tc, self.clock))
         if self.clock.budget_s and not self.clock.measured():
             self._measure_checkpoint()
+        log.info(describe_schedule(self.tc, self.clock))
         if self.clock.train_start_s is None:
             self.clock.train_start_s = self.clock.now()
         self.mark = self.clock.now()
         self.session = (self.mark, self.state.step)
         with tqdm(total=stop - self.state.step, desc="train", unit="step", dynamic_ncols=True,
-                  mininterval=1.0) as bar:
+                  mininterval=1.0, disable=not self.ctx.is_main) as bar:
             for batch in batches:
                 self._step(batch)
                 bar.update(1)
@@ -308,7 +332,7 @@ class Trainer:
     def _step(self, batch: dict) -> None:
         """One optimiser step on a batch {"image", "label"} of (B, 1, Z, Y, X), at the schedule's learning rate."""
         state, tc = self.state, self.tc
-        self.lr = tc.lr * self.factor(self.clock.position(state.step, tc.steps))
+        self.lr = tc.lr * self.factor(self._position())
         for group in state.optimizer.param_groups:
             group["lr"] = self.lr
         image = batch["image"].to(self.device, non_blocking=True)
@@ -316,24 +340,23 @@ class Trainer:
         state.model.train()
         state.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device, tc.amp):
-            logits = state.model(image)
+            logits = self.net(image)
         loss = self.loss_fn(logits.float(), label)
         state.scaler.scale(loss).backward()
-        if tc.grad_clip > 0:
-            state.scaler.unscale_(state.optimizer)
-            nn.utils.clip_grad_norm_(state.model.parameters(), tc.grad_clip)
+        state.scaler.unscale_(state.optimizer)  # no-op unless fp16 AMP scales the loss
+        grad_norm = nn.utils.clip_grad_norm_(state.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
         state.scaler.step(state.optimizer)
         state.scaler.update()
         state.step += 1
-        state.items += image.shape[0]
-        self.meter.add(state.step, loss, self.loss_fn.last_parts)
+        state.items += image.shape[0] * self.ctx.world_size
+        self.meter.add(state.step, loss, self.loss_fn.last_parts, grad_norm)
 
     def _after_step(self, stop: int, bar: tqdm) -> bool:
         """Log, validate and save as due after a step; True when this step ends the run."""
         step, tc = self.state.step, self.tc
         self.clock.recent_steps.append(self.clock.now() - self.mark)
         checkpoint_due = step % tc.val_every == 0
-        final = step >= stop or self.clock.out_of_time(checkpoint_due)
+        final = step >= stop or self._out_of_time(checkpoint_due)
         if final or checkpoint_due or step % tc.log_every == 0:
             row = self._row()
             bar.set_postfix(loss=f"{row['loss']:.4f}", it_s=f"{row['steps_per_s']:.2f}")
@@ -343,13 +366,26 @@ class Trainer:
         self.mark = self.clock.now()
         return final
 
+    def _position(self) -> float:
+        """Schedule position of the step about to run (rank 0's clock under torchrun: the same lr on all ranks)."""
+        position = self.clock.position(self.state.step, self.tc.steps)
+        if self.clock.budget_s:
+            position = broadcast_floats(self.ctx, [position], self.device)[0]
+        return position
+
+    def _out_of_time(self, checkpoint_due: bool) -> bool:
+        """The time budget's stop decision, made on rank 0 and shared, so every rank stops after the same step."""
+        if not self.clock.budget_s:
+            return False
+        return bool(broadcast_floats(self.ctx, [float(self.clock.out_of_time(checkpoint_due))], self.device)[0])
+
     # ----------------------------------------------------------------- logs and checkpoints
 
     def _row(self) -> dict:
         """The log row of the current step: mean loss (and terms) since the last row, lr, time, speed."""
         first = self.meter.first_step
-        means = self.meter.read()
-        bad = {k: v for k, v in means.items() if not math.isfinite(v)}
+        means = self.meter.read(self.ctx)
+        bad = {k: v for k, v in means.items() if not math.isfinite(v) and k != "grad_norm"}  # fp16 AMP overflows
         if bad:
             raise VesuviusError(f"training loss became {bad} during steps {first}..{self.state.step}; lower train.lr "
                                 f"or check the data ({self.checkpoints / 'last.pt'} holds step {self.saved_step}, "
@@ -361,7 +397,15 @@ class Trainer:
                 "steps_per_s": speed}
 
     def _checkpoint(self, row: dict, *, final: bool = False) -> None:
-        """Validate (when there are val fragments) and keep the best model, save the last; time both."""
+        """Validate (when there are val fragments) and keep the best model, save the last; time both.
+
+        Under torchrun rank 0 does it while the other ranks wait."""
+        if self.ctx.is_main:
+            self._validate_and_save(row, final)
+        barrier(self.ctx)
+        self.saved_step = self.state.step
+
+    def _validate_and_save(self, row: dict, final: bool) -> None:
         state = self.state
         if self.validate is not None:
             began = self.clock.now()
@@ -376,12 +420,11 @@ class Trainer:
         began = self.clock.now()
         self._save("last.pt")
         self.clock.save_s = max(self.clock.save_s or 0.0, self.clock.now() - began)
-        self.saved_step = state.step
         if final and self.validate is None:  # nothing to select on: the last model is the best we know
             self._save("best.pt")
 
     def _save(self, name: str) -> None:
-        save_state(self.checkpoints / name, self.cfg, self.state, self.clock)
+        save_state(self.checkpoints / name, self.cfg, self.state, self.clock, self.ctx.world_size)
 
     def _measure_checkpoint(self) -> None:
         """With a time budget: validate and save once before training, to know what the final ones will take."""
@@ -389,8 +432,9 @@ class Trainer:
         self._checkpoint(row)
         if self.state.step == 0:  # a resumed run has this step's row already
             self.runlog.write(row)
-        log.info("validation %.1f s and checkpoint save %.1f s measured: %.0f s of the %.0f s budget kept for the "
-                 "final ones", self.clock.val_s, self.clock.save_s, self.clock.reserve(), self.clock.budget_s)
+        if not self.ctx.is_main:
+            return
+        log.info("validation %.1f s and checkpoint save %.1f s measured", self.clock.val_s, self.clock.save_s)
         if self.clock.now() + self.clock.reserve() >= self.clock.budget_s:
             log.warning("train.max_minutes=%g leaves no time to train after set-up and validation (%.0f s used)",
                         self.tc.max_minutes, self.clock.now())
@@ -398,7 +442,7 @@ class Trainer:
     def _log_end(self, stop: int) -> None:
         """Say what ended a time-budgeted run: the budget, or train.steps."""
         state, clock = self.state, self.clock
-        if not clock.budget_s:
+        if not clock.budget_s or not self.ctx.is_main:
             return
         if state.step >= self.tc.steps:
             log.info("train.steps=%d reached at %.0f s of the %.0f s budget: the steps drove the schedule's end",
