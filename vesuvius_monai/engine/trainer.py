@@ -385,9 +385,10 @@ class Trainer:
         """The log row of the current step: mean loss (and terms) since the last row, lr, time, speed."""
         first = self.meter.first_step
         means = self.meter.read(self.ctx)
-        bad = {k: v for k, v in means.items() if not math.isfinite(v) and k != "grad_norm"}  # fp16 AMP overflows
-        if bad:
-            raise VesuviusError(f"training loss became {bad} during steps {first}..{self.state.step}; lower train.lr "
+        bad = [f"{k} {v}" for k, v in means.items() if not math.isfinite(v) and k != "grad_norm"]  # (fp16 AMP
+        if bad:  # overflows the gradient now and then: the grad scaler skips those steps)
+            raise VesuviusError(f"training loss became non-finite ({', '.join(bad)}) during steps "
+                                f"{first}..{self.state.step}; lower train.lr "
                                 f"or check the data ({self.checkpoints / 'last.pt'} holds step {self.saved_step}, "
                                 f"the last good state)")
         now = self.clock.now()
