@@ -235,3 +235,20 @@ def test_checkpoint_with_code_objects_is_refused_as_unsafe(tmp_path, capsys):
     assert main(["evaluate", "--checkpoint", str(bad), f"output_dir={tmp_path}"]) == 2
     line = _error_line(capsys)
     assert "evil.pt" in line and "not allowed to load" in line
+
+
+def test_plan_then_train_uses_the_plan_for_keys_the_config_leaves_out(synthetic_root, tmp_path, capsys, tiny_args):
+    import yaml
+
+    run = tmp_path / "planned"
+    args = [a for a in tiny_args(synthetic_root, run) if not a.startswith(("train.steps=", "train.val_every="))]
+    args += ["train.max_minutes=0.4"]
+    assert main(["plan", *args]) == 0
+    plan = yaml.safe_load((run / "plan.yaml").read_text())
+    printed = capsys.readouterr().out
+    assert all(key in printed for key in plan["values"])  # every planned key is printed with its reason
+    assert main(["train", *args, "train.steps=3"]) == 0
+    used = yaml.safe_load((run / "config.yaml").read_text())
+    assert used["train"]["steps"] == 3  # set by the user: kept
+    assert used["train"]["val_every"] == plan["values"]["train.val_every"]  # left out: planned
+    assert used["model"]["kwargs"]["init_features"] == 4  # the tiny model is the user's: kept whole

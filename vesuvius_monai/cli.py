@@ -1,4 +1,4 @@
-"""The ``vesuvius-monai`` command: synth, train, evaluate, predict, tune-threshold.
+"""The ``vesuvius-monai`` command: synth, plan, train, evaluate, predict, tune-threshold.
 
 Every subcommand takes ``--config FILE`` and trailing ``key=value`` overrides (``train.steps=50``).
 A user error prints one line ``error: ...`` and exits with status 2.
@@ -69,10 +69,50 @@ def cmd_synth(args: argparse.Namespace) -> None:
     log.info("wrote %d synthetic fragments to %s", cfg.synth.n_fragments, root)
 
 
+PLAN_FILE = "plan.yaml"
+
+
+def _raw_config(args: argparse.Namespace) -> dict:
+    """The mapping of the ``--config`` file as written (empty without one)."""
+    from vesuvius_monai.config import read_yaml_mapping
+
+    return read_yaml_mapping(args.config, "config file") if args.config is not None else {}
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from vesuvius_monai.engine.train import start_run_dir
+    from vesuvius_monai.plan import explicit_keys, format_plan, make_plan, save_plan
+
+    cfg = _config(args)
+    plan = make_plan(cfg, keep=explicit_keys(_raw_config(args), args.overrides))
+    path = start_run_dir(cfg) / PLAN_FILE
+    save_plan(plan, path)
+    print(format_plan(plan))
+    print(f"saved to {path}; 'vesuvius-monai train' with the same config and output_dir uses it for every key the "
+          f"config does not set")
+
+
+def _planned_config(args: argparse.Namespace, cfg: Config) -> Config:
+    """``cfg`` with the plan of its run folder (from ``vesuvius-monai plan``) for every key the user did not set."""
+    from vesuvius_monai.config import config_from_raw
+    from vesuvius_monai.plan import explicit_keys, load_plan
+
+    path = Path(cfg.output_dir) / PLAN_FILE
+    if args.resume or not path.is_file():
+        return cfg
+    raw = _raw_config(args)
+    planned = load_plan(path).overrides(exclude=explicit_keys(raw, args.overrides))
+    log.info("using the plan %s for keys the config does not set: %s", path, " ".join(planned) or "none")
+    try:
+        return config_from_raw(raw, [*planned, *args.overrides])
+    except VesuviusError as err:
+        raise VesuviusError(f"{path}: {err}") from None
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from vesuvius_monai.engine.train import train
 
-    train(_config(args), resume=args.resume)
+    train(_planned_config(args, _config(args)), resume=args.resume)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -101,7 +141,7 @@ def cmd_tune_threshold(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vesuvius-monai", description="3D papyrus-surface detection for Vesuvius "
-                                     "Challenge scroll CT: synth, train, evaluate, predict, tune-threshold.")
+                                     "Challenge scroll CT: synth, plan, train, evaluate, predict, tune-threshold.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -115,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     add("synth", cmd_synth, "write synthetic scroll fragments to data.root")
+    add("plan", cmd_plan, "choose patch size, network, batch and steps for the data and train.max_minutes; "
+        "saved in output_dir for train")
     add("train", cmd_train, "train a model").add_argument("--resume", action="store_true",
                                                          help="continue the run in output_dir from checkpoints/last.pt")
     ev = add("evaluate", cmd_evaluate, "score a checkpoint on held-out fragments", checkpoint=True)

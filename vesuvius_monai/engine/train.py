@@ -128,11 +128,28 @@ def _check_new_run_dir(run: Path, last: Path) -> None:
     if run.exists() and not run.is_dir():
         raise VesuviusError(f"output_dir {run} is a file; set output_dir to a new folder")
     if is_run_dir(run):
-        log.warning("output_dir %s holds a run stopped before its first checkpoint: starting it again (its "
-                    "config.yaml, splits.json and logs are replaced)", run)
+        if (run / "config.yaml").exists():
+            log.warning("output_dir %s holds a run stopped before its first checkpoint: starting it again (its "
+                        "config.yaml, splits.json and logs are replaced)", run)
     elif run.is_dir() and any(run.iterdir()):
         raise VesuviusError(f"output_dir {run} is not empty and is not a vesuvius_monai run (no {RUN_MARKER}); "
                             f"nothing was changed there: set output_dir to a new or empty folder")
+
+
+def start_run_dir(cfg: Config) -> Path:
+    """The run folder of a new run, made (marker first) or checked as :func:`prepare_run_dir` does for a new run;
+    ``vesuvius-monai plan`` puts its plan there before ``train`` starts."""
+    run = Path(cfg.output_dir)
+    _check_new_run_dir(run, run / "checkpoints" / "last.pt")
+    mark_run_dir(run)
+    return run
+
+
+def mark_run_dir(run: Path) -> None:
+    """Write the run marker into ``run`` (created if needed) unless it is there already."""
+    if not is_run_dir(run):  # a new folder, or a run made before markers existed
+        write_text(run / RUN_MARKER, json.dumps({"format": RUN_FORMAT, "version": __version__,
+                                                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1))
 
 
 def _resume_payload(cfg: Config, run: Path, last: Path) -> dict:
@@ -156,9 +173,7 @@ def prepare_run_dir(cfg: Config, resume: bool) -> tuple[Path, dict | None]:
     payload = _resume_payload(cfg, run, last) if resume else None
     if not resume:
         _check_new_run_dir(run, last)
-    if not is_run_dir(run):  # a new folder, or a run made before markers existed
-        write_text(run / RUN_MARKER, json.dumps({"format": RUN_FORMAT, "version": __version__,
-                                                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1))
+    mark_run_dir(run)
     (run / "checkpoints").mkdir(parents=True, exist_ok=True)
     save_config(cfg, run / "config.yaml")
     return run, payload
