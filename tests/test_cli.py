@@ -252,3 +252,11 @@ def test_plan_then_train_uses_the_plan_for_keys_the_config_leaves_out(synthetic_
     assert used["train"]["steps"] == 3  # set by the user: kept
     assert used["train"]["val_every"] == plan["values"]["train.val_every"]  # left out: planned
     assert used["model"]["kwargs"]["init_features"] == 4  # the tiny model is the user's: kept whole
+
+
+@pytest.mark.parametrize("command", ["evaluate", "tune-threshold"])
+def test_bad_window_is_named_at_every_entry(trained, command, capsys):
+    args, run = trained
+    assert main([command, "--checkpoint", str(run / "checkpoints/best.pt"), *args, "infer.roi_size=[18,18,18]"]) == 2
+    line = _error_line(capsys)
+    assert "infer.roi_size" in line and "[18, 18, 18]" in line

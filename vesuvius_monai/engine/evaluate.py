@@ -148,6 +148,7 @@ def evaluate(cfg: Config, checkpoint: str | Path | Checkpoint, out_dir: str | Pa
     rename; an existing folder is only replaced when it holds nothing but an earlier evaluation.
     """
     ckpt = as_checkpoint(checkpoint)
+    ckpt.check_window(cfg.infer.roi_size)
     out = (Path(out_dir) if out_dir else Path(cfg.output_dir) / "eval").resolve()
     check_replaceable(out, EVAL_KIND, "evaluation folder")
     device = resolve_device(cfg.infer.device)
@@ -193,6 +194,7 @@ def tune_threshold(cfg: Config, checkpoint: str | Path | Checkpoint, out_dir: st
     from vesuvius_monai.postprocess import pick_threshold
 
     ckpt = as_checkpoint(checkpoint)
+    ckpt.check_window(cfg.infer.roi_size)
     fragments = select_fragments(cfg, "val", ckpt.trained_on)
     device = resolve_device(cfg.infer.device)
     model = ckpt.model(device)

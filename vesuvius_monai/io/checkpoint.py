@@ -97,6 +97,12 @@ class Checkpoint:
         """The network with its weights, in eval mode, on ``device``."""
         return model_from_payload(self.payload, device)
 
+    def check_window(self, roi_size: tuple[int, int, int]) -> None:
+        """Raise a VesuviusError naming ``infer.roi_size`` unless the checkpoint's network can take that window."""
+        from vesuvius_monai.models import check_input_sizes
+
+        check_input_sizes(self.payload["model_name"], self.payload["model_kwargs"], {"infer.roi_size": roi_size})
+
     @property
     def trained_on(self) -> list[str]:
         """Ids of the fragments the checkpoint was trained on (empty if it does not record them)."""
