@@ -3,7 +3,7 @@
 For each size N it writes an N^3 uint16 Zarr (chunks 128^3) chunk by chunk, then predicts it into a Zarr store
 with ``infer_volume`` and a 3-convolution network (4 channels) in a fresh subprocess, and prints:
 
-* peak resident memory of the prediction process (``ru_maxrss``), which must stay < 3 GiB and not grow with N;
+* peak resident memory of the prediction process (VmHWM), which must stay < 3 GiB and not grow with N;
 * output voxels per second of the whole run;
 * overhead = whole-run time / time spent inside the network during the run, and the grid's window count
   (each window is computed once). With so cheap a network this shows what the machinery itself costs.
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -106,7 +105,15 @@ def predict(args: argparse.Namespace) -> dict:
     return {"size": reader.shape[0], "voxels": int(np.prod(reader.shape)), "seconds": total,
             "voxels_per_s": np.prod(reader.shape) / total, "model_seconds": net.seconds,
             "overhead": total / net.seconds, "windows": grid.n_windows, "blocks": len(grid.blocks()),
-            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, "output": str(out)}
+            "peak_rss_gib": peak_rss_kib() * 1024 / GIB, "output": str(out)}
+
+
+def peak_rss_kib() -> int:
+    """This process's peak resident memory (VmHWM; ``ru_maxrss`` would include the parent's at fork)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
 
 
 def run_worker(args: argparse.Namespace, *extra: str) -> str:

@@ -5,7 +5,7 @@
 2. For each ``--sizes`` N: an N^3 uint16 Zarr (chunks 128^3), predicted by the CLI in a fresh process, "after"
    (this tree) and "before" (the CLI of git commit BEFORE, extracted with ``git archive`` into a temporary folder
    and run from there: the old halo engine, measured in the same run on the same volume). Printed per run: wall
-   time, output Mvox/s, peak resident memory of that process (``os.wait4``) and the ratio of wall time to the
+   time, output Mvox/s, peak resident memory of that process (VmHWM) and the ratio of wall time to the
    model's time on the windows of the volume's own sliding-window grid (grid windows x the time of one window
    batch / batch size, measured here in this run with the engine's own predictor).
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -98,12 +99,16 @@ def option_rows(cfg, device: torch.device, compile_too: bool) -> dict[str, tuple
         f"inference_mode, channels-last model+input, batch {batch}": (grad_free(model_cl, torch.inference_mode),
                                                                       x.to(memory_format=cl)),
     }
-    for b in (1, 4, 8):
-        rows[f"inference_mode, batch {b}"] = (grad_free(model, torch.inference_mode),
-                                              torch.randn(b, 1, *roi, device=device))
+    for b in (1, 4):
+        xb = torch.randn(b, 1, *roi, device=device)
+        rows[f"inference_mode, batch {b}"] = (grad_free(model, torch.inference_mode), xb)
+        rows[f"inference_mode, channels-last model+input, batch {b}"] = (grad_free(model_cl, torch.inference_mode),
+                                                                         xb.to(memory_format=cl))
     for edge in (96, 128):
-        rows[f"inference_mode, window {edge}^3, batch 1"] = (grad_free(model, torch.inference_mode),
-                                                             torch.randn(1, 1, edge, edge, edge, device=device))
+        xw = torch.randn(1, 1, edge, edge, edge, device=device)
+        rows[f"inference_mode, window {edge}^3, batch 1"] = (grad_free(model, torch.inference_mode), xw)
+        rows[f"inference_mode, channels-last model+input, window {edge}^3"] = (
+            grad_free(model_cl, torch.inference_mode), xw.to(memory_format=cl))
     if compile_too:
         rows[f"torch.compile, inference_mode, batch {batch}"] = (grad_free(torch.compile(model), torch.inference_mode),
                                                                  x)
@@ -144,15 +149,46 @@ def model_seconds_per_window(cfg, device: torch.device, repeats: int = 5) -> flo
     return statistics.median(times) / x.shape[0]
 
 
-def run_cli(command: list[str], env: dict | None = None, cwd: Path | None = None) -> tuple[float, float]:
-    """Run a command in a fresh process; (wall seconds, its own peak resident memory in GiB)."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(command, stderr=subprocess.DEVNULL, env=env, cwd=cwd)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"command failed: {' '.join(command)}")
-    return seconds, usage.ru_maxrss / 2**20
+def run_cli(command: list[str], env: dict | None = None, cwd: Path | None = None) -> tuple[float, float, str]:
+    """Run a command in a fresh process; (wall seconds, its peak resident memory in GiB, its stderr).
+
+    The peak is the process's own VmHWM, polled from /proc every 0.1 s (``ru_maxrss`` of a child would include
+    this process's memory, which the child inherits at fork).
+    """
+    with tempfile.TemporaryFile() as log:
+        start = time.perf_counter()
+        proc = subprocess.Popen(command, stderr=log, env=env, cwd=cwd)
+        peak_kib = 0
+        while proc.poll() is None:
+            peak_kib = max(peak_kib, _vm_hwm_kib(proc.pid))
+            time.sleep(0.1)
+        seconds = time.perf_counter() - start
+        log.seek(0)
+        text = log.read().decode(errors="replace")
+    if proc.returncode != 0:
+        raise SystemExit(f"command failed: {' '.join(command)}\n{text[-2000:]}")
+    return seconds, peak_kib / 2**20, text
+
+
+def _vm_hwm_kib(pid: int) -> int:
+    """Peak resident memory (KiB) of a running process so far; 0 once it has gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def network_busy(stderr: str) -> float | None:
+    """Seconds the engine's network thread was busy, from its log line (None for the old engine)."""
+    found = re.search(r"network thread was busy ([0-9.]+) s", stderr)
+    return float(found[1]) if found else None
+
+
+def load_average() -> str:
+    return Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
 
 
 def old_tree(tmp: Path) -> Path:
@@ -196,22 +232,31 @@ def main() -> None:
         tree = None if args.no_before else old_tree(tmp)
         old_env = None if tree is None else old_checkpoint(tree, tmp / "old.pt", overrides)
         print(f"{'volume':>7} {'engine':>7} {'wall s':>8} {'Mvox/s':>7} {'peak GiB':>9} {'windows':>8} "
-              f"{'model s':>8} {'wall/model':>10}")
+              f"{'model s':>8} {'wall/model':>10} {'busy s':>7} {'wall/busy':>9} {'load':>11}")
         for size in args.sizes:
             volume = tmp / f"vol{size}.zarr"
             write_volume(volume, size)
             grid = WindowGrid((size,) * 3, cfg.infer.roi_size, cfg.infer.overlap, cfg.infer.block_size)
-            model_s = grid.n_windows * per_window
             runs = [("after", [sys.executable, "-m", "vesuvius_monai.cli", "predict", "--checkpoint", str(ckpt)],
                      None, None)]
             if tree is not None:
                 runs.insert(0, ("before", [sys.executable, "-m", "vesuvius_monai.cli", "predict", "--checkpoint",
                                            str(tmp / "old.pt")], old_env, tree))
             for name, command, env, cwd in runs:
+                per_window = model_seconds_per_window(cfg, device)
                 out = tmp / f"probs{size}_{name}.zarr"
-                seconds, peak = run_cli([*command, "--input", str(volume), "--output", str(out), *overrides], env, cwd)
+                load_before = load_average()
+                seconds, peak, stderr = run_cli([*command, "--input", str(volume), "--output", str(out), *overrides],
+                                                env, cwd)
+                model_s = grid.n_windows * (per_window + model_seconds_per_window(cfg, device)) / 2
+                busy = network_busy(stderr)
+                busy_cols = f"{busy:7.1f} {seconds / busy:9.2f}" if busy else f"{'-':>7} {'-':>9}"
                 print(f"{size:>6}^3 {name:>7} {seconds:8.1f} {size**3 / seconds / 1e6:7.2f} {peak:9.2f} "
-                      f"{grid.n_windows:8d} {model_s:8.1f} {seconds / model_s:10.2f}", flush=True)
+                      f"{grid.n_windows:8d} {model_s:8.1f} {seconds / model_s:10.2f} {busy_cols} "
+                      f"{load_before:>5}->{load_average():>5}", flush=True)
+    print("model s: grid windows x seconds per window of one batch (engine predictor), the mean of a measurement just "
+          "before and just after the run; "
+          "busy s: the engine's network thread, from its log; load: 1-minute load average before -> after (2 cores)")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ resume after a crash, bounded memory."""
 
 from __future__ import annotations
 
+import dataclasses
 import tracemalloc
 
 import numpy as np
@@ -249,3 +250,25 @@ def test_memory_is_bounded_by_a_few_blocks(tmp_path):
         peak, extent = engine_peak_bytes(tmp_path, (size, size, size))
         assert extent == 40**3 * 4
         assert peak < 8.5 * extent, (size, peak / extent)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("amp", [False, True])
+def test_cuda_equals_monai_and_resumes_identically(tmp_path, amp):
+    """On a GPU (fp32, and bf16/fp16 autocast): MONAI's result with the same predictor; a crash resumes bit-exactly."""
+    cuda = torch.device("cuda")
+    reader = save_volume(tmp_path, (40, 50, 45), 9)
+    cfg = make_cfg((16, 16, 16), (16, 16, 16), overlap=0.5, batch=4)
+    cfg = dataclasses.replace(cfg, infer=dataclasses.replace(cfg.infer, amp=amp, device="cuda"))
+    image = torch.from_numpy(load_normalized(reader, cfg.transforms.percentiles))[None, None].to(cuda)
+    with torch.inference_mode():
+        expected = sliding_window_inference(image, (16, 16, 16), 4, make_predictor(TinyNet().to(cuda), cfg.infer, cuda,
+                                                                                    amp), overlap=0.5,
+                                            mode="gaussian", sigma_scale=0.125)[0, 0].cpu().numpy()
+    reference = open_volume(infer_volume(TinyNet().to(cuda), reader, cfg, output=tmp_path / "ref.zarr")).read()
+    np.testing.assert_allclose(reference, expected, rtol=0, atol=1e-5)
+    grid = WindowGrid((40, 50, 45), (16, 16, 16), 0.5, (16, 16, 16))
+    with pytest.raises(RuntimeError, match="simulated"):
+        infer_volume(TinyNet(fail_after=grid.n_windows // 2).to(cuda), reader, cfg, output=tmp_path / "p.zarr")
+    resumed = infer_volume(TinyNet().to(cuda), reader, cfg, output=tmp_path / "p.zarr")
+    np.testing.assert_array_equal(open_volume(resumed).read(), reference)

@@ -23,6 +23,7 @@ z-planes of the row below (same batches, same sums).
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Protocol
 
@@ -148,29 +149,53 @@ def run_blocks(grid: WindowGrid, read: Reader, predictor: Predictor, sink: Sink,
     logger.info("%d blocks of %s (%d windows of %s in the grid), %d to predict", len(grid.blocks()),
                 grid.block_size, grid.n_windows, grid.window, len(todo))
     weight = torch.from_numpy(importance(grid.window, blend, float(sigma_scale))).to(device)
-    left = sum(grid.n_own_windows(i) for i in todo)
-    bar = tqdm(total=grid.n_windows, initial=grid.n_windows - left, desc="windows", unit="win", leave=False,
+    windows = sum(grid.n_own_windows(i) for i in todo)
+    bar = tqdm(total=grid.n_windows, initial=grid.n_windows - windows, desc="windows", unit="win", leave=False,
                disable=not progress, dynamic_ncols=True)
 
     def load(index: Triple) -> np.ndarray | None:
         return read(grid.extent(index)) if grid.n_own_windows(index) else None
 
+    def compute(index: Triple, image: np.ndarray | None) -> np.ndarray:
+        return block_sums(grid, index, image, predictor, batch, weight, device, bar.update)
+
+    def finish(index: Triple, sums: np.ndarray) -> None:
+        finish_block(grid, index, sums, spills, sink, blend, sigma_scale)
+
+    start = time.perf_counter()
+    try:
+        busy = _pipeline(todo, load, compute, finish)
+    finally:
+        bar.close()
+    wall = time.perf_counter() - start
+    logger.info("%d windows in %.1f s; the network thread was busy %.1f s of it (%.0f%%)", windows, wall, busy,
+                100 * busy / max(wall, 1e-9))
+
+
+def _pipeline(todo: list[Triple], load: Callable, compute: Callable, finish: Callable) -> float:
+    """load(next) in a reader thread and finish(previous) in a writer thread while compute(current) runs here.
+
+    At most one block is being read ahead and one waits for the writer. Returns the seconds spent in ``compute``.
+    """
     reader, writer = ThreadPoolExecutor(1, "vesuvius-read"), ThreadPoolExecutor(1, "vesuvius-write")
+    busy = 0.0
     try:
         pending: Future | None = reader.submit(load, todo[0]) if todo else None
         written: Future | None = None
         for k, index in enumerate(todo):
             image = pending.result()  # type: ignore[union-attr]
             pending = reader.submit(load, todo[k + 1]) if k + 1 < len(todo) else None
-            sums = block_sums(grid, index, image, predictor, batch, weight, device, bar.update)
+            tic = time.perf_counter()
+            sums = compute(index, image)
+            busy += time.perf_counter() - tic
             del image
             if written is not None:
-                written.result()  # at most one block waits for the writer
-            written = writer.submit(finish_block, grid, index, sums, spills, sink, blend, sigma_scale)
+                written.result()
+            written = writer.submit(finish, index, sums)
             del sums
         if written is not None:
             written.result()
     finally:
         reader.shutdown(wait=True, cancel_futures=True)
         writer.shutdown(wait=True, cancel_futures=True)
-        bar.close()
+    return busy

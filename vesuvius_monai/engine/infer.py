@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from vesuvius_monai.config import Config, InferConfig, to_dict
 from vesuvius_monai.data.readers import VolumeReader, sample_percentiles
@@ -30,6 +31,8 @@ from vesuvius_monai.engine.zarr_output import checked_roi, predict_to_zarr, run_
 from vesuvius_monai.errors import VesuviusError
 
 log = logging.getLogger(__name__)
+
+CHANNELS_LAST = torch.channels_last_3d
 
 
 def resolve_device(name: str) -> torch.device:
@@ -49,12 +52,26 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
     return contextlib.nullcontext()
 
 
+def channels_last_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's parameters and buffers, 5-D ones as channels-last-3D copies (the model itself is not changed).
+
+    Convolutions run about twice as fast in that layout on the CPU (bench/bench_predict.py).
+    """
+    state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    return {k: v.detach().contiguous(memory_format=CHANNELS_LAST) if v.dim() == 5 else v for k, v in state.items()}
+
+
 def make_predictor(model: nn.Module, cfg: InferConfig, device: torch.device, amp: bool = True) -> Callable:
-    """(B, 1, z, y, x) tensor -> probabilities of the same shape, float32, averaged over the TTA set."""
+    """(B, 1, z, y, x) tensor -> probabilities of the same shape, float32, averaged over the TTA set.
+
+    The network runs in channels-last-3D layout (weights copied once here, input per call).
+    """
+    state = channels_last_state(model)
 
     def probs(x: torch.Tensor) -> torch.Tensor:
         with autocast(device, amp):
-            return torch.sigmoid(model(x).float())
+            logits = functional_call(model, state, (x.contiguous(memory_format=CHANNELS_LAST),))
+        return torch.sigmoid(logits.float())
 
     def predict(x: torch.Tensor) -> torch.Tensor:
         return tta_predict(probs, x, flip_axes=tuple(cfg.tta_flip_axes), rot90=cfg.tta_rot90)
