@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from vesuvius_monai import __version__
-from vesuvius_monai.config import Config, TrainConfig, save_config, to_dict, upgrade_raw
+from vesuvius_monai.config import Config, TrainConfig, config_from_raw, save_config, to_dict
 from vesuvius_monai.data.dataset import Fragment, load_splits
 from vesuvius_monai.data.patches import PatchDataset, PatchSource, prepare_sources, rank_items
 from vesuvius_monai.engine.distributed import DistContext, init_distributed, on_main
@@ -87,8 +87,11 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
 
 
 def check_resume_config(cfg: Config, saved: dict, path: Path) -> None:
-    """A resumed run must have the config it was started with (except harmless keys), or it is not exact."""
-    now, then = _flatten(to_dict(cfg)), _flatten(upgrade_raw(saved))
+    """A resumed run must have the config it was started with (except harmless keys), or it is not exact.
+
+    The saved config is read as any stored config is (old keys upgraded, keys added since then at their defaults).
+    """
+    now, then = _flatten(to_dict(cfg)), _flatten(to_dict(config_from_raw(saved)))
     differ = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k) and k not in RESUME_MAY_DIFFER)
     if differ:
         detail = ", ".join(f"{k}: {then.get(k)!r} -> {now.get(k)!r}" for k in differ[:5])

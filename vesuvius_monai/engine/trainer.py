@@ -163,6 +163,8 @@ class TrainState:
 def build_state(cfg: Config, device: torch.device) -> TrainState:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model.name, **cfg.model.kwargs).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     fp16 = device.type == "cuda" and cfg.train.amp and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=fp16)
@@ -337,6 +339,8 @@ class Trainer:
             group["lr"] = self.lr
         image = batch["image"].to(self.device, non_blocking=True)
         label = batch["label"].to(self.device, non_blocking=True)
+        if tc.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last_3d)
         state.model.train()
         state.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device, tc.amp):
