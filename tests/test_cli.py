@@ -124,22 +124,25 @@ def test_predict_errors_leave_existing_output(trained, tmp_path, capsys):
     assert "bad.pt" in _error_line(capsys)
 
 
-def test_tune_threshold_and_report(trained, capsys):
+def test_tune_postprocess_then_evaluate_uses_the_choice(trained, capsys):
     args, run = trained
     ckpt = str(run / "checkpoints/best.pt")
-    assert main(["tune-threshold", "--checkpoint", ckpt, *args]) == 0
-    tuned = json.loads((run / "threshold.json").read_text())
+    assert main(["tune-postprocess", "--checkpoint", ckpt, *args]) == 0
+    tuned = json.loads((run / "postprocess.json").read_text())
     assert tuned["fragments"] == ["frag_003"]
-    assert tuned["score"] == max(tuned["scores"].values())
-    assert f"{tuned['threshold']:.3f}" in tuned["scores"]
+    assert tuned["postprocess"] == tuned["base"] and "one validation fragment" in tuned["reason"]  # the guard
+    assert len(tuned["scores"]) > 10 and all(len(v) == 1 for v in tuned["scores"].values())
+    chosen = {"threshold": 0.35, "min_size": 7, "fill_holes_max": 0, "connectivity": 6}
+    (run / "postprocess.json").write_text(json.dumps(dict(tuned, postprocess=chosen)))  # as if two fragments chose
     out = run / "eval_tta"
     assert main(["evaluate", "--checkpoint", ckpt, "--out", str(out), *args, "infer.tta_flip_axes=[0,1,2]",
-                 f"postprocess.threshold={tuned['threshold']}", "postprocess.min_size=10"]) == 0
+                 "postprocess.min_size=10"]) == 0
     report = (out / "report.html").read_text()
     assert "frag_004" in report and "data:image/png;base64," in report and "leaderboard" in report
     metrics = json.loads((out / "metrics.json").read_text())
     saved = metrics["config"]
-    assert saved["infer"]["tta_flip_axes"] == [0, 1, 2] and saved["postprocess"]["min_size"] == 10
+    assert saved["infer"]["tta_flip_axes"] == [0, 1, 2]
+    assert saved["postprocess"] == dict(chosen, min_size=10)  # the run's choice, except the key the user set
     from vesuvius_monai.metrics import topo_matching_used
 
     assert metrics["topo_matching"] == topo_matching_used("exact")  # which matching produced the TopoScore
@@ -205,12 +208,12 @@ def test_synth_refuses_a_folder_with_other_files(tmp_path, capsys):
     assert _snapshot(tmp_path) == {tmp_path.joinpath("mine.txt").relative_to(tmp_path): b"x"}
 
 
-def test_tune_threshold_refuses_training_fragments(trained, capsys):
+def test_tune_postprocess_refuses_training_fragments(trained, capsys):
     args, run = trained
-    assert main(["tune-threshold", "--checkpoint", str(run / "checkpoints/best.pt"), *args,
+    assert main(["tune-threshold", "--checkpoint", str(run / "checkpoints/best.pt"), *args,  # the old name still works
                  "data.val_fragments=[frag_000]", "data.test_fragments=[frag_004]"]) == 2
     assert "frag_000" in _error_line(capsys)
-    assert not (run / "threshold.json").exists()
+    assert not (run / "postprocess.json").exists()
 
 
 def test_evaluate_needs_no_training_fragments(trained, synthetic_root, tmp_path):
@@ -254,7 +257,7 @@ def test_plan_then_train_uses_the_plan_for_keys_the_config_leaves_out(synthetic_
     assert used["model"]["kwargs"]["init_features"] == 4  # the tiny model is the user's: kept whole
 
 
-@pytest.mark.parametrize("command", ["evaluate", "tune-threshold"])
+@pytest.mark.parametrize("command", ["evaluate", "tune-postprocess"])
 def test_bad_window_is_named_at_every_entry(trained, command, capsys):
     args, run = trained
     assert main([command, "--checkpoint", str(run / "checkpoints/best.pt"), *args, "infer.roi_size=[18,18,18]"]) == 2

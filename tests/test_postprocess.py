@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from vesuvius_monai.errors import VesuviusError
-from vesuvius_monai.postprocess import PostprocessConfig, pick_threshold, postprocess
+from vesuvius_monai.postprocess import PostprocessConfig, describe, pick_postprocess, pick_threshold, postprocess
 
 
 def two_cubes() -> np.ndarray:
@@ -183,3 +183,45 @@ def test_pick_threshold_rejects_mismatches():
         pick_threshold([prob], [label[..., :-1]], accuracy)
     with pytest.raises(VesuviusError, match="score_fn gave nan"):
         pick_threshold([prob], [label], lambda p, l: math.nan)
+
+
+# ---------------------------------------------------------------- pick_postprocess (guarded)
+
+
+def _noisy_sheet(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A label slab and a probability map with the slab at 0.8 and random specks at 0.65 around it."""
+    rng = np.random.default_rng(seed)
+    label = np.zeros((16, 16, 16), np.uint8)
+    label[6:9] = 1
+    prob = np.where(label == 1, 0.8, 0.1).astype(np.float32)
+    specks = rng.random(label.shape) < 0.01
+    prob[specks & (label == 0)] = 0.65
+    return prob, label
+
+
+def _dice_score(pred, label):
+    return 2 * np.sum(pred & (label == 1)) / max(pred.sum() + (label == 1).sum(), 1)
+
+
+def test_pick_postprocess_chooses_what_helps_every_fragment():
+    pairs = [_noisy_sheet(s) for s in range(3)]
+    base = PostprocessConfig()
+    choice = pick_postprocess([p for p, _ in pairs], [l for _, l in pairs], _dice_score, base=base)
+    assert choice.chosen != base  # specks at 0.65: a threshold above them, or their removal, helps all three
+    best = max(choice.scores, key=lambda k: np.mean(choice.scores[k]))
+    assert np.mean(choice.scores[best]) == pytest.approx(np.mean(choice.scores[describe(choice.chosen)]))
+    assert all(n > o for n, o in zip(choice.scores[describe(choice.chosen)], choice.scores[describe(base)]))
+
+
+def test_pick_postprocess_keeps_the_base_on_one_fragment_or_a_split_vote():
+    prob, label = _noisy_sheet(0)
+    one = pick_postprocess([prob], [label], _dice_score, base=PostprocessConfig())
+    assert one.chosen == one.base and "one validation fragment" in one.reason
+    # a second fragment with a faint sheet (0.62) and no specks: thresholds above the specks (0.65) erase it, and
+    # removing small components changes nothing there, so the best candidate is better on one fragment of two only
+    faint = np.where(label == 1, 0.62, 0.1).astype(np.float32)
+    split = pick_postprocess([prob, faint], [label, label.copy()], _dice_score, base=PostprocessConfig())
+    best = describe(max((PostprocessConfig(min_size=m, connectivity=c) for m in (64, 256, 1024) for c in (6, 26)),
+                        key=lambda cfg: np.mean(split.scores[describe(cfg)])))
+    assert np.mean(split.scores[best]) > np.mean(split.scores[describe(split.base)])  # better on average ...
+    assert split.chosen == split.base and "not better on most fragments" in split.reason  # ... but carried by one

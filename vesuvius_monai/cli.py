@@ -1,4 +1,4 @@
-"""The ``vesuvius-monai`` command: synth, plan, train, evaluate, predict, tune-threshold.
+"""The ``vesuvius-monai`` command: synth, plan, train, tune-postprocess, evaluate, predict.
 
 Every subcommand takes ``--config FILE`` and trailing ``key=value`` overrides (``train.steps=50``).
 A user error prints one line ``error: ...`` and exits with status 2.
@@ -20,21 +20,25 @@ from vesuvius_monai.io.atomic import check_replaceable, publish_dir, work_dir_be
 log = logging.getLogger("vesuvius_monai")
 
 
-def _config(args: argparse.Namespace, checkpoint=None) -> Config:
-    """The run config: ``--config`` (else the checkpoint's own, when one is given) + overrides."""
-    if args.config is None and checkpoint is not None:
-        from vesuvius_monai.config import config_from_raw
-
-        return config_from_raw(checkpoint.payload["config"], args.overrides)
+def _config(args: argparse.Namespace) -> Config:
+    """The run config: ``--config`` (or the built-in defaults) + overrides."""
     return load_config(args.config, args.overrides)
 
 
 def _checkpoint_and_config(args: argparse.Namespace):
-    """The ``--checkpoint`` (read once) and the run config."""
+    """The ``--checkpoint`` (read once) and the run config, with the post-processing that ``tune-postprocess`` chose
+    for the checkpoint's run wherever the user's config file and overrides leave ``postprocess`` keys out."""
+    from vesuvius_monai.engine.tune import tuned_overrides
     from vesuvius_monai.io.checkpoint import Checkpoint
+    from vesuvius_monai.plan import explicit_keys
 
     checkpoint = Checkpoint.load(args.checkpoint)
-    return checkpoint, _config(args, checkpoint)
+    tuned = tuned_overrides(checkpoint, explicit_keys(_raw_config(args), args.overrides))
+    if args.config is None:
+        from vesuvius_monai.config import config_from_raw
+
+        return checkpoint, config_from_raw(checkpoint.payload["config"], [*tuned, *args.overrides])
+    return checkpoint, load_config(args.config, [*tuned, *args.overrides])
 
 
 SYNTH_KIND = "synthetic data"
@@ -132,21 +136,21 @@ def cmd_predict(args: argparse.Namespace) -> None:
             roi=parse_roi(args.roi))
 
 
-def cmd_tune_threshold(args: argparse.Namespace) -> None:
-    from vesuvius_monai.engine.evaluate import tune_threshold
+def cmd_tune_postprocess(args: argparse.Namespace) -> None:
+    from vesuvius_monai.engine.tune import tune_postprocess
 
     checkpoint, cfg = _checkpoint_and_config(args)
-    tune_threshold(cfg, checkpoint, args.out)
+    tune_postprocess(cfg, checkpoint, args.out)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vesuvius-monai", description="3D papyrus-surface detection for Vesuvius "
-                                     "Challenge scroll CT: synth, plan, train, evaluate, predict, tune-threshold.")
+                                     "Challenge scroll CT: synth, plan, train, tune-postprocess, evaluate, predict.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def add(name: str, func, help: str, checkpoint: bool = False) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help)
+    def add(name: str, func, help: str, checkpoint: bool = False, aliases: list[str] = ()) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, aliases=list(aliases))
         p.add_argument("--config", type=Path, help="YAML config (default: built-in defaults, or the checkpoint's)")
         if checkpoint:
             p.add_argument("--checkpoint", type=Path, required=True, help="a .pt written by train")
@@ -167,8 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--mask", type=Path, help="also write the post-processed binary mask here (NIfTI)")
     pr.add_argument("--nifti", type=Path, help="with a .zarr --output: also export the probabilities as NIfTI")
     pr.add_argument("--roi", help="region of interest z0:z1,y0:y1,x0:x1")
-    tt = add("tune-threshold", cmd_tune_threshold, "pick the threshold on validation fragments", checkpoint=True)
-    tt.add_argument("--out", type=Path, help="where to write threshold.json (default: <output_dir>)")
+    tt = add("tune-postprocess", cmd_tune_postprocess, "choose threshold and small-component removal on the "
+             "validation fragments (leaderboard score); later commands use the choice", checkpoint=True,
+             aliases=["tune-threshold"])
+    tt.add_argument("--out", type=Path, help="where to write postprocess.json (default: the checkpoint's run folder)")
     return parser
 
 

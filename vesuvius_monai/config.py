@@ -312,7 +312,7 @@ class InferConfig:
     tta_rot90: bool = False
     block_size: Triple = (192, 192, 192)  # inference blocks: rounded up to multiples of the stride, >= the window
     out_dtype: str = "uint8"  # zarr probability output: uint8 (p*255), float16 or float32
-    device: str = "auto"  # auto | cpu | cuda (evaluate, predict, tune-threshold; validation runs on train.device)
+    device: str = "auto"  # auto | cpu | cuda (evaluate, predict, tune-postprocess; validation runs on train.device)
     amp: bool = True  # mixed precision, CUDA only (never on CPU)
 
     def __post_init__(self) -> None:

@@ -1,6 +1,7 @@
 """Post-processing of surface probabilities: threshold, drop small components, fill small cavities.
 
-Also :func:`pick_threshold`, which picks the threshold that maximises a score over validation fragments.
+Also :func:`pick_threshold`, which picks the threshold that maximises a score over validation fragments, and
+:func:`pick_postprocess`, which picks threshold and small-component removal with a guard against over-fitting.
 """
 
 from __future__ import annotations
@@ -105,6 +106,100 @@ def pick_threshold(
     return best, scores
 
 
+THRESHOLDS = tuple(round(0.3 + 0.05 * i, 2) for i in range(11))  # 0.30 .. 0.80
+MIN_SIZES = (64, 256, 1024)
+
+
+@dataclasses.dataclass(frozen=True)
+class PostprocessChoice:
+    """What :func:`pick_postprocess` chose: ``chosen`` (``base`` when the guard kept it), the per-fragment scores of
+    every candidate tried (keyed by :func:`describe`), and the reason in one line."""
+
+    chosen: PostprocessConfig
+    base: PostprocessConfig
+    scores: dict[str, list[float]]
+    reason: str
+
+
+def describe(cfg: PostprocessConfig) -> str:
+    """``threshold 0.55, min_size 256 (6-connected), fill_holes_max 0``: a candidate's name."""
+    return (f"threshold {cfg.threshold:.2f}, min_size {cfg.min_size} ({cfg.connectivity}-connected), "
+            f"fill_holes_max {cfg.fill_holes_max}")
+
+
+def pick_postprocess(
+    probs: list[np.ndarray],
+    labels: list[np.ndarray],
+    score_fn: Callable[[np.ndarray, np.ndarray], float],
+    *,
+    base: PostprocessConfig,
+    thresholds: Sequence[float] = THRESHOLDS,
+    min_sizes: Sequence[int] = MIN_SIZES,
+    connectivities: Sequence[int] = (6, 26),
+) -> PostprocessChoice:
+    """Choose post-processing on validation fragments: threshold first, then small-component removal at that threshold.
+
+    probs[i] (Z, Y, X) in [0, 1] and labels[i] of the same shape; ``score_fn(bool pred, label)``, higher is better.
+    The candidate with the best mean score replaces ``base`` only when it beats ``base`` on a strict majority of the
+    fragments, at least two: a setting chosen on one fragment, or carried by one, over-fits it. Ties of the mean go
+    to the candidate closer to ``base``.
+    """
+    if len(probs) == 0 or len(probs) != len(labels):
+        raise VesuviusError(f"pick_postprocess needs equally many probs and labels (> 0), got {len(probs)} and "
+                            f"{len(labels)}")
+    scores: dict[str, list[float]] = {describe(base): _scores(probs, labels, score_fn, base)}
+    by_threshold = [dataclasses.replace(base, threshold=float(t)) for t in thresholds]
+    best_t = _best(by_threshold, probs, labels, score_fn, scores, base)
+    by_size = [dataclasses.replace(best_t, min_size=int(m), connectivity=int(c)) for m in min_sizes
+               for c in connectivities]
+    best = _best([best_t, *by_size], probs, labels, score_fn, scores, base)
+    return _guarded(best, base, scores)
+
+
+def _best(candidates: list[PostprocessConfig], probs: list[np.ndarray], labels: list[np.ndarray],
+          score_fn: Callable[[np.ndarray, np.ndarray], float], scores: dict[str, list[float]],
+          base: PostprocessConfig) -> PostprocessConfig:
+    """The candidate of best mean score (ties: closest to ``base``); fills ``scores`` for those not yet scored."""
+    for cfg in tqdm(candidates, desc="post-processing", leave=False):
+        if describe(cfg) not in scores:
+            scores[describe(cfg)] = _scores(probs, labels, score_fn, cfg)
+
+    def key(cfg: PostprocessConfig) -> tuple[float, float, int]:
+        return (float(np.mean(scores[describe(cfg)])), -abs(cfg.threshold - base.threshold), -cfg.min_size)
+
+    return max(candidates, key=key)
+
+
+def _guarded(best: PostprocessConfig, base: PostprocessConfig, scores: dict[str, list[float]]) -> PostprocessChoice:
+    """``best`` if it beats ``base`` on a strict majority (>= 2) of fragments, else ``base``, with the reason."""
+    new, old = np.array(scores[describe(best)]), np.array(scores[describe(base)])
+    wins, n = int(np.sum(new > old)), len(old)
+    gain = f"mean score {old.mean():.4f} -> {new.mean():.4f}, better on {wins} of {n} fragments"
+    chosen = base
+    if best == base:
+        reason = f"kept {describe(base)}: no candidate scored higher on average ({old.mean():.4f})"
+    elif n < 2:
+        reason = f"kept {describe(base)}: one validation fragment cannot choose ({describe(best)}: {gain})"
+    elif new.mean() > old.mean() and wins > n / 2:
+        chosen, reason = best, f"chose {describe(best)}: {gain}"
+    else:
+        reason = f"kept {describe(base)}: {describe(best)} is not better on most fragments ({gain})"
+    logger.info("post-processing: %s", reason)
+    return PostprocessChoice(chosen=chosen, base=base, scores=scores, reason=reason)
+
+
+def _scores(probs: list[np.ndarray], labels: list[np.ndarray], score_fn: Callable[[np.ndarray, np.ndarray], float],
+            cfg: PostprocessConfig) -> list[float]:
+    """score_fn(postprocess(prob, cfg), label) per fragment; raises on a non-finite score."""
+    values = []
+    for i, (prob, label) in enumerate(zip(probs, labels)):
+        value = float(score_fn(postprocess(prob, cfg), label))
+        if not math.isfinite(value):
+            raise VesuviusError(f"post-processing score_fn gave {value} for fragment {i} with {describe(cfg)}")
+        values.append(value)
+    return values
+
+
 def _mean_score(
     probs: list[np.ndarray],
     labels: list[np.ndarray],
@@ -112,11 +207,5 @@ def _mean_score(
     cfg: PostprocessConfig,
 ) -> float:
     """Mean of score_fn(postprocess(prob, cfg), label) over the fragments; raises on a non-finite score."""
-    values = []
-    for i, (prob, label) in enumerate(zip(probs, labels)):
-        value = float(score_fn(postprocess(prob, cfg), label))
-        if not math.isfinite(value):
-            raise VesuviusError(f"pick_threshold: score_fn gave {value} for fragment {i} at threshold {cfg.threshold}")
-        values.append(value)
-    return float(np.mean(values))
+    return float(np.mean(_scores(probs, labels, score_fn, cfg)))
 

@@ -182,35 +182,3 @@ def _evaluate_into(work: Path, model: nn.Module, fragments: list[Fragment], cfg:
     payload = write_tables(work, per_fragment, mean, meta)
     write_report(work, results, mean, cfg, checkpoint)
     return payload
-
-
-def tune_threshold(cfg: Config, checkpoint: str | Path | Checkpoint, out_dir: str | Path | None = None) -> dict:
-    """Pick ``postprocess.threshold`` on the validation fragments by the combined leaderboard score.
-
-    Writes ``threshold.json`` (best threshold, score per candidate) to ``out_dir`` (default: the run folder);
-    other post-processing settings of the config are kept while thresholds are compared.
-    """
-    from vesuvius_monai.metrics.leaderboard import leaderboard_score
-    from vesuvius_monai.postprocess import pick_threshold
-
-    ckpt = as_checkpoint(checkpoint)
-    ckpt.check_window(cfg.infer.roi_size)
-    fragments = select_fragments(cfg, "val", ckpt.trained_on)
-    device = resolve_device(cfg.infer.device)
-    model = ckpt.model(device)
-    probs, labels = [], []
-    for fragment in tqdm(fragments, desc="predict val", unit="fragment", dynamic_ncols=True):
-        probs.append(infer_volume(model, fragment.image, cfg, device=device))
-        labels.append(fragment.label.read())
-
-    def score(pred: np.ndarray, label: np.ndarray) -> float:
-        return leaderboard_score(pred, label, weights=cfg.evaluate.leaderboard, ignore_index=cfg.data.ignore_index)["score"]
-
-    best, scores = pick_threshold(probs, labels, score, base=cfg.postprocess)
-    payload = {"threshold": best, "score": scores[best], "scores": {f"{t:.3f}": s for t, s in scores.items()},
-               "fragments": [f.id for f in fragments], "checkpoint": str(ckpt.path)}
-    out = Path(out_dir) if out_dir else ckpt.path.parent.parent
-    write_text(out / "threshold.json", json.dumps(payload, indent=2))
-    log.info("best threshold %.3f (leaderboard score %.4f on %d val fragments); use postprocess.threshold=%.3f",
-             best, scores[best], len(fragments), best)
-    return payload

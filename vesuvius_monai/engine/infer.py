@@ -1,6 +1,6 @@
 """The one inference path: read + normalise a volume, sliding windows with blending, into memory or a Zarr store.
 
-Validation during training, ``evaluate``, ``tune-threshold``, ``predict`` to NIfTI and ``predict`` to Zarr all
+Validation during training, ``evaluate``, ``tune-postprocess``, ``predict`` to NIfTI and ``predict`` to Zarr all
 call :func:`infer_volume`. It runs MONAI's sliding-window grid block by block (see
 :mod:`vesuvius_monai.engine.blockwise`): every window computed once, the output equal to MONAI's
 ``sliding_window_inference`` of the whole normalised volume. Probabilities are blended (not logits), as nnU-Net

@@ -1,0 +1,78 @@
+"""Post-processing chosen on the validation fragments by the leaderboard score (``vesuvius-monai tune-postprocess``).
+
+The checkpoint's model predicts every validation fragment once; :func:`vesuvius_monai.postprocess.pick_postprocess`
+then tries thresholds and small-component removal, scoring each with the competition's leaderboard score, and keeps
+the config's post-processing unless a candidate is better on most fragments (a guard against fitting one fragment).
+The choice goes to ``<run>/postprocess.json``; ``evaluate``, ``predict`` and ``tune-postprocess`` with a checkpoint of
+that run use it for every ``postprocess`` key the user's config and overrides do not set (:func:`tuned_overrides`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from vesuvius_monai.config import Config, to_dict
+from vesuvius_monai.engine.evaluate import select_fragments
+from vesuvius_monai.engine.infer import infer_volume, resolve_device
+from vesuvius_monai.errors import VesuviusError
+from vesuvius_monai.io.atomic import write_text
+from vesuvius_monai.io.checkpoint import Checkpoint, as_checkpoint
+from vesuvius_monai.metrics import topo_matching_used
+from vesuvius_monai.metrics.leaderboard import leaderboard_score
+from vesuvius_monai.postprocess import pick_postprocess
+
+log = logging.getLogger(__name__)
+
+TUNED_FILE = "postprocess.json"
+
+
+def tune_postprocess(cfg: Config, checkpoint: str | Path | Checkpoint, out_dir: str | Path | None = None) -> dict:
+    """Choose ``postprocess`` settings on the validation fragments; writes and returns ``postprocess.json``.
+
+    ``out_dir`` defaults to the checkpoint's run folder (``<run>/checkpoints/x.pt`` -> ``<run>``).
+    """
+    ckpt = as_checkpoint(checkpoint)
+    ckpt.check_window(cfg.infer.roi_size)
+    fragments = select_fragments(cfg, "val", ckpt.trained_on)
+    device = resolve_device(cfg.infer.device)
+    model = ckpt.model(device)
+    probs, labels = [], []
+    for fragment in tqdm(fragments, desc="predict val", unit="fragment", dynamic_ncols=True):
+        probs.append(infer_volume(model, fragment.image, cfg, device=device))
+        labels.append(fragment.label.read())
+
+    def score(pred: np.ndarray, label: np.ndarray) -> float:
+        return leaderboard_score(pred, label, weights=cfg.evaluate.leaderboard, ignore_index=cfg.data.ignore_index)["score"]
+
+    choice = pick_postprocess(probs, labels, score, base=cfg.postprocess)
+    payload = {"postprocess": to_dict(choice.chosen), "reason": choice.reason, "base": to_dict(choice.base),
+               "fragments": [f.id for f in fragments], "scores": choice.scores,
+               "topo_matching": topo_matching_used(cfg.evaluate.leaderboard), "checkpoint": str(ckpt.path)}
+    out = Path(out_dir) if out_dir else ckpt.path.parent.parent
+    write_text(out / TUNED_FILE, json.dumps(payload, indent=2))
+    log.info("%s (%d validation fragments); written to %s", choice.reason, len(fragments), out / TUNED_FILE)
+    return payload
+
+
+def tuned_overrides(checkpoint: Checkpoint, explicit: set[str]) -> list[str]:
+    """``postprocess.*=value`` overrides from the checkpoint's run folder (``postprocess.json``), leaving out the keys
+    in ``explicit`` (those the user's config file and overrides set); empty when the run has no choice recorded."""
+    path = checkpoint.path.parent.parent / TUNED_FILE
+    if not path.is_file():
+        return []
+    try:
+        chosen = json.loads(path.read_text())["postprocess"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise VesuviusError(f"{path}: not a post-processing choice written by tune-postprocess ({err})") from None
+    keys = [f.name for f in dataclasses.fields(Config().postprocess)]
+    overrides = [f"postprocess.{k}={chosen[k]}" for k in keys
+                 if k in chosen and "postprocess" not in explicit and f"postprocess.{k}" not in explicit]
+    if overrides:
+        log.info("post-processing from %s: %s (set postprocess.* to choose otherwise)", path, " ".join(overrides))
+    return overrides
