@@ -1,7 +1,8 @@
 """Benchmark the block machinery of inference (read, normalise, blend, spill, write) with a tiny network.
 
-For each size N it writes an N^3 uint16 Zarr (chunks 128^3) chunk by chunk, then predicts it into a Zarr store
-with ``infer_volume`` and a 3-convolution network (4 channels) in a fresh subprocess, and prints:
+For each size N it writes an N^3 uint16 Zarr of synthetic scroll fragments (``_common.synthetic_zarr``: tiles of
+``vesuvius-monai synth``, chunks 128^3), then predicts it into a Zarr store with ``infer_volume`` and a
+3-convolution network (4 channels) in a fresh subprocess, and prints a table of:
 
 * peak resident memory of the prediction process (VmHWM), which must stay < 3 GiB and not grow with N;
 * output voxels per second of the whole run;
@@ -12,12 +13,14 @@ Usage::
 
     python bench/bench_blockwise.py                      # 512^3 and 256^3
     python bench/bench_blockwise.py --sizes 96 64 --block 64 --device cuda
+    python bench/bench_blockwise.py --sizes 32 --block 32 --window 16 --batch 1 --threads 1   # seconds
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -29,8 +32,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from _common import format_table, run_main, synthetic_zarr, vm_hwm_kib, write_json
+from vesuvius_monai.errors import VesuviusError
+
+log = logging.getLogger("bench_blockwise")
+
 CHUNK = 128
 GIB = 1024**3
+COLUMNS = [("blocks", "blocks", "d"), ("windows", "windows", "d"), ("seconds", "seconds", ".1f"),
+           ("mvox_s", "Mvox/s", ".2f"), ("model_seconds", "model s", ".1f"), ("overhead", "overhead", ".2f"),
+           ("peak_rss_gib", "peak RSS GiB", ".2f")]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,25 +53,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda)")
     parser.add_argument("--workdir", default=None, help="where the temporary volumes go (default: system temp)")
-    parser.add_argument("--worker", choices=["generate", "predict"], help=argparse.SUPPRESS)
+    parser.add_argument("--out", help="also write the figures to this JSON file")
+    parser.add_argument("--worker", choices=["predict"], help=argparse.SUPPRESS)
     parser.add_argument("--zarr", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
-
-
-def generate(path: Path, size: int) -> None:
-    """Write a size^3 uint16 Zarr (chunks 128^3) one chunk at a time: smooth-ish sheets plus noise."""
-    import zarr
-
-    array = zarr.create_array(str(path), shape=(size,) * 3, chunks=(CHUNK,) * 3, dtype="uint16")
-    rng = np.random.default_rng(0)
-    for z0 in range(0, size, CHUNK):
-        for y0 in range(0, size, CHUNK):
-            for x0 in range(0, size, CHUNK):
-                z, y, x = np.ogrid[z0:min(z0 + CHUNK, size), y0:min(y0 + CHUNK, size), x0:min(x0 + CHUNK, size)]
-                sheets = 20000 + 15000 * np.sin(0.15 * z + 0.02 * y + 0 * x).astype(np.float32)
-                noise = rng.normal(0, 3000, sheets.shape).astype(np.float32)
-                block = np.clip(sheets + noise, 0, 65535).astype(np.uint16)
-                array[z0:z0 + block.shape[0], y0:y0 + block.shape[1], x0:x0 + block.shape[2]] = block
 
 
 class TimedNet(nn.Module):
@@ -105,53 +101,51 @@ def predict(args: argparse.Namespace) -> dict:
     return {"size": reader.shape[0], "voxels": int(np.prod(reader.shape)), "seconds": total,
             "voxels_per_s": np.prod(reader.shape) / total, "model_seconds": net.seconds,
             "overhead": total / net.seconds, "windows": grid.n_windows, "blocks": len(grid.blocks()),
-            "peak_rss_gib": peak_rss_kib() * 1024 / GIB, "output": str(out)}
-
-
-def peak_rss_kib() -> int:
-    """This process's peak resident memory (VmHWM; ``ru_maxrss`` would include the parent's at fork)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return 0
+            "peak_rss_gib": vm_hwm_kib() * 1024 / GIB, "output": str(out)}
 
 
 def run_worker(args: argparse.Namespace, *extra: str) -> str:
-    """Run this script as a fresh subprocess (so ru_maxrss is its own) and return its stdout."""
+    """Run this script as a fresh subprocess (so its peak memory is its own) and return its stdout."""
     command = [sys.executable, __file__, "--block", str(args.block), "--window", str(args.window), "--batch",
                str(args.batch), "--threads", str(args.threads), "--device", args.device, *extra]
-    return subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise VesuviusError(f"prediction worker failed with status {done.returncode}:\n{done.stderr[-2000:]}")
+    return done.stdout
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.worker == "generate":
-        generate(Path(args.zarr), args.sizes[0])
-        return 0
+def measure(args: argparse.Namespace, size: int) -> dict:
+    """Write a size^3 synthetic Zarr in a temporary folder and predict it in a worker; the worker's figures."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench_blockwise_", dir=args.workdir))
+    try:
+        scan = synthetic_zarr(tmp / "scan.zarr", size, tile=CHUNK)
+        return json.loads(run_worker(args, "--worker", "predict", "--zarr", str(scan)).strip().splitlines()[-1])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the temporary folder made here
+
+
+def run(args: argparse.Namespace) -> None:
     if args.worker == "predict":
         print(json.dumps(predict(args)))
-        return 0
+        return
+    rows = {}
+    for size in args.sizes:
+        r = measure(args, size)
+        rows[f"{size}^3"] = {**r, "mvox_s": r["voxels_per_s"] / 1e6}
+        log.info("%d^3: %.1f s, peak RSS %.2f GiB", size, r["seconds"], r["peak_rss_gib"])
     print(f"tiny 3-conv network, window {args.window}, overlap 0.25, block {args.block}, batch {args.batch}, "
           f"threads {args.threads}, device {args.device}")
-    print(f"{'size':>6} {'blocks':>7} {'windows':>8} {'seconds':>9} {'Mvox/s':>8} {'model s':>9} {'overhead':>9} "
-          f"{'peak RSS':>10}")
-    peaks = []
-    for size in args.sizes:
-        tmp = Path(tempfile.mkdtemp(prefix="bench_blockwise_", dir=args.workdir))
-        try:
-            scan = tmp / "scan.zarr"
-            run_worker(args, "--worker", "generate", "--sizes", str(size), "--zarr", str(scan))
-            r = json.loads(run_worker(args, "--worker", "predict", "--zarr", str(scan)).strip().splitlines()[-1])
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        peaks.append((r["voxels"], r["peak_rss_gib"]))
-        print(f"{size:>5}^3 {r['blocks']:>7} {r['windows']:>8} {r['seconds']:>9.1f} {r['voxels_per_s'] / 1e6:>8.2f} "
-              f"{r['model_seconds']:>9.1f} {r['overhead']:>9.2f} {r['peak_rss_gib']:>8.2f} GiB", flush=True)
-    peaks.sort()
+    print(format_table(rows, COLUMNS, row_header="volume"))
+    peaks = sorted((r["voxels"], r["peak_rss_gib"]) for r in rows.values())
     print(f"peak RSS < 3 GiB: {'yes' if max(p for _, p in peaks) < 3 else 'NO'}; "
           f"peak RSS of the largest / the smallest volume: {peaks[-1][1] / peaks[0][1]:.2f}")
-    return 0
+    if args.out:
+        write_json(args.out, {"arguments": {k: v for k, v in vars(args).items() if k != "worker"}, "runs": rows})
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_main(parse_args, run, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

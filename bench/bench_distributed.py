@@ -1,19 +1,27 @@
-"""Data-parallel speed: the same training with 1 process x 2 threads and with 2 processes x 1 thread (torchrun).
+"""Data-parallel speed: 1 process x 2 threads against 2 processes x 1 thread (torchrun), for training and prediction.
 
-Both modes train the same model on the same synthetic fragments with the same effective batch (``--batch`` patches
-per step: 1 process of batch B, or 2 processes of batch B/2 whose gradients are averaged), through the real
-command: ``python -m vesuvius_monai train`` and ``torchrun --standalone --nproc_per_node=2 -m vesuvius_monai train``.
-The figure is the training speed the run logs itself (``steps_per_s`` of train_log.csv: steps of this session /
-seconds since its first step). Runs are interleaved (1, 2, 1, 2, ...) so that a
-change in the machine's load hits both modes; medians over ``--reps`` are printed, each with its step count, and
-the ratio of the medians.
+Training: both modes train the same model on the same synthetic fragments with the same effective batch
+(``--batch`` patches per step: 1 process of batch B, or 2 processes of batch B/2 whose gradients are averaged),
+through the real command: ``python -m vesuvius_monai train`` and ``torchrun --standalone --nproc_per_node=2 -m
+vesuvius_monai train``. The figure is the training speed the run logs itself (``steps_per_s`` of train_log.csv: steps
+of this session / seconds since its first step).
+
+Prediction: both modes predict the same ``--predict-size``^3 uint16 Zarr volume into a fresh ``.zarr`` output
+block by block, through the real command (``python -m vesuvius_monai predict`` and the same under torchrun, whose
+ranks split the blocks in contiguous z-planes). The figure is output voxels / wall time of the whole command
+(process start, model load and the final rename included); the windows recomputed at the seams between ranks (the
+command logs them) are printed beside it.
+
+Runs are interleaved (1, 2, 1, 2, ...) so that a change in the machine's load hits both modes; medians over
+``--reps`` are printed, each with its sizes, and the ratio of the medians.
 
 On this project's 2-core CPU the question is whether 2 gloo processes of 1 thread beat 1 process of 2 threads;
 on a GPU node the same command with ``--nproc`` = GPUs and ``--device cuda`` measures NCCL data parallelism.
 
 Usage::
 
-    PYTHONPATH=. .venv/bin/python bench/bench_distributed.py --steps 20 --reps 2
+    PYTHONPATH=. .venv/bin/python bench/bench_distributed.py --steps 20 --reps 2             # both halves
+    PYTHONPATH=. .venv/bin/python bench/bench_distributed.py --parts predict --predict-size 192 --reps 3
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -42,6 +51,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--patch", type=int, default=48, help="cubic patch edge")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--work", type=Path, help="folder for data and runs (default: a temporary one)")
+    parser.add_argument("--parts", nargs="+", choices=["train", "predict"], default=["train", "predict"],
+                        help="which halves to measure")
+    parser.add_argument("--predict-size", type=int, default=192, help="edge of the predicted cubic volume")
+    parser.add_argument("--predict-block", type=int, default=96, help="infer.block_size edge (rounded up to a "
+                        "multiple of the window stride)")
     args = parser.parse_args(argv)
     if args.batch % args.nproc:
         parser.error(f"--batch {args.batch} must be a multiple of --nproc {args.nproc}")
@@ -103,18 +117,102 @@ def bench_training(args: argparse.Namespace, work: Path) -> None:
 
 
 # --------------------------------------------------------------------------- prediction
-# Data-parallel prediction (the other half of issue 10) is measured here later: a bench_prediction(args, work)
-# beside bench_training, with its own flag in parse_args, printing voxels/s with 1 and N processes side by side.
+
+
+def write_volume(path: Path, size: int) -> None:
+    """A ``size``^3 uint16 Zarr (chunks 128^3) of sheets and noise, written slab by slab."""
+    import numpy as np
+    import zarr
+
+    array = zarr.create_array(str(path), shape=(size,) * 3, chunks=(128,) * 3, dtype="uint16")
+    rng = np.random.default_rng(0)
+    for z in range(0, size, 128):
+        zz = np.arange(z, min(z + 128, size))[:, None, None]
+        sheets = (np.sin((zz + np.arange(size)[None, :, None]) / 4.0) > 0) * 20000.0 + 10000.0
+        array[z:z + len(zz)] = np.clip(sheets + rng.normal(0, 3000, (len(zz), size, size)), 0, 65535).astype("uint16")
+
+
+def write_model(path: Path, args: argparse.Namespace) -> None:
+    """A freshly initialised resunet3d checkpoint (``--features``; speed does not depend on the weights)."""
+    import torch
+
+    from vesuvius_monai.config import load_config
+    from vesuvius_monai.io.checkpoint import save_checkpoint
+    from vesuvius_monai.models import build_model
+
+    cfg = load_config(None, [f"model.kwargs={{init_features: {args.features}}}"])
+    torch.manual_seed(0)
+    save_checkpoint(path, cfg=cfg, model=build_model(cfg.model.name, **cfg.model.kwargs), step=0)
+
+
+def predict_overrides(args: argparse.Namespace) -> list[str]:
+    edge, block = args.patch, args.predict_block
+    return [f"infer.roi_size=[{edge},{edge},{edge}]", "infer.overlap=0.25", f"infer.block_size=[{block},{block},"
+            f"{block}]", "infer.out_dtype=uint8", f"infer.device={args.device}", "infer.sw_batch_size=2"]
+
+
+def run_prediction(args: argparse.Namespace, work: Path, out: Path, nproc: int) -> dict:
+    """One ``predict`` command with ``nproc`` processes into a fresh ``out``; wall time and recomputed windows."""
+    threads = args.threads if nproc == 1 else max(args.threads // nproc, 1)
+    launcher = [sys.executable, "-m", "vesuvius_monai"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
+        "vesuvius_monai"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = str(threads)
+    command = [*launcher, "predict", "--checkpoint", str(work / "model.pt"), "--input", str(work / "volume.zarr"),
+               "--output", str(out), *predict_overrides(args)]
+    began = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - began
+    if done.returncode:
+        sys.exit(f"prediction with {nproc} processes failed:\n{done.stderr[-4000:]}")
+    seams = re.search(r"(\d+) more \(([\d.]+)%\) recomputed at the seams", done.stderr)
+    return {"wall_s": wall, "mvox_s": args.predict_size ** 3 / wall / 1e6,
+            "recomputed": int(seams[1]) if seams else 0}
+
+
+def bench_prediction(args: argparse.Namespace, work: Path) -> None:
+    from vesuvius_monai.engine.windows import WindowGrid
+
+    size, edge = args.predict_size, args.patch
+    write_volume(work / "volume.zarr", size)
+    write_model(work / "model.pt", args)
+    grid = WindowGrid((size,) * 3, (edge,) * 3, 0.25, (args.predict_block,) * 3)
+    volume = (f"{size}^3 uint16 Zarr, {len(grid.blocks())} blocks of {grid.block_size[0]}^3 in {grid.counts[0]} "
+              f"z-planes, {grid.n_windows} windows of {edge}^3")
+    modes = {1: f"1 process x {args.threads} threads",
+             args.nproc: f"{args.nproc} processes x {max(args.threads // args.nproc, 1)} thread(s)"}
+    results: dict[int, list[dict]] = {n: [] for n in modes}
+    for rep in range(args.reps):
+        for nproc in modes:
+            result = run_prediction(args, work, work / f"pred_{nproc}_{rep}.zarr", nproc)
+            results[nproc].append(result)
+            print(f"  rep {rep + 1}: {modes[nproc]}: {result['mvox_s']:.3f} output Mvox/s ({result['wall_s']:.1f} s, "
+                  f"{result['recomputed']} windows recomputed at seams; {volume})", flush=True)
+    print(f"\nblock-wise prediction, resunet3d init_features {args.features}, window {edge}^3, overlap 0.25, "
+          f"{args.device}, {volume}, median of {args.reps} runs (whole command):")
+    speed = {n: statistics.median(r["mvox_s"] for r in results[n]) for n in modes}
+    for nproc, name in modes.items():
+        print(f"  {name:45s} {speed[nproc]:.3f} output Mvox/s (wall {statistics.median(r['wall_s'] for r in results[nproc]):.1f} s; "
+              f"{results[nproc][0]['recomputed']} of {grid.n_windows} windows recomputed at seams)")
+    print(f"  ratio {args.nproc} processes / 1 process: {speed[args.nproc] / speed[1]:.2f} (output Mvox/s, {volume})")
+
+
+def run(args: argparse.Namespace, work: Path) -> None:
+    if "train" in args.parts:
+        bench_training(args, work)
+    if "predict" in args.parts:
+        bench_prediction(args, work)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.work is not None:
         args.work.mkdir(parents=True, exist_ok=True)
-        bench_training(args, args.work)
+        run(args, args.work)
         return
     with tempfile.TemporaryDirectory(prefix="bench_distributed_") as work:
-        bench_training(args, Path(work))
+        run(args, Path(work))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import time
@@ -32,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from _common import (ALL_METRICS, VERDICT_RULE, ensure_synthetic, format_table, mean_and_std, run_main,
-                     verdict_text, with_overrides, write_json)
+from _common import (ALL_METRICS, VERDICT_RULE, format_table, mean_and_std, read_train_log, run_main,
+                     synthetic_root, verdict_lines, with_overrides, write_json)
 from vesuvius_monai.config import Config, to_dict
 from vesuvius_monai.engine.evaluate import evaluate
 from vesuvius_monai.engine.train import train
@@ -66,28 +65,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def loss_config(args: argparse.Namespace, name: str) -> Config:
-    """The config of one run: user overrides, then this benchmark's steps, loss, run folder and metrics."""
-    fixed = [f"train.steps={args.steps}", f"train.loss={json.dumps(LOSSES[name])}",
+def loss_config(args: argparse.Namespace, name: str, data_root: str) -> Config:
+    """The config of one run: user overrides, then this benchmark's data root, steps, loss, run folder and metrics."""
+    fixed = [f"data.root={data_root}", f"train.steps={args.steps}", f"train.loss={json.dumps(LOSSES[name])}",
              f"output_dir={args.run_dir / name}", "evaluate.split=test", f"evaluate.metrics={json.dumps(ALL_METRICS)}",
              "evaluate.save_probabilities=false"]
     return with_overrides(args.config, ["train.max_minutes=0", *args.overrides, *fixed])
 
 
-def read_timing(run: Path) -> dict[str, float]:
-    """Last row of ``run/train_log.csv``: steps done, training loop seconds and steps/s."""
-    with (run / "train_log.csv").open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows:
-        raise VesuviusError(f"{run / 'train_log.csv'} holds no rows")
-    last = rows[-1]
-    return {"steps": int(last["step"]), "train_seconds": float(last["seconds"]),
-            "steps_per_s": float(last["steps_per_s"])}
-
-
-def run_loss(args: argparse.Namespace, name: str) -> dict:
+def run_loss(args: argparse.Namespace, name: str, data_root: str) -> dict:
     """Train and evaluate one loss weighting; returns its timings, loss weights and metrics."""
-    cfg = ensure_synthetic(loss_config(args, name), args.run_dir / "data")
+    cfg = loss_config(args, name, data_root)
     log.info("loss %s %s: training %d steps into %s", name, LOSSES[name], cfg.train.steps, cfg.output_dir)
     run = train(cfg)
     start = time.perf_counter()
@@ -96,25 +84,9 @@ def run_loss(args: argparse.Namespace, name: str) -> dict:
     per_fragment = {i: {m: s[m] for m in ALL_METRICS} for i, s in payload["fragments"].items()}
     mean, std = mean_and_std(per_fragment)
     log.info("loss %s: leaderboard %.4f, dice %.4f", name, mean["leaderboard"], mean["dice"])
-    return {"loss": LOSSES[name], "run": str(run), "checkpoint": args.checkpoint, **read_timing(run),
+    return {"loss": LOSSES[name], "run": str(run), "checkpoint": args.checkpoint, **read_train_log(run),
             "eval_seconds": eval_seconds, "mean": mean, "std": std, "fragments": per_fragment,
             "config": to_dict(cfg)}
-
-
-def verdicts(results: dict[str, dict], min_delta: float) -> list[str]:
-    """One line per loss other than 'dice': leaderboard and Dice deltas against Dice alone, with verdicts."""
-    if "dice" not in results:
-        return []
-    base = results["dice"]["fragments"]
-    lines = []
-    for name, result in results.items():
-        if name == "dice":
-            continue
-        parts = [verdict_text(metric, {i: s[metric] for i, s in base.items()},
-                              {i: s[metric] for i, s in result["fragments"].items()}, min_delta)
-                 for metric in ("leaderboard", "dice")]
-        lines.append(f"{name} vs dice: {'; '.join(parts)}")
-    return lines
 
 
 def print_report(results: dict[str, dict], lines: list[str]) -> None:
@@ -137,8 +109,9 @@ def print_report(results: dict[str, dict], lines: list[str]) -> None:
 def run(args: argparse.Namespace) -> None:
     if args.steps < 1:
         raise VesuviusError(f"--steps must be >= 1, got {args.steps}")
-    results = {name: run_loss(args, name) for name in dict.fromkeys(args.losses)}
-    lines = verdicts(results, args.min_delta)
+    data_root = synthetic_root(args.config, args.overrides, args.run_dir / "data")
+    results = {name: run_loss(args, name, data_root) for name in dict.fromkeys(args.losses)}
+    lines = verdict_lines(results, "dice", ("leaderboard", "dice"), args.min_delta)
     print_report(results, lines)
     payload = {"steps": args.steps, "metrics": ALL_METRICS, "losses": results, "verdicts": lines,
                "verdict_rule": VERDICT_RULE, "min_delta": args.min_delta, "torch_threads": torch.get_num_threads()}

@@ -5,6 +5,7 @@ Usage:
     PYTHONPATH=. .venv/bin/python bench/bench_metrics.py --size 320 --noise 0.01 --metrics topo_score
     PYTHONPATH=. .venv/bin/python bench/bench_metrics.py --size 320 --compare-libraries
     PYTHONPATH=. .venv/bin/python bench/bench_metrics.py --size 320 --noise 0.01 --compare-parallel
+    PYTHONPATH=. .venv/bin/python bench/bench_metrics.py --size 32        # seconds
 
 The label holds a few warped sheets (3 voxels thick) and an unlabeled box (value 2); the prediction is the
 label with one sheet shifted by a voxel, a hole cut in another, one sheet split by a gap, a bridge merging two
@@ -32,6 +33,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
+from _common import format_table, run_main, write_json
 from vesuvius_monai.metrics import METRICS, MetricContext, check_metric_names, topo_matching_used
 from vesuvius_monai.metrics import betti_matching as bm
 from vesuvius_monai.metrics._common import label_components, prepare_pair, tile_slices
@@ -138,6 +140,12 @@ def timed(function, *args):
     return time.perf_counter() - start, value
 
 
+LIBRARY_COLUMNS = [("lib", "library", "s"), ("lib_s", "s", ".2f"), ("hand", "hand-written", "s"),
+                   ("hand_s", "s", ".2f"), ("used", "used", "s"), ("lib_value", "library value", ".6g"),
+                   ("hand_value", "hand value", ".6g")]
+PARALLEL_COLUMNS = [("wall_s", "wall s", ".1f"), ("cores", "cores busy (mean)", ".2f")]
+
+
 def compare_libraries(pred: np.ndarray, label: np.ndarray) -> None:
     """Print library and hand-written timings side by side on the prepared pair (z, y, x)."""
     import torch
@@ -179,12 +187,14 @@ def compare_libraries(pred: np.ndarray, label: np.ndarray) -> None:
          lambda: int(remove_small_holes(pred, max_size=64, connectivity=1).sum()),
          "hand-written (enclosed only)", lambda: int(fill_small_holes(pred, 64).sum()), "hand-written"),
     ]
-    print(f"\n{'what':24s} {'library':40s} {'s':>7s}  {'hand-written':32s} {'s':>7s}  used")
+    table = {}
     for what, lib_name, lib, hand_name, hand, used in rows:
         t_lib, v_lib = timed(lib)
         t_hand, v_hand = timed(hand)
-        print(f"{what:24s} {lib_name:40s} {t_lib:7.2f}  {hand_name:32s} {t_hand:7.2f}  {used}"
-              f"   values {v_lib:.6g} / {v_hand:.6g}")
+        table[what] = {"lib": lib_name, "lib_s": t_lib, "hand": hand_name, "hand_s": t_hand, "used": used,
+                       "lib_value": v_lib, "hand_value": v_hand}
+    print()
+    print(format_table(table, LIBRARY_COLUMNS, row_header="what"))
     print("(fill holes: the values differ where remove_small_holes also fills pockets open to the border)")
 
 
@@ -201,11 +211,13 @@ def compare_parallel(pred: np.ndarray, label: np.ndarray, workers: int) -> None:
         own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
         return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
+    table = {}
+
     def run(name: str, function) -> np.ndarray:
         cpu, start = cpu_seconds(), time.perf_counter()
         counts = function()
         wall = time.perf_counter() - start
-        print(f"{name:44s} {wall:7.1f} s wall, {(cpu_seconds() - cpu) / wall:4.2f} cores busy on average")
+        table[name] = {"wall_s": wall, "cores": (cpu_seconds() - cpu) / wall}
         return counts
 
     def list_overload() -> np.ndarray:
@@ -222,11 +234,14 @@ def compare_parallel(pred: np.ndarray, label: np.ndarray, workers: int) -> None:
     sequential = run("one after another, in this process", lambda: bm.match_tiles(pred_tiles, label_tiles, 1))
     listed = run(f"list overload (std::async), {workers} pairs a call", list_overload)
     pooled = run(f"process pool, {workers} workers", lambda: bm.match_tiles(pred_tiles, label_tiles, workers))
+    print(format_table(table, PARALLEL_COLUMNS, row_header="how"))
     print("all three agree:", np.array_equal(sequential, listed) and np.array_equal(sequential, pooled))
 
 
-def main() -> None:
-    """Parse arguments, build the synthetic pair and print the time of each metric and the total."""
+TIME_COLUMNS = [("seconds", "seconds", ".2f"), ("value", "value", ".6f")]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=320, help="edge of the cubic volume in voxels")
     parser.add_argument("--seed", type=int, default=0)
@@ -238,9 +253,26 @@ def main() -> None:
     parser.add_argument("--compare-parallel", action="store_true",
                         help="time exact Betti matching sequential / list overload / process pool")
     parser.add_argument("--workers", type=int, default=2, help="parallel matchings for --compare-parallel")
-    args = parser.parse_args()
-    names = check_metric_names(args.metrics)
+    parser.add_argument("--out", help="also write the metric timings to this JSON file")
+    return parser.parse_args(argv)
 
+
+def time_metrics(pred: np.ndarray, label: np.ndarray, names: list[str], weights: LeaderboardWeights) -> dict:
+    """``{row: {seconds, value}}``: the shared preparation, then each metric's extra seconds, then the total."""
+    start = time.perf_counter()
+    context = MetricContext(pred, label, weights=weights)
+    rows = {"prepare": {"seconds": time.perf_counter() - start}}
+    for name in names:
+        t = time.perf_counter()
+        value = context.value(name)
+        rows[name] = {"seconds": time.perf_counter() - t, "value": value}
+    rows["total"] = {"seconds": time.perf_counter() - start}
+    return rows
+
+
+def run(args: argparse.Namespace) -> None:
+    """Build the synthetic pair and print the time of each metric and the total."""
+    names = check_metric_names(args.metrics)
     t0 = time.perf_counter()
     pred, label = synthetic_pair(args.size, args.seed, noise=args.noise)
     print(f"synthetic pair {pred.shape}: label fg {np.mean(label == 1):.4f}, pred fg {np.mean(pred == 1):.4f}, "
@@ -256,14 +288,14 @@ def main() -> None:
             compare_parallel(pred_mask, label_mask, args.workers)
         return
 
-    start = time.perf_counter()
-    context = MetricContext(pred, label, weights=weights)
-    print(f"{'prepare':>14s} {time.perf_counter() - start:7.2f} s")
-    for name in names:
-        t = time.perf_counter()
-        value = context.value(name)
-        print(f"{name:>14s} {time.perf_counter() - t:7.2f} s   value {value:.6f}")
-    print(f"{'total':>14s} {time.perf_counter() - start:7.2f} s")
+    rows = time_metrics(pred, label, names, weights)
+    print(format_table(rows, TIME_COLUMNS, row_header="metric"))
+    if args.out:
+        write_json(args.out, {"arguments": vars(args), "topo_matching": topo_matching_used(weights), "metrics": rows})
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_main(parse_args, run, argv)
 
 
 if __name__ == "__main__":

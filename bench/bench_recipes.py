@@ -55,13 +55,14 @@ import torch
 import yaml
 
 from _common import (format_table, octant_components, read_train_log, run_main, spread, spread_text,
-                     with_overrides, write_json)
-from vesuvius_monai.config import Config, to_dict
+                     verdict_lines, verdict_rule, with_overrides, write_json)
+from vesuvius_monai.config import Config, config_from_raw, to_dict
 from vesuvius_monai.data.families import (FAMILIES, FAMILY_NAMES, SplitCounts, check_families, read_family_info,
                                           write_families)
 from vesuvius_monai.data.readers import open_volume
 from vesuvius_monai.engine.evaluate import evaluate
 from vesuvius_monai.engine.train import train
+from vesuvius_monai.engine.tune import TUNED_FILE, tune_postprocess
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.atomic import write_text
 from vesuvius_monai.io.checkpoint import load_checkpoint
@@ -110,6 +111,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "time budget ends the runs")
     parser.add_argument("--set", dest="system_overrides", action="append", default=[], metavar="SYSTEM:key=value",
                         help="an override for one system (repeatable)")
+    parser.add_argument("--tune", nargs="*", default=["default"], metavar="SYSTEM",
+                        help="systems whose post-processing is chosen on the val fragments after training "
+                             "(tune-postprocess, part of the recipe; its seconds are reported); default: default")
+    parser.add_argument("--min-delta", type=float, default=0.002,
+                        help="smallest mean delta called a change in the verdicts against 'default'")
     parser.add_argument("--out", type=Path, help="results JSON (default: <run-dir>/results.json)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for every system")
     return parser.parse_args(argv)
@@ -212,14 +218,23 @@ def run_system(args: argparse.Namespace, name: str, extra: list[str], dataset: P
     load_before = os.getloadavg()
     payload = finished_run(cfg)
     reused = payload is not None
-    eval_seconds = float("nan")
+    eval_seconds = tune_seconds = float("nan")
     if not reused:
         log.info("system %s, seed %d: training %.2f min (%s %s) into %s", name, seed, args.minutes, cfg.model.name,
                  cfg.model.kwargs, run)
         train(cfg)
         start = time.perf_counter()
-        payload = evaluate(cfg, run / "checkpoints" / f"{args.checkpoint}.pt", run / "eval")
+        checkpoint = run / "checkpoints" / f"{args.checkpoint}.pt"
+        if name in args.tune:
+            tuned = tune_postprocess(cfg, checkpoint)["postprocess"]
+            cfg = config_from_raw(to_dict(cfg), [f"postprocess.{k}={json.dumps(v)}" for k, v in tuned.items()])
+        tune_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        payload = evaluate(cfg, checkpoint, run / "eval")
         eval_seconds = time.perf_counter() - start
+    elif name in args.tune and (run / TUNED_FILE).is_file():
+        tuned = json.loads((run / TUNED_FILE).read_text())["postprocess"]
+        cfg = config_from_raw(to_dict(cfg), [f"postprocess.{k}={json.dumps(v)}" for k, v in tuned.items()])
     scored_step = int(load_checkpoint(run / "checkpoints" / f"{args.checkpoint}.pt")["step"])
     labels = {e["id"]: e["label"] for e in yaml.safe_load(dataset.read_text())["fragments"]}
     connectivity = betti_connectivity(cfg.evaluate.leaderboard.topo_matching)
@@ -233,7 +248,8 @@ def run_system(args: argparse.Namespace, name: str, extra: list[str], dataset: P
             "model_kwargs": cfg.model.kwargs, "patch_size": list(cfg.transforms.patch_size),
             "component_connectivity": connectivity,
             "checkpoint": args.checkpoint, "scored_step": scored_step, **read_train_log(run),
-            "eval_seconds": eval_seconds, "load_before": list(load_before), "load_after": list(os.getloadavg()),
+            "tune_seconds": tune_seconds, "postprocess": to_dict(cfg)["postprocess"], "eval_seconds": eval_seconds,
+            "load_before": list(load_before), "load_after": list(os.getloadavg()),
             "fragments": fragments, "config": to_dict(cfg)}
 
 
@@ -283,10 +299,21 @@ def seed_rows(results: list[dict], summaries: list[dict]) -> dict[str, dict]:
 
 COLUMNS = [("n", "n", "s"), ("steps", "steps", "s"), ("scored", "ckpt_step", "s"),
            *((key, header, "s") for key, header, _ in SHOWN)]
+VERDICT_UNIT = "(seed, test fragment)"
 
 
-def print_report(args: argparse.Namespace, results: list[dict], summaries: list[dict], info: dict[str, dict]) -> None:
-    """Families, then one table per seed, then the means over seeds, on stdout."""
+def verdicts(results: list[dict], min_delta: float) -> list[str]:
+    """Leaderboard and Dice of every system against 'default', paired per (seed, test fragment); [] without it."""
+    systems: dict[str, dict] = {}
+    for r in results:
+        fragments = systems.setdefault(r["system"], {"fragments": {}})["fragments"]
+        fragments.update({f"seed {r['seed']} {i}": scores for i, scores in r["fragments"].items()})
+    return verdict_lines(systems, "default", ("leaderboard", "dice"), min_delta, unit=VERDICT_UNIT)
+
+
+def print_report(args: argparse.Namespace, results: list[dict], summaries: list[dict], info: dict[str, dict],
+                 lines: list[str]) -> None:
+    """Families, then one table per seed, the means over seeds and the verdicts against 'default', on stdout."""
     first = results[0]["config"]
     print(f"\nbenchmark families ({args.fragment_shape}^3, data seed {args.data_seed}); measured property on the "
           f"test fragments (mean [min-max]):")
@@ -312,11 +339,15 @@ def print_report(args: argparse.Namespace, results: list[dict], summaries: list[
         print(f"\nmeans over seeds {args.seeds}: cells are the mean of the per-seed means [min-max over seeds]; "
               f"steps and ckpt_step per seed")
         print(format_table(seed_rows(results, summaries), COLUMNS, row_header="system family"))
+    if lines:
+        print("\n" + verdict_rule(VERDICT_UNIT))
+        for line in lines:
+            print(line)
     print("\nruns (training steps, seconds, steps/s, evaluation seconds, load average before -> after):")
     for r in results:
         print(f"  seed {r['seed']} {r['system']:10s} {r['model']} {r['model_kwargs']} patch {r['patch_size']}: "
               f"{r['steps']} steps in {r['train_seconds']:.0f} s ({r['steps_per_s']:.2f}/s), eval "
-              f"{r['eval_seconds']:.0f} s, load {r['load_before'][0]:.1f} -> {r['load_after'][0]:.1f}"
+              f"{r['eval_seconds']:.0f} s (tuning {r['tune_seconds']:.0f} s, postprocess {r['postprocess']}), load {r['load_before'][0]:.1f} -> {r['load_after'][0]:.1f}"
               + (" (reused)" if r["reused"] else ""))
 
 
@@ -328,7 +359,8 @@ def run(args: argparse.Namespace) -> None:
         for name in args.systems:
             results.append(run_system(args, name, per_system[name], dataset, seed, info))
             summaries.append(summarize_run(results[-1], args.families))
-    print_report(args, results, summaries, info)
+    lines = verdicts(results, args.min_delta)
+    print_report(args, results, summaries, info, lines)
     recipes = {name: ([] if name == "default" else [f"model.name={name}", *PLAIN_MONAI]) + args.overrides
                + per_system[name] for name in args.systems}
     payload = {"command": sys.argv, "minutes": args.minutes, "seeds": args.seeds, "systems": args.systems,
@@ -336,7 +368,8 @@ def run(args: argparse.Namespace) -> None:
                                                for f in args.families},
                "dataset": str(dataset), "fragments": info, "metrics": METRICS, "step_cap": args.step_cap,
                "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-               "runs": [dict(r, summary=s) for r, s in zip(results, summaries)]}
+               "runs": [dict(r, summary=s) for r, s in zip(results, summaries)], "verdicts": lines,
+               "verdict_rule": verdict_rule(VERDICT_UNIT), "min_delta": args.min_delta}
     write_json(args.out or args.run_dir / "results.json", payload)
 
 

@@ -35,8 +35,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from _common import (ALL_METRICS, VERDICT_RULE, ensure_synthetic, format_table, mean_and_std, score_mask,
-                     run_main, verdict_text, with_overrides, write_json)
+from _common import (ALL_METRICS, VERDICT_RULE, format_table, mean_and_std, run_main, score_mask, synthetic_root,
+                     verdict_lines, with_overrides, write_json)
 from vesuvius_monai.config import Config, to_dict
 from vesuvius_monai.data.dataset import Fragment, load_splits
 from vesuvius_monai.data.readers import VolumeReader
@@ -212,20 +212,6 @@ def predict_modes(model: nn.Module, settings: list[Setting], val: Split, test: S
     return predicted
 
 
-def verdicts(results: dict[str, dict], min_delta: float) -> list[str]:
-    """One line per setting other than a_plain: leaderboard and Dice deltas with their verdicts."""
-    base = results["a_plain"]["fragments"]
-    lines = []
-    for name, result in results.items():
-        if name == "a_plain":
-            continue
-        parts = [verdict_text(metric, {i: s[metric] for i, s in base.items()},
-                              {i: s[metric] for i, s in result["fragments"].items()}, min_delta)
-                 for metric in ("leaderboard", "dice")]
-        lines.append(f"{name} vs a_plain: {'; '.join(parts)}")
-    return lines
-
-
 def print_report(results: dict[str, dict], lines: list[str], checkpoint: Path, test: Split) -> None:
     """Settings table, mean-metric table, per-fragment spread note and verdict lines, on stdout."""
     print(f"\ncheckpoint {checkpoint}; test fragments {', '.join(test.ids)}; metrics are means over fragments")
@@ -241,7 +227,8 @@ def print_report(results: dict[str, dict], lines: list[str], checkpoint: Path, t
 
 
 def run(args: argparse.Namespace) -> None:
-    cfg = ensure_synthetic(with_overrides(args.config, args.overrides), args.run_dir / "data")
+    data_root = synthetic_root(args.config, args.overrides, args.run_dir / "data")
+    cfg = with_overrides(args.config, [*args.overrides, f"data.root={data_root}"])
     checkpoint = args.checkpoint or train_default(cfg, args.run_dir)
     device = resolve_device(cfg.infer.device)
     model, _ = model_from_checkpoint(checkpoint, device)
@@ -252,7 +239,7 @@ def run(args: argparse.Namespace) -> None:
     settings = SETTINGS + ([ROT90_SETTING] if args.rot90 else [])
     predicted = predict_modes(model, settings, val, test, cfg, device)
     results = {s.name: run_setting(s, predicted, val, test, cfg, args) for s in settings}
-    lines = verdicts(results, args.min_delta)
+    lines = verdict_lines(results, "a_plain", ("leaderboard", "dice"), args.min_delta)
     print_report(results, lines, checkpoint, test)
     payload = {"checkpoint": str(checkpoint), "val_fragments": val.ids, "test_fragments": test.ids,
                "metrics": ALL_METRICS, "settings": results, "verdicts": lines, "verdict_rule": VERDICT_RULE,

@@ -1,18 +1,37 @@
-"""Smoke test of bench/bench_recipes.py (tiny fragments, seconds of training) and its shared helpers."""
+"""Smoke tests of every script in bench/ (each run as ``python bench/x.py`` on tiny inputs, so that none can rot)
+and of the shared helpers in bench/_common.py.
+
+The tiny runs take a few seconds each: one torch thread (``OMP_NUM_THREADS=1``: on a shared 2-core machine a second
+thread makes tiny operations wait for a busy core), tiny volumes and models, 1-2 steps. They run two at a time.
+"""
 
 from __future__ import annotations
 
 import importlib
 import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 from skimage.measure import label as sk_label
 
+from vesuvius_monai.config import SynthParams
+from vesuvius_monai.data.readers import open_volume
+from vesuvius_monai.data.synthetic import make_fragment
+from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.metrics.topology import tile_betti
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+TIMEOUT_S = 300  # per script; a tiny run takes 2-20 s on an idle 2-core machine
+TINY_MODEL = ["model.kwargs={init_features: 4, depth: 2}", "transforms.patch_size=[16,16,16]",
+              "infer.roi_size=[16,16,16]", "infer.sw_batch_size=1", "train.batch_size=1", "train.warmup_steps=0",
+              "train.val_every=1"]
+TINY_DATA = ["synth.n_fragments=4", "synth.params.shape=[24,32,32]"]
 
 
 @pytest.fixture
@@ -20,6 +39,103 @@ def bench(monkeypatch):
     """The bench folder's modules (they import ``_common`` as a top-level module)."""
     monkeypatch.syspath_prepend(str(BENCH))
     return importlib.import_module("bench_recipes"), importlib.import_module("_common")
+
+
+def run_script(script: str, args: list[str]) -> subprocess.CompletedProcess:
+    """``python bench/<script> args...`` from the repository root, one torch thread, stdout and stderr captured."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(BENCH / script), *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=TIMEOUT_S)
+
+
+def recipes_args(tmp: Path, seeds: list[str], systems: list[str], out: str) -> list[str]:
+    """A tiny bench_recipes run: one family of 32^3 fragments, 0.3 s of training per system."""
+    return ["--minutes", "0.005", "--families", "thin", "--fragment-shape", "32", "--split", "1", "1", "1",
+            "--data-dir", str(tmp / "data"), "--run-dir", str(tmp / "runs"), "--out", str(tmp / out),
+            "--set", "default:model.kwargs={init_features: 4, depth: 2}", "--seeds", *seeds, "--systems", *systems,
+            "--", "transforms.patch_size=[32,32,32]", "infer.roi_size=[32,32,32]"]
+
+
+def tiny_runs(tmp: Path) -> dict[str, tuple[list[list[str]], list[str]]]:
+    """script -> (the arguments of its tiny runs, made one after the other; words that must all stand in one line
+    of the table header each run prints), longest first."""
+    data = [f"data.root={tmp / 'data'}", *TINY_DATA, *TINY_MODEL]
+    return {
+        # bench_distributed.py has no tiny mode of its own: its smallest flags (two runs, one under torchrun)
+        "bench_distributed.py": ([["--steps", "1", "--reps", "1", "--features", "4", "--patch", "16", "--threads",
+                                   "1", "--work", str(tmp / "work")]], ["training, resunet3d init_features 4"]),
+        # a first seed with two systems, then a second seed (the first seed's runs are reused)
+        "bench_recipes.py": ([recipes_args(tmp, ["0"], ["default", "basicunet"], "first.json"),
+                              recipes_args(tmp, ["0", "1"], ["default"], "second.json")],
+                             ["system family", "n", "steps", "ckpt_step", "dice", "score"]),
+        "bench_checkpointing.py": ([["--patch", "16", "16", "16", "--features", "4", "--depth", "2", "--reps", "1",
+                                     "--steps", "1", "--out", str(tmp / "checkpointing.json")]],
+                                   ["mode", "median s/step", "steps", "median peak MiB"]),
+        "bench_tta_postprocess.py": ([["--run-dir", str(tmp / "tta"), "--min-sizes", "0", "10", "--fill-holes", "0",
+                                       "--", *data, "train.steps=1"]], ["setting", "tta_views", "infer_s"]),
+        "bench_predict.py": ([["--sizes", "32", "--features", "4", "--no-before", "--repeats", "1", "--window-edges",
+                               "32", "--out", str(tmp / "predict.json"), "infer.roi_size=[16,16,16]",
+                               "infer.sw_batch_size=1"]], ["volume engine", "wall s", "peak GiB", "wall/model"]),
+        "bench_losses.py": ([["--steps", "1", "--losses", "dice", "dice_bce", "--run-dir", str(tmp / "losses"),
+                              "--", *data]], ["loss", "leaderboard", "dice", "steps/s"]),
+        "bench_blockwise.py": ([["--sizes", "32", "--block", "32", "--window", "16", "--batch", "1", "--threads", "1",
+                                 "--workdir", str(tmp), "--out", str(tmp / "blockwise.json")]],
+                               ["volume", "windows", "Mvox/s", "overhead", "peak RSS GiB"]),
+        "bench_model_speed.py": ([["--settings", "4:16x16x16", "--batch", "1", "--reps", "1", "--steps", "2",
+                                   "--threads", "1", "--out", str(tmp / "model_speed.json")]],
+                                 ["setting", "infer Mvox/s", "train off s/step", "train on s/step", "off/on", "steps"]),
+        "bench_metrics.py": ([["--size", "32", "--out", str(tmp / "metrics.json")]], ["metric", "seconds", "value"]),
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_results(tmp_path_factory) -> dict[str, tuple[list[subprocess.CompletedProcess], Path]]:
+    """The tiny runs of every script (:func:`tiny_runs`), two scripts at a time: ``{script: (its finished runs,
+    its folder)}``; a script's later runs are skipped once one fails."""
+    tmp = tmp_path_factory.mktemp("bench")
+
+    def runs(script: str) -> tuple[list[subprocess.CompletedProcess], Path]:
+        folder = tmp / script.removesuffix(".py")
+        folder.mkdir()
+        done = []
+        for args in tiny_runs(folder)[script][0]:
+            done.append(run_script(script, args))
+            if done[-1].returncode:
+                break
+        return done, folder
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {script: pool.submit(runs, script) for script in tiny_runs(tmp)}
+        return {script: future.result() for script, future in futures.items()}
+
+
+def test_every_bench_script_has_a_tiny_run(tmp_path) -> None:
+    assert {p.name for p in BENCH.glob("bench_*.py")} == set(tiny_runs(tmp_path))
+
+
+@pytest.mark.parametrize("script", sorted(tiny_runs(Path("."))))
+def test_bench_script_tiny_run(tiny_results, script: str) -> None:
+    done, folder = tiny_results[script]
+    runs, words = tiny_runs(folder)[script]
+    assert len(done) == len(runs)
+    for run in done:
+        assert run.returncode == 0, f"{script} failed:\n{run.stderr[-3000:]}"
+        assert any(all(w in line for w in words) for line in run.stdout.splitlines()), (
+            f"{script}: no table header with {words} in its output:\n{run.stdout[-3000:]}")
+    for arg in (a for args in runs for a in args):
+        if arg.endswith(".json"):
+            assert isinstance(json.loads(Path(arg).read_text()), dict)
+
+
+def test_model_speed_compares_channels_last_side_by_side(tiny_results) -> None:
+    (done,), folder = tiny_results["bench_model_speed.py"]
+    (row,) = json.loads((folder / "model_speed.json").read_text())["settings"].values()
+    assert len(row["off_steps_s"]) == len(row["on_steps_s"]) == row["steps"] == 2
+    assert row["ratio"] == pytest.approx(row["off_s"] / row["on_s"])
+    assert "channels_last on vs off: s/step" in done.stdout
+
+
+# --------------------------------------------------------------------------- shared helpers
 
 
 @pytest.mark.parametrize("connectivity, sk_connectivity", [(26, 3), (6, 1)])
@@ -46,19 +162,66 @@ def test_spread_and_its_text(bench) -> None:
     assert common.spread_text(common.spread([1.0])) == "1.0000"
 
 
-def test_bench_recipes_smoke(bench, tmp_path, capsys) -> None:
-    recipes, _ = bench
-    run_dir = tmp_path / "runs"
-    common = ["--minutes", "0.005", "--families", "thin", "--fragment-shape", "32", "--split", "1", "0", "1",
-              "--data-dir", str(tmp_path / "data"), "--run-dir", str(run_dir),
-              "--set", "default:model.kwargs={init_features: 4, depth: 2}",
-              "transforms.patch_size=[32,32,32]", "infer.roi_size=[32,32,32]"]
-    recipes.main([*common, "--seeds", "0", "--systems", "default", "basicunet"])
-    out = capsys.readouterr().out
+def test_paired_verdict_over_random_deltas(bench) -> None:
+    _, common = bench
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(1, 6))
+        base = {i: float(v) for i, v in enumerate(rng.normal(size=n))}
+        new = {i: base[i] + float(d) for i, d in zip(base, rng.normal(rng.normal(0, 2), rng.uniform(0.01, 1), n))}
+        min_delta = float(rng.uniform(0, 0.5))
+        mean, deltas, word = common.paired_verdict(base, new, min_delta)
+        assert deltas == pytest.approx([new[i] - base[i] for i in base]) and mean == pytest.approx(np.mean(deltas))
+        se = np.std(deltas, ddof=1) / np.sqrt(n) if n > 1 else np.inf
+        measurable = n > 1 and all(d * mean > 0 for d in deltas) and abs(mean) > max(2 * se, min_delta)
+        assert word == (("helped" if mean > 0 else "hurt") if measurable else "no measurable change")
+        flipped = common.paired_verdict(base, new, min_delta, lower_is_better=True)[2]
+        assert flipped == {"helped": "hurt", "hurt": "helped"}.get(word, word)
+        text = common.verdict_text("dice", base, new, min_delta, unit="round")
+        assert text.startswith(f"dice {mean:+.4f} (per round ") and text.endswith(f"): {word}")
+
+
+def test_synthetic_root_writes_through_synth_and_falls_back(bench, tmp_path) -> None:
+    _, common = bench
+    overrides = [f"data.root={tmp_path / 'data'}", "synth.n_fragments=2", "synth.params.shape=[12,12,12]"]
+    assert common.synthetic_root(None, overrides, tmp_path / "spare") == str(tmp_path / "data")
+    image = open_volume(tmp_path / "data" / "images" / "frag_001.nii.gz").read()
+    assert np.array_equal(image, make_fragment((0, 1), SynthParams(shape=(12, 12, 12)))[0])
+    # the same settings again: reused; other settings: the spare root; both taken: an error naming both
+    assert common.synthetic_root(None, overrides, tmp_path / "spare") == str(tmp_path / "data")
+    other = [*overrides, "synth.seed=3"]
+    assert common.synthetic_root(None, other, tmp_path / "spare") == str(tmp_path / "spare")
+    with pytest.raises(VesuviusError, match="spare"):
+        common.synthetic_root(None, [*other, "synth.seed=4"], tmp_path / "spare")
+
+
+def test_synthetic_zarr_tiles_synth_fragments(bench, tmp_path) -> None:
+    import zarr
+
+    _, common = bench
+    path = common.synthetic_zarr(tmp_path / "v.zarr", 20, tile=8, distinct=3, seed=5)
+    volume = zarr.open_array(str(path))[:]
+    assert volume.shape == (20, 20, 20) and volume.dtype == np.uint16
+    fragments = [make_fragment((5, i), SynthParams(shape=(8, 8, 8), dtype="uint16"))[0] for i in range(3)]
+    corners = [(z, y, x) for z in (0, 8, 16) for y in (0, 8, 16) for x in (0, 8, 16)]
+    for i, (z, y, x) in enumerate(corners):
+        tile = volume[z:z + 8, y:y + 8, x:x + 8]
+        assert np.array_equal(tile, fragments[i % 3][:tile.shape[0], :tile.shape[1], :tile.shape[2]])
+    assert [p.name for p in tmp_path.iterdir()] == ["v.zarr"]  # the temporary fragments are gone
+
+
+# --------------------------------------------------------------------------- bench_recipes
+
+
+def test_bench_recipes_smoke(tiny_results) -> None:
+    (done, again), folder = tiny_results["bench_recipes.py"]
+    assert done.returncode == again.returncode == 0, done.stderr[-3000:] + again.stderr[-3000:]
+    out = done.stdout
     assert "seed 0" in out and "means over seeds" not in out
     for row in ("default thin", "basicunet thin", "default all", "basicunet all"):
         assert row in out
-    first = json.loads((run_dir / "results.json").read_text())
+    assert "basicunet vs default: leaderboard" in out
+    first = json.loads((folder / "first.json").read_text())
     assert [(r["system"], r["seed"], r["reused"]) for r in first["runs"]] == [("default", 0, False),
                                                                              ("basicunet", 0, False)]
     for r in first["runs"]:
@@ -73,10 +236,9 @@ def test_bench_recipes_smoke(bench, tmp_path, capsys) -> None:
     assert first["runs"][0]["config"]["model"]["kwargs"] == {"init_features": 4, "depth": 2}
     assert first["runs"][1]["config"]["model"]["kwargs"] == {}
     # a second seed: seed 0's finished run is reused, seed 1 trains; the table gains the means over seeds
-    recipes.main([*common, "--seeds", "0", "1", "--systems", "default"])
-    out = capsys.readouterr().out
+    out = again.stdout
     assert "seed 1" in out and "means over seeds [0, 1]" in out
-    second = json.loads((run_dir / "results.json").read_text())
+    second = json.loads((folder / "second.json").read_text())
     assert [(r["seed"], r["reused"]) for r in second["runs"]] == [(0, True), (1, False)]
     assert second["runs"][0]["fragments"] == first["runs"][0]["fragments"]
 

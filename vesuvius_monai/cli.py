@@ -132,7 +132,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from vesuvius_monai.engine.predict import parse_roi, predict
 
     checkpoint, cfg = _checkpoint_and_config(args)
-    predict(cfg, checkpoint.path, args.input, args.output, mask_output=args.mask, nifti_output=args.nifti,
+    predict(cfg, checkpoint, args.input, args.output, mask_output=args.mask, nifti_output=args.nifti,
             roi=parse_roi(args.roi))
 
 
@@ -165,12 +165,25 @@ def build_parser() -> argparse.ArgumentParser:
                                                          help="continue the run in output_dir from checkpoints/last.pt")
     ev = add("evaluate", cmd_evaluate, "score a checkpoint on held-out fragments", checkpoint=True)
     ev.add_argument("--out", type=Path, help="evaluation folder (default: <output_dir>/eval)")
-    pr = add("predict", cmd_predict, "predict one volume", checkpoint=True)
-    pr.add_argument("--input", type=Path, required=True, help="volume: .nii(.gz), .tif, folder of .tif, .zarr, .npy")
-    pr.add_argument("--output", type=Path, required=True, help="probability map: .nii.gz, .nii or .zarr")
+    pr = add("predict", cmd_predict, "predict volumes (in one process, or shared by the processes of torchrun)",
+             checkpoint=True)
+    pr.description = (
+        "Predict the probability map of a volume, or of several into a folder. A .zarr --output is written block by "
+        "block and resumable: the same command again finishes an interrupted run. Under torchrun (e.g. 'torchrun "
+        "--nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 -m vesuvius_monai predict "
+        "...') the processes share the blocks of the Zarr outputs (a file system all of them see); a run in which "
+        "a process died is finished by the same command with any number of processes. A folder --output (a name "
+        "without suffix) gets one <id>.zarr per input volume: repeat --input, or give folders of volumes "
+        "(a.nii.gz -> OUT/a.zarr).")
+    pr.add_argument("--input", type=Path, required=True, action="append",
+                    help="volume: .nii(.gz), .tif, folder of .tif, .zarr, .npy; with a folder --output: repeat it, "
+                         "or give a folder of such volumes")
+    pr.add_argument("--output", type=Path, required=True,
+                    help="probability map: .nii.gz, .nii or .zarr; or a folder (a name without suffix) for one "
+                         "<id>.zarr per input volume (files there not written by predict are left alone)")
     pr.add_argument("--mask", type=Path, help="also write the post-processed binary mask here (NIfTI)")
     pr.add_argument("--nifti", type=Path, help="with a .zarr --output: also export the probabilities as NIfTI")
-    pr.add_argument("--roi", help="region of interest z0:z1,y0:y1,x0:x1")
+    pr.add_argument("--roi", help="region of interest z0:z1,y0:y1,x0:x1 (of every input volume)")
     tt = add("tune-postprocess", cmd_tune_postprocess, "choose threshold and small-component removal on the "
              "validation fragments (leaderboard score); later commands use the choice", checkpoint=True,
              aliases=["tune-threshold"])

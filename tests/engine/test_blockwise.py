@@ -17,7 +17,7 @@ from vesuvius_monai.config import load_config
 from vesuvius_monai.data.readers import open_volume, sample_percentiles
 from vesuvius_monai.data.transforms import normalize
 from vesuvius_monai.engine.blockwise import run_blocks
-from vesuvius_monai.engine.infer import infer_volume, load_normalized, make_predictor
+from vesuvius_monai.engine.infer import infer_volume, load_normalized, make_predictor, volume_job
 from vesuvius_monai.engine.windows import WindowGrid
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.zarr_store import PredictionStore, SpillFolder
@@ -272,3 +272,83 @@ def test_cuda_equals_monai_and_resumes_identically(tmp_path, amp):
         infer_volume(TinyNet(fail_after=grid.n_windows // 2).to(cuda), reader, cfg, output=tmp_path / "p.zarr")
     resumed = infer_volume(TinyNet().to(cuda), reader, cfg, output=tmp_path / "p.zarr")
     np.testing.assert_array_equal(open_volume(resumed).read(), reference)
+
+
+class RecordingSpills:
+    """A spill folder that keeps a copy of every array put under each key (to compare the copies)."""
+
+    def __init__(self, folder):
+        self.folder, self.puts = folder, {}
+
+    def put(self, key, array):
+        self.puts.setdefault(key, []).append(np.array(array, dtype=np.float32))
+        self.folder.put(key, array)
+
+    def __getattr__(self, name):
+        return getattr(self.folder, name)
+
+
+def run_parts(tmp_path, name, reader, cfg, parts):
+    """Run the ``parts`` (lists of blocks) last to first into one float32 store, as processes that each own a part
+    and find none of the earlier parts' spills written yet. Returns (output, stats per part, recording spills)."""
+    job = volume_job(reader, cfg)
+    predictor = make_predictor(TinyNet(), cfg.infer, CPU, False)
+    store = PredictionStore.create(tmp_path / name, job.grid.shape, block_size=job.grid.block_size, dtype="float32")
+    spills = RecordingSpills(store.spills())
+    with torch.inference_mode():
+        stats = [run_blocks(job.grid, job.read, predictor, store, spills, batch=cfg.infer.sw_batch_size,
+                            blend=cfg.infer.blend, sigma_scale=cfg.infer.sigma_scale, device=CPU, blocks=part)
+                 for part in reversed(parts)]
+    assert store.done_blocks() == set(job.grid.blocks())
+    return store.read_probabilities(), stats[::-1], spills
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_blocks_shared_between_processes_equal_one_run(tmp_path, seed):
+    """Property: the blocks cut into contiguous runs (C order, cut anywhere: between z-planes or inside one), the
+    runs done last to first into one store (each recomputes the spills of blocks of the runs before it, none of
+    which are written yet), give the single run's output bit for bit, and each recomputed spill is bit for bit the
+    copy its owner writes later."""
+    rng = np.random.default_rng(100 + seed)
+    cases = 0
+    while cases < 3:
+        shape, roi, block, kw = random_case(rng)
+        grid = WindowGrid(shape, roi, kw["overlap"], block)
+        blocks = grid.blocks()
+        if len(blocks) < 2:
+            continue
+        reader = save_volume(tmp_path, shape, seed * 10 + cases, f"v{cases}.npy")
+        cfg = make_cfg(roi, block, **kw)
+        reference = infer_volume(TinyNet(), reader, cfg, device=CPU)
+        cuts = sorted(rng.choice(np.arange(1, len(blocks)), size=min(3, len(blocks) - 1), replace=False))
+        parts = [blocks[a:b] for a, b in zip([0, *cuts], [*cuts, len(blocks)])]
+        got, stats, spills = run_parts(tmp_path, f"s{cases}.zarr", reader, cfg, parts)
+        np.testing.assert_array_equal(got, reference, err_msg=str((shape, roi, block, kw, cuts)))
+        assert sum(s.blocks for s in stats) == len(blocks)
+        assert sum(s.windows for s in stats) == grid.n_windows
+        copies = [c for c in spills.puts.values() if len(c) > 1]
+        for first, *others in copies:
+            for other in others:
+                np.testing.assert_array_equal(other, first)
+        assert bool(copies) == any(s.recomputed for s in stats)
+        cases += 1
+
+
+def test_slabs_of_z_planes_recompute_only_the_windows_reaching_across(tmp_path):
+    """Runs of whole z-planes of blocks: a run recomputes, per seam, the z-planes of windows of the plane below that
+    reach across it (counted here from the window starts), each window of them once."""
+    shape, roi, overlap, block = (45, 17, 14), (8, 8, 8), 0.5, (8, 8, 8)  # stride 4: planes of blocks 8 deep
+    grid = WindowGrid(shape, roi, overlap, block)
+    reader = save_volume(tmp_path, shape, 11)
+    cfg = make_cfg(roi, block, overlap=overlap, batch=3)
+    planes = [[b for b in grid.blocks() if b[0] == z] for z in range(grid.counts[0])]
+    slabs = [sum(planes[a:b], []) for a, b in ((0, 2), (2, 3), (3, len(planes)))]
+    got, stats, _ = run_parts(tmp_path, "slabs.zarr", reader, cfg, slabs)
+    np.testing.assert_array_equal(got, infer_volume(TinyNet(), reader, cfg, device=CPU))
+    z, y, x = (a.starts for a in grid.axes)
+    for seam, run in zip((2, 3), stats[1:]):
+        edge = seam * grid.block_size[0]
+        reaching = [t for t in z if t < edge < t + roi[0]]
+        assert reaching and run.recomputed == len(reaching) * len(y) * len(x)
+        assert run.recomputed_blocks == sum(1 for b in planes[seam - 1] if grid.n_own_windows(b))
+    assert stats[0].recomputed == 0

@@ -24,7 +24,7 @@ from vesuvius_monai.engine.infer import infer_volume, load_normalized, make_pred
 from vesuvius_monai.engine.predict import parse_roi, predict
 from vesuvius_monai.engine.train import train, validate
 from vesuvius_monai.errors import VesuviusError
-from vesuvius_monai.io.checkpoint import load_checkpoint, model_from_checkpoint
+from vesuvius_monai.io.checkpoint import Checkpoint, load_checkpoint, model_from_checkpoint
 from vesuvius_monai.io.zarr_store import PredictionStore
 from vesuvius_monai.metrics import dice
 
@@ -131,3 +131,73 @@ def test_resume_refuses_other_settings(checkpoint, volume, tmp_path):
     predict(_cfg(checkpoint), checkpoint, volume, out, roi=roi)
     with pytest.raises(VesuviusError, match=r"other settings \(.*infer\.overlap 0\.25 -> 0\.5.*another --output"):
         predict(_cfg(checkpoint, "infer.overlap=0.5"), checkpoint, volume, out, roi=roi)
+
+
+def test_predict_takes_the_checkpoint_read_once_and_checks_the_window(checkpoint, volume, tmp_path):
+    ckpt = Checkpoint.load(checkpoint)
+    out = predict(_cfg(checkpoint), ckpt, volume, tmp_path / "p.zarr", roi=parse_roi(":,:24,:24"))
+    assert PredictionStore.open(out, mode="r").meta["checkpoint"] == str(checkpoint.resolve())
+    with pytest.raises(VesuviusError, match=r"infer\.roi_size"):  # resunet3d of depth 2: multiples of 4
+        predict(_cfg(checkpoint, "infer.roi_size=[18,16,16]"), ckpt, volume, tmp_path / "q.zarr")
+    assert not (tmp_path / "q.zarr.partial").exists()
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """Two small volumes a.npy, b.npy in ``vols/``."""
+    (tmp_path / "vols").mkdir()
+    for i, name in enumerate("ab"):
+        np.save(tmp_path / "vols" / f"{name}.npy", make_fragment(i, SynthParams(shape=(16, 20, 24)))[0])
+    return tmp_path / "vols"
+
+
+def test_a_folder_output_gets_one_store_per_volume(checkpoint, folder, tmp_path):
+    """Folders of volumes and single volumes mix; each volume's store is what predicting it alone writes; files in
+    the output folder that predict did not write stay, and a folder that is not a prediction store is refused."""
+    cfg = _cfg(checkpoint)
+    out = tmp_path / "preds"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    np.save(tmp_path / "c.npy", np.load(folder / "a.npy")[::-1].copy())
+    predict(cfg, checkpoint, [folder, tmp_path / "c.npy"], out)
+    assert sorted(p.name for p in out.iterdir()) == ["a.zarr", "b.zarr", "c.zarr", "notes.txt"]
+    alone = predict(cfg, checkpoint, folder / "b.npy", tmp_path / "b_alone.zarr")
+    np.testing.assert_array_equal(open_volume(out / "b.zarr").read(), open_volume(alone).read())
+    assert (out / "notes.txt").read_text() == "keep me"
+
+    (out / "a.zarr").rename(tmp_path / "moved.zarr")
+    (out / "a.zarr").mkdir()
+    (out / "a.zarr" / "precious.txt").write_text("mine")
+    with pytest.raises(VesuviusError, match=r"a\.zarr.*not"):
+        predict(cfg, checkpoint, folder, out)
+    assert (out / "a.zarr" / "precious.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("same id", r"vols/a\.npy and .*a\.nii\.gz would both be written to .*preds/a\.zarr"),
+    ("output inside input", r"--output .*vols/preds is inside the input folder"),
+    ("several inputs, one file", r"2 --input volumes need a folder --output"),
+    ("mask with a folder", r"--mask and --nifti go with one volume"),
+    ("output is a file", r"--output .*taken is an existing file"),
+    ("empty folder", r"--input .*empty: no volumes"),
+])
+def test_folder_outputs_refuse_bad_combinations(checkpoint, folder, tmp_path, case, pattern):
+    cfg, kw = _cfg(checkpoint), {}
+    inputs, out = [folder], tmp_path / "preds"
+    if case == "same id":
+        inputs.append(tmp_path / "a.nii.gz")
+    elif case == "output inside input":
+        out = folder / "preds"
+    elif case == "several inputs, one file":
+        inputs, out = [folder / "a.npy", folder / "b.npy"], tmp_path / "p.zarr"
+    elif case == "mask with a folder":
+        kw["mask_output"] = tmp_path / "m.nii.gz"
+    elif case == "output is a file":
+        out = tmp_path / "taken"
+        out.write_text("x")
+    elif case == "empty folder":
+        inputs = [tmp_path / "empty"]
+        inputs[0].mkdir()
+    with pytest.raises(VesuviusError, match=pattern):
+        predict(cfg, checkpoint, inputs, out, **kw)
+    assert not (tmp_path / "preds").exists() or not any((tmp_path / "preds").iterdir())

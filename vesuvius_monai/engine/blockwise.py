@@ -15,9 +15,14 @@ same sum / weight blending) up to float summation order. Memory holds about four
 whatever the volume size; spills live in a :class:`Spills` store (on disk for Zarr outputs, so a killed run
 resumes: a block's spills are written before its done-marker). A block's result depends only on its own
 windows (batched per z-start plane, see ``WindowGrid.window_batches``) and the stored spills, added in a fixed
-order, so a resumed run is bit-identical to an uninterrupted one. A later multi-process run can give each rank
-a slab of block rows and get a missing predecessor spill from disk or by recomputing exactly the spilling
-z-planes of the row below (same batches, same sums).
+order, so a resumed run is bit-identical to an uninterrupted one.
+
+Several processes share a volume by each predicting a set of blocks (``run_blocks(blocks=...)``, see
+:mod:`vesuvius_monai.engine.predict`: contiguous slabs of z-planes of blocks). A predecessor that another process
+owns and has not finished yet has left no spill: its spilling z-planes of windows are recomputed here (same
+batches, so the same sums, bit for bit on the same hardware and thread count) and stored like its owner would
+store them. Spill files are written atomically, so the owner and a recomputing neighbour writing the same file
+leave one of two identical copies.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import numpy as np
@@ -60,6 +66,8 @@ class Spills(Protocol):
 
     def keys(self) -> list[SpillKey]: ...
 
+    def has(self, key: SpillKey) -> bool: ...
+
 
 class MemorySpills:
     """Spills in a dict (in-memory outputs: bounded by one plane of blocks' spills, less than the output)."""
@@ -79,6 +87,9 @@ class MemorySpills:
     def keys(self) -> list[SpillKey]:
         return list(self._data)
 
+    def has(self, key: SpillKey) -> bool:
+        return key in self._data
+
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self._data.values())
 
@@ -96,6 +107,28 @@ class ArraySink:
         self.array[region] = probs
 
 
+def window_sums(grid: WindowGrid, region: Region, image: np.ndarray, batches: list[list[Triple]],
+                predictor: Predictor, weight: torch.Tensor, device: torch.device,
+                on_batch: Callable[[int], None]) -> np.ndarray:
+    """Sum of ``weight * probability`` of the windows in ``batches`` over ``region``; float32 (region shape).
+
+    ``image``: the normalised input over ``region`` (padded coordinates), which holds every window of ``batches``.
+    """
+    origin = tuple(s.start for s in region)
+    x = torch.from_numpy(image).to(device)
+    if device.type == "cpu":  # numpy memory, like every other buffer of the engine (visible to tracemalloc)
+        total = torch.from_numpy(np.zeros(x.shape, dtype=np.float32))
+    else:
+        total = torch.zeros(x.shape, dtype=torch.float32, device=device)
+    for starts in batches:
+        windows = [tuple(slice(t - o, t - o + w) for t, o, w in zip(s, origin, grid.window)) for s in starts]
+        probs = predictor(torch.stack([x[w] for w in windows])[:, None])[:, 0].float()
+        for w, p in zip(windows, probs):
+            total[w].addcmul_(weight, p)
+        on_batch(len(windows))
+    return total.cpu().numpy()
+
+
 def block_sums(grid: WindowGrid, index: Triple, image: np.ndarray | None, predictor: Predictor, batch: int,
                weight: torch.Tensor, device: torch.device, on_batch: Callable[[int], None]) -> np.ndarray:
     """Sum of ``weight * probability`` of the block's own windows over its extent; float32 (extent shape).
@@ -105,19 +138,7 @@ def block_sums(grid: WindowGrid, index: Triple, image: np.ndarray | None, predic
     extent = grid.extent(index)
     if image is None:
         return np.zeros(region_shape(extent), dtype=np.float32)
-    origin = tuple(s.start for s in extent)
-    x = torch.from_numpy(image).to(device)
-    if device.type == "cpu":  # numpy memory, like every other buffer of the engine (visible to tracemalloc)
-        total = torch.from_numpy(np.zeros(x.shape, dtype=np.float32))
-    else:
-        total = torch.zeros(x.shape, dtype=torch.float32, device=device)
-    for starts in grid.window_batches(index, batch):
-        windows = [tuple(slice(t - o, t - o + w) for t, o, w in zip(s, origin, grid.window)) for s in starts]
-        probs = predictor(torch.stack([x[w] for w in windows])[:, None])[:, 0].float()
-        for w, p in zip(windows, probs):
-            total[w].addcmul_(weight, p)
-        on_batch(len(windows))
-    return total.cpu().numpy()
+    return window_sums(grid, extent, image, grid.window_batches(index, batch), predictor, weight, device, on_batch)
 
 
 def finish_block(grid: WindowGrid, index: Triple, sums: np.ndarray, spills: Spills, sink: Sink, blend: str,
@@ -138,41 +159,119 @@ def finish_block(grid: WindowGrid, index: Triple, sums: np.ndarray, spills: Spil
         spills.drop((pred, index))
 
 
+@dataclass(frozen=True)
+class Recompute:
+    """A block another process owns whose spills into ``targets`` (blocks of this process) are recomputed here from
+    the windows of its z-start ``planes``."""
+
+    source: Triple
+    targets: tuple[Triple, ...]
+    planes: tuple[int, ...]
+
+
+@dataclass
+class RunStats:
+    """What one :func:`run_blocks` call did: blocks written, own windows run, windows run again for other
+    processes' spills (and for how many of their blocks)."""
+
+    blocks: int = 0
+    windows: int = 0
+    recomputed: int = 0
+    recomputed_blocks: int = 0
+
+    def __iadd__(self, other: RunStats) -> RunStats:
+        for name in ("blocks", "windows", "recomputed", "recomputed_blocks"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        return self
+
+
+def schedule(grid: WindowGrid, blocks: list[Triple], done: set[Triple]) -> list[Triple | Recompute]:
+    """``blocks`` in C order, each preceded by the recomputations of its predecessors that are neither done nor in
+    ``blocks`` (another process's), so that every spill a block takes exists by then."""
+    mine = set(blocks)
+    tasks: list[Triple | Recompute] = []
+    seen: set[Triple] = set()
+    for index in sorted(blocks):
+        for pred in grid.predecessors(index):
+            if pred in mine or pred in done or pred in seen:
+                continue
+            seen.add(pred)
+            targets = tuple(s for s, _ in grid.successors(pred) if s in mine)
+            tasks.append(Recompute(pred, targets, grid.spill_planes(pred, list(targets))))
+        tasks.append(index)
+    return tasks
+
+
 def run_blocks(grid: WindowGrid, read: Reader, predictor: Predictor, sink: Sink, spills: Spills, *, batch: int,
-               blend: str, sigma_scale: float, device: torch.device, progress: bool = False) -> None:
-    """Predict every block the sink has not done yet (see the module docstring)."""
+               blend: str, sigma_scale: float, device: torch.device, progress: bool = False,
+               blocks: list[Triple] | None = None) -> RunStats:
+    """Predict ``blocks`` (default: every block the sink has not done yet; see the module docstring).
+
+    With ``blocks``, the other blocks not done yet belong to other processes: a spill one of them owes ``blocks``
+    and has not stored yet is recomputed here (:class:`Recompute`).
+    """
     done = sink.done_blocks()
     for key in spills.keys():
         if key[1] in done:  # consumed, but the run stopped before dropping it
             spills.drop(key)
-    todo = [index for index in grid.blocks() if index not in done]
+    todo = [index for index in grid.blocks() if index not in done] if blocks is None else \
+        [index for index in sorted(blocks) if index not in done]
+    tasks = schedule(grid, todo, done)
     logger.info("%d blocks of %s (%d windows of %s in the grid), %d to predict", len(grid.blocks()),
                 grid.block_size, grid.n_windows, grid.window, len(todo))
     weight = torch.from_numpy(importance(grid.window, blend, float(sigma_scale))).to(device)
-    windows = sum(grid.n_own_windows(i) for i in todo)
-    bar = tqdm(total=grid.n_windows, initial=grid.n_windows - windows, desc="windows", unit="win", leave=False,
+    stats = RunStats(blocks=len(todo), windows=sum(grid.n_own_windows(i) for i in todo))
+    at_most = stats.windows + sum(_n_windows(grid, t) for t in tasks if isinstance(t, Recompute))
+    initial = grid.n_windows - stats.windows if blocks is None else 0
+    bar = tqdm(total=initial + at_most, initial=initial, desc="windows", unit="win", leave=False,
                disable=not progress, dynamic_ncols=True)
 
-    def load(index: Triple) -> np.ndarray | None:
-        return read(grid.extent(index)) if grid.n_own_windows(index) else None
+    def load(task: Triple | Recompute) -> np.ndarray | None:
+        if isinstance(task, Recompute):  # its owner may have stored the spills meanwhile
+            missing = not all(spills.has((task.source, t)) for t in task.targets)
+            return read(grid.planes_region(task.source, task.planes)) if missing else None
+        return read(grid.extent(task)) if grid.n_own_windows(task) else None
 
-    def compute(index: Triple, image: np.ndarray | None) -> np.ndarray:
-        return block_sums(grid, index, image, predictor, batch, weight, device, bar.update)
+    def compute(task: Triple | Recompute, image: np.ndarray | None) -> np.ndarray | None:
+        if not isinstance(task, Recompute):
+            return block_sums(grid, task, image, predictor, batch, weight, device, bar.update)
+        if image is None:
+            return None
+        region = grid.planes_region(task.source, task.planes)
+        batches = [b for b in grid.window_batches(task.source, batch) if b[0][0] in task.planes]
+        stats.recomputed += sum(len(b) for b in batches)
+        stats.recomputed_blocks += 1
+        return window_sums(grid, region, image, batches, predictor, weight, device, bar.update)
 
-    def finish(index: Triple, sums: np.ndarray) -> None:
-        finish_block(grid, index, sums, spills, sink, blend, sigma_scale)
+    def finish(task: Triple | Recompute, sums: np.ndarray | None) -> None:
+        if not isinstance(task, Recompute):
+            finish_block(grid, task, sums, spills, sink, blend, sigma_scale)  # type: ignore[arg-type]
+        elif sums is not None:
+            region, parts = grid.planes_region(task.source, task.planes), dict(grid.successors(task.source))
+            for target in task.targets:
+                spills.put((task.source, target), sums[relative(parts[target], region)])
 
     start = time.perf_counter()
     try:
-        busy = _pipeline(todo, load, compute, finish)
+        busy = _pipeline(tasks, load, compute, finish)
     finally:
         bar.close()
     wall = time.perf_counter() - start
-    logger.info("%d windows in %.1f s; the network thread was busy %.1f s of it (%.0f%%)", windows, wall, busy,
-                100 * busy / max(wall, 1e-9))
+    logger.info("%d windows in %.1f s; the network thread was busy %.1f s of it (%.0f%%)",
+                stats.windows + stats.recomputed, wall, busy, 100 * busy / max(wall, 1e-9))
+    if stats.recomputed:
+        logger.info("%d of these windows recomputed the spills of %d blocks of other processes",
+                    stats.recomputed, stats.recomputed_blocks)
+    return stats
 
 
-def _pipeline(todo: list[Triple], load: Callable, compute: Callable, finish: Callable) -> float:
+def _n_windows(grid: WindowGrid, task: Recompute) -> int:
+    """Windows of a recomputation: its planes' share of the source block's own windows."""
+    own_z = grid.axes[0].own_starts(task.source[0])
+    return grid.n_own_windows(task.source) // len(own_z) * len(task.planes)
+
+
+def _pipeline(todo: list, load: Callable, compute: Callable, finish: Callable) -> float:
     """load(next) in a reader thread and finish(previous) in a writer thread while compute(current) runs here.
 
     At most one block is being read ahead and one waits for the writer. Returns the seconds spent in ``compute``.

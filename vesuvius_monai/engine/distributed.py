@@ -1,11 +1,13 @@
-"""Data-parallel training with PyTorch's ``torch.distributed``, launched by ``torchrun``.
+"""Data-parallel training and prediction with PyTorch's ``torch.distributed``, launched by ``torchrun``.
 
 ``torchrun --nproc_per_node=N -m vesuvius_monai train ...`` starts N processes; torchrun gives each its
 ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``. Each process trains a copy of the model on its own patches
 (``DistributedDataParallel`` averages the gradients), on ``cuda:LOCAL_RANK`` with NCCL or on the CPU with gloo.
 Rank 0 alone touches the run folder (run marker, config, logs, TensorBoard, checkpoints, surface-index cache) and
-validates; the other ranks wait for it. Without torchrun's variables nothing of this is used: one process, as
-always.
+validates; the other ranks wait for it. ``predict`` under torchrun splits the blocks of its volumes between the
+ranks (:func:`split_contiguous`); ranks that finish early wait for the others in :func:`gather_results` (on a gloo
+group of its own, for up to :data:`WAIT_TIMEOUT`), where an error of any rank reaches all of them. Without
+torchrun's variables nothing of this is used: one process, as always.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ log = logging.getLogger(__name__)
 
 # Ranks wait in collectives while rank 0 alone indexes surfaces, validates and saves: allow that much time.
 TIMEOUT = timedelta(hours=2)
+# Prediction ranks that finished their share wait this long for the slowest (its share's imbalance, not its all).
+WAIT_TIMEOUT = timedelta(hours=24)
 
 
 @dataclass(frozen=True)
@@ -85,7 +89,7 @@ def init_distributed(device_name: str) -> tuple[DistContext, torch.device]:
     if rank != 0:  # one voice: the other ranks report only warnings and errors
         logging.getLogger("vesuvius_monai").setLevel(logging.WARNING)
     ctx = DistContext(rank=rank, world_size=world, local_rank=local, active=True)
-    log.info("data-parallel training: %d processes (%s), this is rank %d on %s", world, dist.get_backend(), rank,
+    log.info("torch.distributed: %d processes (%s), this is rank %d on %s", world, dist.get_backend(), rank,
              device)
     return ctx, device
 
@@ -149,3 +153,58 @@ def wrap_model(ctx: DistContext, model: nn.Module, device: torch.device) -> nn.M
     if not ctx.active:
         return model
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def split_contiguous(costs: list[float], parts: int) -> list[range]:
+    """Items ``0 .. len(costs) - 1``, in order, cut into ``parts`` contiguous ranges of about equal total cost.
+
+    Item i goes to the part in which the middle of its cost falls (cumulative cost / total * parts), so each part
+    is within one item's cost of ``total / parts``; parts may be empty when items are fewer or uneven.
+    """
+    total = float(sum(costs))
+    bounds, below, part = [0] * (parts + 1), 0.0, 0
+    for i, cost in enumerate(costs):
+        middle = (below + cost / 2) / total * parts if total > 0 else i * parts / max(len(costs), 1)
+        while part < parts - 1 and middle >= part + 1:
+            part += 1
+            bounds[part] = i
+        below += cost
+    for p in range(part + 1, parts + 1):
+        bounds[p] = len(costs)
+    return [range(bounds[p], bounds[p + 1]) for p in range(parts)]
+
+
+_wait_group: list = []  # the gloo group of gather_results, made once per process by every rank together
+
+
+def make_wait_group(ctx: DistContext) -> None:
+    """Make the group :func:`gather_results` waits on (every rank calls this at the same point, early, before the
+    ranks' work drifts apart); a no-op without a process group or when made already."""
+    if ctx.active and not _wait_group:
+        _wait_group.append(dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT))
+
+
+def gather_results(ctx: DistContext, error: str | None, value: Any) -> list[Any]:
+    """Every rank's ``value`` (in rank order), once every rank has arrived; ``error``: what failed on this rank.
+
+    When any rank reports an error, every rank raises one VesuviusError naming the failed ranks and their errors.
+    A rank that has died (or takes longer than :data:`WAIT_TIMEOUT` more than this one) is a VesuviusError too.
+    ``value`` must pickle. Without a process group: ``[value]``, or the error raised.
+    """
+    if not ctx.active:
+        if error is not None:
+            raise VesuviusError(error)
+        return [value]
+    make_wait_group(ctx)
+    box: list[Any] = [None] * ctx.world_size
+    try:
+        dist.all_gather_object(box, (error, value), group=_wait_group[0])
+    except RuntimeError as err:  # gloo: a peer closed its connection, or the wait timed out
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        hours = WAIT_TIMEOUT.total_seconds() / 3600
+        raise VesuviusError(f"rank {ctx.rank} lost the other processes while waiting (up to {hours:g} h) for them "
+                            f"to finish; did one of them stop? ({first})") from None
+    failed = [f"rank {rank}: {err}" for rank, (err, _) in enumerate(box) if err is not None]
+    if failed:
+        raise VesuviusError("; ".join(failed))
+    return [v for _, v in box]

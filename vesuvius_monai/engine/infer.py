@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -22,9 +23,9 @@ from torch.func import functional_call
 
 from vesuvius_monai.config import Config, InferConfig, to_dict
 from vesuvius_monai.data.readers import VolumeReader, sample_percentiles
-from vesuvius_monai.data.regions import Region, region_shape, relative, shift_region
+from vesuvius_monai.data.regions import Region, Triple, region_shape, relative, shift_region
 from vesuvius_monai.data.transforms import read_normalized
-from vesuvius_monai.engine.blockwise import ArraySink, MemorySpills, Reader, run_blocks
+from vesuvius_monai.engine.blockwise import ArraySink, MemorySpills, Reader, RunStats, Sink, Spills, run_blocks
 from vesuvius_monai.engine.tta import tta_predict
 from vesuvius_monai.engine.windows import WindowGrid
 from vesuvius_monai.engine.zarr_output import checked_roi, predict_to_zarr, run_meta
@@ -96,6 +97,52 @@ def volume_reader(reader: VolumeReader, window: tuple[float, float], roi: Region
     return read
 
 
+@dataclass(frozen=True)
+class VolumeJob:
+    """One volume (or its ROI) to predict: the reader, the region, MONAI's window grid over it in blocks, and the
+    reader of its normalised input in the grid's padded coordinates."""
+
+    reader: VolumeReader
+    region: Region
+    grid: WindowGrid
+    read: Reader
+
+
+def window_grid(region: Region, icfg: InferConfig) -> WindowGrid:
+    """The sliding-window grid of ``region`` with the ``infer`` window, overlap and block size."""
+    return WindowGrid(region_shape(region), icfg.roi_size, icfg.overlap, icfg.block_size)
+
+
+def volume_job(reader: VolumeReader, cfg: Config, roi: Region | None = None) -> VolumeJob:
+    """The job of predicting ``reader`` (or its ``roi``), normalised with the volume's own percentile window
+    (``transforms.percentiles``, sampled over the whole volume: the same in every process)."""
+    region = checked_roi(reader, roi)
+    grid = window_grid(region, cfg.infer)
+    window = sample_percentiles(reader, q=cfg.transforms.percentiles)
+    return VolumeJob(reader, region, grid, volume_reader(reader, window, region, grid))
+
+
+def output_meta(reader: VolumeReader, region: Region, cfg: Config, run_info: dict | None = None) -> dict:
+    """What a Zarr output's resumed run must share with the interrupted one (see ``run_meta``)."""
+    extra = {"percentiles": list(cfg.transforms.percentiles), "infer": to_dict(cfg.infer), **(run_info or {})}
+    return run_meta(reader, region, window_grid(region, cfg.infer).block_size, cfg.infer.out_dtype, extra)
+
+
+def run_job(model: nn.Module, job: VolumeJob, cfg: Config, predictor: Callable, sink: Sink, spills: Spills, *,
+            device: torch.device, blocks: list[Triple] | None = None, progress: bool = False) -> RunStats:
+    """Run the block engine on ``job`` (its ``blocks``, default all not done) with the model in eval mode."""
+    icfg = cfg.infer
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            return run_blocks(job.grid, job.read, predictor, sink, spills, batch=icfg.sw_batch_size,
+                              blend=icfg.blend, sigma_scale=icfg.sigma_scale, device=device, progress=progress,
+                              blocks=blocks)
+    finally:
+        model.train(was_training)
+
+
 def infer_volume(model: nn.Module, reader: VolumeReader, cfg: Config, *, device: torch.device | None = None,
                  roi: Region | None = None, output: str | os.PathLike | None = None, run_info: dict | None = None,
                  resume: bool = True, progress: bool = False) -> np.ndarray | Path:
@@ -108,29 +155,18 @@ def infer_volume(model: nn.Module, reader: VolumeReader, cfg: Config, *, device:
     included, are the same. ``device``: where the model is (default: its parameters' device).
     """
     device = device or next(model.parameters()).device
-    icfg = cfg.infer
-    region = checked_roi(reader, roi)
-    grid = WindowGrid(region_shape(region), icfg.roi_size, icfg.overlap, icfg.block_size)
-    read = volume_reader(reader, sample_percentiles(reader, q=cfg.transforms.percentiles), region, grid)
-    predictor = make_predictor(model, icfg, device, icfg.amp)
+    job = volume_job(reader, cfg, roi)
+    predictor = make_predictor(model, cfg.infer, device, cfg.infer.amp)
 
-    def run(sink, spills) -> None:
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.inference_mode():
-                run_blocks(grid, read, predictor, sink, spills, batch=icfg.sw_batch_size, blend=icfg.blend,
-                           sigma_scale=icfg.sigma_scale, device=device, progress=progress)
-        finally:
-            model.train(was_training)
+    def run(sink: Sink, spills: Spills) -> None:
+        run_job(model, job, cfg, predictor, sink, spills, device=device, progress=progress)
 
     if output is None:
-        sink = ArraySink(region_shape(region))
+        sink = ArraySink(region_shape(job.region))
         run(sink, MemorySpills())
         return sink.array
-    extra = {"percentiles": list(cfg.transforms.percentiles), "infer": to_dict(icfg), **(run_info or {})}
-    meta = run_meta(reader, region, grid.block_size, icfg.out_dtype, extra)
-    return predict_to_zarr(output, reader, region, grid.block_size, icfg.out_dtype, meta,
+    meta = output_meta(reader, job.region, cfg, run_info)
+    return predict_to_zarr(output, reader, job.region, job.grid.block_size, cfg.infer.out_dtype, meta,
                            lambda store: run(store, store.spills()), resume=resume)
 
 

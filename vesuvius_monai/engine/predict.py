@@ -1,28 +1,50 @@
-"""Prediction for one unlabeled volume of any size.
+"""Prediction of unlabeled volumes of any size, in one process or spread over the processes of ``torchrun``.
 
 ``.zarr`` outputs are written block by block (bounded memory, resumable); NIfTI outputs are predicted in
-memory when the volume (or region of interest) fits, carrying the input's affine and spacing.
+memory when the volume (or region of interest) fits, carrying the input's affine and spacing. A folder output (a
+name without suffix) gets one ``<id>.zarr`` per input volume; the inputs are volumes and folders of volumes.
+
+Under torchrun (see :mod:`vesuvius_monai.engine.distributed`) the blocks of every Zarr output are split between the
+ranks. Rank 0 checks every output and creates (or resumes) the stores while the others wait; the unfinished
+z-planes of blocks of all volumes, in order, are then cut into one contiguous run per rank with about the same
+number of windows (:func:`split_work`), so a rank shares a volume with at most its two neighbours, at a whole
+z-plane of blocks. A rank's first plane needs the spills of the plane below, which the rank before it writes only at
+the end of its run: it recomputes the windows of that plane that reach across (one z-plane of windows per seam for
+``overlap`` <= 0.5) unless they are on disk already (see :mod:`vesuvius_monai.engine.blockwise`). When every rank
+is done, rank 0 alone publishes the stores. Markers stay per block: a run in which any process died is finished by
+the same command with any number of processes.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
+from torch import nn
 
 from vesuvius_monai.config import Config
-from vesuvius_monai.data.readers import Region, format_region, open_volume, region_shape
-from vesuvius_monai.engine.infer import infer_volume, resolve_device
-from vesuvius_monai.engine.zarr_output import checked_roi, export_nifti, roi_affine
+from vesuvius_monai.data.dataset import VOLUME_SUFFIXES, volume_id
+from vesuvius_monai.data.readers import ZARR_MARKERS, Region, format_region, open_volume, region_shape
+from vesuvius_monai.data.regions import Triple
+from vesuvius_monai.engine.blockwise import RunStats
+from vesuvius_monai.engine.distributed import (DistContext, gather_results, init_distributed, make_wait_group,
+                                               on_main, split_contiguous)
+from vesuvius_monai.engine.infer import infer_volume, make_predictor, output_meta, run_job, volume_job, window_grid
+from vesuvius_monai.engine.zarr_output import (check_output_store, checked_roi, export_nifti, open_work_store,
+                                               publish_store, roi_affine, work_path)
 from vesuvius_monai.errors import VesuviusError
-from vesuvius_monai.io.checkpoint import model_from_checkpoint
+from vesuvius_monai.io.checkpoint import Checkpoint, as_checkpoint
 from vesuvius_monai.io.nifti import is_nifti_path, write_nifti
+from vesuvius_monai.io.zarr_store import PredictionStore
 from vesuvius_monai.postprocess import postprocess
 
 log = logging.getLogger(__name__)
 
 MAX_IN_MEMORY_VOXELS = 384**3  # NIfTI output beyond this: write .zarr instead
+FINISH_HINT = "the blocks written so far are kept: run the same command again (with any number of processes) to finish"
 
 
 def parse_roi(text: str | None) -> Region | None:
@@ -44,9 +66,9 @@ def _run_info(checkpoint: str | Path) -> dict:
     return {"checkpoint": str(path), "checkpoint_mtime_ns": path.stat().st_mtime_ns}
 
 
-def _check_outputs(input_path: Path, outputs: dict[str, Path | None]) -> None:
-    """No output may replace the input volume or another output."""
-    seen = {Path(input_path).resolve(): "--input"}
+def _check_outputs(inputs: Sequence[Path], outputs: dict[str, Path | None]) -> None:
+    """No output may replace an input volume or another output."""
+    seen = {Path(p).resolve(): f"--input {p}" for p in inputs}
     for flag, path in outputs.items():
         if path is None:
             continue
@@ -56,11 +78,17 @@ def _check_outputs(input_path: Path, outputs: dict[str, Path | None]) -> None:
         seen[resolved] = flag
 
 
+def is_folder_output(output: Path) -> bool:
+    """A folder of ``<id>.zarr`` stores: a name without suffix, or an existing folder that is not a Zarr."""
+    return output.suffix == "" or (output.is_dir() and output.suffix != ".zarr")
+
+
 def _check_kind(output: Path, region: Region, input_path: str | Path, mask_output: str | Path | None,
                 nifti_output: str | Path | None) -> None:
     """The output kind (.zarr or NIfTI) goes with the other flags, and a NIfTI output fits in memory."""
     if output.suffix != ".zarr" and not is_nifti_path(output):
-        raise VesuviusError(f"--output {output}: use a .nii.gz, .nii or .zarr file name")
+        raise VesuviusError(f"--output {output}: use a .nii.gz, .nii or .zarr file name, or a folder name without "
+                            f"suffix (one <id>.zarr per input volume)")
     if output.suffix == ".zarr" and mask_output:
         raise VesuviusError("--mask is only written with a NIfTI --output; threshold the Zarr probabilities instead")
     if output.suffix != ".zarr" and nifti_output:
@@ -70,29 +98,218 @@ def _check_kind(output: Path, region: Region, input_path: str | Path, mask_outpu
                             f"memory; write to a .zarr output (block-wise) or give --roi")
 
 
-def predict(cfg: Config, checkpoint: str | Path, input_path: str | Path, output: str | Path, *,
-            mask_output: str | Path | None = None, nifti_output: str | Path | None = None,
-            roi: Region | None = None) -> Path:
-    """Write the probability map of ``input_path`` (optionally within ``roi``) to ``output``.
+def _is_zarr(path: Path) -> bool:
+    return path.name.lower().endswith(".zarr") or any((path / m).exists() for m in ZARR_MARKERS)
 
-    A ``.zarr`` output is predicted block by block and resumes an interrupted run; ``nifti_output`` then
-    also exports it as NIfTI (when it fits in memory).
+
+def folder_targets(inputs: Sequence[Path], output: Path) -> list[tuple[Path, Path]]:
+    """(input volume, ``output/<id>.zarr``) for every volume of ``inputs``, in order.
+
+    An input folder that is not a Zarr stands for the volumes in it (files ``.nii(.gz)``, ``.tif(f)``, ``.npy``,
+    ``.zarr`` folders and folders of TIFF slices; hidden names skipped). Two volumes with the same id, an output
+    folder inside an input folder, or an output that is an existing file are errors.
     """
+    if output.exists() and not output.is_dir():
+        raise VesuviusError(f"--output {output} is an existing file, not a folder; choose another --output")
+    volumes: list[Path] = []
+    for path in inputs:
+        if not (path.is_dir() and not _is_zarr(path)):
+            volumes.append(path)  # (a missing volume is named when it is opened)
+            continue
+        if path.resolve() == output.resolve() or path.resolve() in output.resolve().parents:
+            raise VesuviusError(f"--output {output} is inside the input folder {path}; choose a folder outside it")
+        found = [p for p in sorted(path.iterdir())
+                 if not p.name.startswith(".") and (p.is_dir() or p.name.lower().endswith(VOLUME_SUFFIXES))]
+        if not found:
+            raise VesuviusError(f"--input {path}: no volumes in this folder ({', '.join(VOLUME_SUFFIXES)} or "
+                                f"folders of TIFF slices)")
+        volumes += found
+    by_id: dict[str, Path] = {}
+    for path in volumes:
+        vid = volume_id(path)
+        if vid in by_id:
+            raise VesuviusError(f"--input {by_id[vid]} and {path} would both be written to {output / (vid + '.zarr')}; "
+                                f"predict them into different --output folders")
+        by_id[vid] = path
+    targets = [(path, output / f"{vid}.zarr") for vid, path in by_id.items()]
+    _check_outputs(list(inputs) + volumes, {f"--output {out}": out for _, out in targets})
+    return targets
+
+
+def predict(cfg: Config, checkpoint: str | Path | Checkpoint, input_path: str | Path | Sequence[str | Path],
+            output: str | Path, *, mask_output: str | Path | None = None, nifti_output: str | Path | None = None,
+            roi: Region | None = None) -> Path:
+    """Write the probability map of ``input_path`` (optionally within ``roi``) to ``output``; returns ``output``.
+
+    ``checkpoint``: read once by the caller (a path is read here). ``input_path``: one volume, or several volumes and
+    folders of volumes with a folder ``output`` (one ``<id>.zarr`` each, see :func:`folder_targets`; ``roi``
+    applies to each). A ``.zarr`` output is predicted block by block and resumes an interrupted run (under torchrun
+    the ranks share the blocks); ``nifti_output`` then also exports it as NIfTI (when it fits in memory).
+    """
+    ckpt = as_checkpoint(checkpoint)
+    ckpt.check_window(cfg.infer.roi_size)
+    inputs = [Path(p) for p in ([input_path] if isinstance(input_path, (str, Path)) else input_path)]
     output = Path(output)
-    _check_outputs(Path(input_path), {"--output": output, "--mask": mask_output, "--nifti": nifti_output})
+    if is_folder_output(output):
+        if mask_output or nifti_output:
+            raise VesuviusError("--mask and --nifti go with one volume; a folder --output holds one <id>.zarr per "
+                                "input volume")
+        predict_zarr(cfg, ckpt, folder_targets(inputs, output), roi)
+        return output
+    if len(inputs) != 1:
+        raise VesuviusError(f"{len(inputs)} --input volumes need a folder --output (a name without suffix, one "
+                            f"<id>.zarr per volume); {output} names one file")
+    input_path = inputs[0]
+    _check_outputs(inputs, {"--output": output, "--mask": mask_output, "--nifti": nifti_output})
     reader = open_volume(input_path, spacing=cfg.data.spacing, level=cfg.data.zarr_level, key=cfg.data.zarr_key)
     region = checked_roi(reader, roi)
     _check_kind(output, region, input_path, mask_output, nifti_output)
-    model, _ = model_from_checkpoint(checkpoint, resolve_device(cfg.infer.device))
     if output.suffix == ".zarr":
-        infer_volume(model, reader, cfg, roi=region, output=output, run_info=_run_info(checkpoint), progress=True)
-        if nifti_output:
-            export_nifti(output, nifti_output)
+        predict_zarr(cfg, ckpt, [(input_path, output)], roi, nifti_output=nifti_output)
         return output
-    probs = infer_volume(model, reader, cfg, roi=region, progress=True)
+    ctx, device = init_distributed(cfg.infer.device)
+    if ctx.active:
+        log.warning("a NIfTI --output is predicted in memory by rank 0 alone; write a .zarr --output to share the "
+                    "blocks between the %d processes", ctx.world_size)
+    return on_main(ctx, _predict_nifti, cfg, ckpt, reader, region, output, mask_output, device)
+
+
+def _predict_nifti(cfg: Config, ckpt: Checkpoint, reader, region: Region, output: Path,
+                   mask_output: str | Path | None, device) -> Path:
+    probs = infer_volume(ckpt.model(device), reader, cfg, roi=region, progress=True)
     affine = roi_affine(reader.affine, region)
     write_nifti(output, probs, affine=affine)
     if mask_output:
         write_nifti(mask_output, postprocess(probs, cfg.postprocess).astype(np.uint8), affine=affine)
     log.info("wrote %s", output)
     return output
+
+
+# --------------------------------------------------------------------------- Zarr outputs, one or many processes
+
+
+@dataclass(frozen=True)
+class PlannedVolume:
+    """One Zarr output of a run: its input, final store, region, number of blocks and whether it is done."""
+
+    input: Path
+    output: Path
+    region: Region
+    n_blocks: int
+    complete: bool
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The volumes of a run and each rank's share: ``shares[rank]`` = [(volume index, its blocks), ...]."""
+
+    volumes: list[PlannedVolume]
+    shares: list[list[tuple[int, list[Triple]]]]
+
+
+def split_work(units: list[tuple[int, list[Triple]]], costs: list[float], world: int) -> list[list]:
+    """Cut the (volume index, blocks of one z-plane) ``units`` into ``world`` contiguous runs of about equal cost.
+
+    Returns per rank [(volume index, blocks), ...] with the planes of one volume joined.
+    """
+    shares: list[list[tuple[int, list[Triple]]]] = []
+    for part in split_contiguous(costs, world):
+        share: list[tuple[int, list[Triple]]] = []
+        for v, blocks in (units[i] for i in part):
+            if share and share[-1][0] == v:
+                share[-1][1].extend(blocks)
+            else:
+                share.append((v, list(blocks)))
+        shares.append(share)
+    return shares
+
+
+def plan_outputs(cfg: Config, ckpt: Checkpoint, targets: list[tuple[Path, Path]], roi: Region | None,
+                 world: int) -> Plan:
+    """Check every output (before creating any), create or resume their stores, and split the blocks not done yet.
+
+    Run by one process (rank 0) while the others wait. The cost of a block is its own windows plus one.
+    """
+    opened = []
+    for input_path, out in targets:
+        reader = open_volume(input_path, spacing=cfg.data.spacing, level=cfg.data.zarr_level, key=cfg.data.zarr_key)
+        region = checked_roi(reader, roi)
+        meta = output_meta(reader, region, cfg, _run_info(ckpt.path))
+        opened.append((reader, region, meta, check_output_store(out, cfg.infer.out_dtype, meta)))
+    volumes, units, costs = [], [], []
+    for v, ((input_path, out), (reader, region, meta, state)) in enumerate(zip(targets, opened)):
+        grid = window_grid(region, cfg.infer)
+        volumes.append(PlannedVolume(Path(input_path), Path(out), region, len(grid.blocks()), state == "complete"))
+        if state == "complete":
+            log.info("%s: already complete, nothing to do", out)
+            continue
+        store = open_work_store(out, reader, region, grid.block_size, cfg.infer.out_dtype, meta)
+        done = set(grid.blocks()) if store.meta.get("complete") else store.done_blocks()  # type: ignore[union-attr]
+        for z in range(grid.counts[0]):
+            todo = [b for b in grid.blocks() if b[0] == z and b not in done]
+            if todo:
+                units.append((v, todo))
+                costs.append(sum(grid.n_own_windows(b) + 1 for b in todo))
+    return Plan(volumes, split_work(units, costs, world))
+
+
+def predict_zarr(cfg: Config, ckpt: Checkpoint, targets: list[tuple[Path, Path]], roi: Region | None, *,
+                 nifti_output: str | Path | None = None) -> None:
+    """Predict every (input, ``.zarr`` output) of ``targets`` in this process, or shared by torchrun's ranks."""
+    ctx, device = init_distributed(cfg.infer.device)
+    make_wait_group(ctx)
+    plan = on_main(ctx, plan_outputs, cfg, ckpt, targets, roi, ctx.world_size)
+    error, stats = None, RunStats()
+    try:
+        if plan.shares[ctx.rank]:
+            stats = _run_share(ckpt.model(device), cfg, plan, ctx, device)
+    except Exception as err:
+        if not ctx.active:
+            raise
+        if not isinstance(err, VesuviusError):
+            log.exception("rank %d failed", ctx.rank)
+        error = str(err) if isinstance(err, VesuviusError) else f"{type(err).__name__}: {err}"
+    try:
+        results = gather_results(ctx, error, stats)
+    except VesuviusError as err:
+        raise VesuviusError(f"{err}; {FINISH_HINT}") from None
+    if ctx.active:
+        _log_shares(results)
+    on_main(ctx, _publish, plan, nifti_output)
+
+
+def _run_share(model: nn.Module, cfg: Config, plan: Plan, ctx: DistContext, device) -> RunStats:
+    """Predict this rank's blocks of every volume of ``plan`` into their stores."""
+    predictor = make_predictor(model, cfg.infer, device, cfg.infer.amp)
+    stats = RunStats()
+    for v, blocks in plan.shares[ctx.rank]:
+        volume = plan.volumes[v]
+        reader = open_volume(volume.input, spacing=cfg.data.spacing, level=cfg.data.zarr_level,
+                             key=cfg.data.zarr_key)
+        store = PredictionStore.open(work_path(volume.output))
+        if len(plan.volumes) > 1 or ctx.active:
+            log.info("%s -> %s: %d of its %d blocks in this process", volume.input, volume.output, len(blocks),
+                     volume.n_blocks)
+        stats += run_job(model, volume_job(reader, cfg, volume.region), cfg, predictor, store, store.spills(),
+                         device=device, blocks=blocks if ctx.active else None, progress=ctx.is_main)
+    return stats
+
+
+def _log_shares(results: list[RunStats]) -> None:
+    """One line per rank and the total of windows recomputed at the seams between ranks."""
+    for rank, stats in enumerate(results):
+        log.info("rank %d: %d blocks, %d windows, %d windows recomputed for %d blocks of its neighbours", rank,
+                 stats.blocks, stats.windows, stats.recomputed, stats.recomputed_blocks)
+    windows = sum(s.windows for s in results)
+    recomputed = sum(s.recomputed for s in results)
+    log.info("%d processes: %d blocks, %d windows, %d more (%.1f%%) recomputed at the seams between ranks",
+             len(results), sum(s.blocks for s in results), windows, recomputed, 100 * recomputed / max(windows, 1))
+
+
+def _publish(plan: Plan, nifti_output: str | Path | None) -> None:
+    """Publish every store of ``plan`` (once, after every process has finished), then the optional NIfTI export."""
+    for volume in plan.volumes:
+        if not volume.complete:
+            publish_store(PredictionStore.open(work_path(volume.output)), volume.output, blocks=volume.n_blocks)
+    if nifti_output:
+        export_nifti(plan.volumes[0].output, nifti_output)

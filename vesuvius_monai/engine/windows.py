@@ -117,7 +117,12 @@ class WindowGrid:
         return tuple(slice(*a.block_span(j)) for a, j in zip(self.axes, index))  # type: ignore[return-value]
 
     def extent(self, index: Triple) -> Region:
-        """The block plus the far-side reach of its own windows (padded coordinates): its input region."""
+        """The block plus the far-side reach of its own windows (padded coordinates): its input region.
+
+        A block that owns no window (none starts in it along some axis) reaches nowhere: its extent is itself.
+        """
+        if not self.n_own_windows(index):
+            return self.block_region(index)
         return tuple(slice(*a.extent(j)) for a, j in zip(self.axes, index))  # type: ignore[return-value]
 
     def window_batches(self, index: Triple, batch: int) -> list[list[Triple]]:
@@ -134,6 +139,22 @@ class WindowGrid:
 
     def n_own_windows(self, index: Triple) -> int:
         return math.prod(len(a.own_starts(j)) for a, j in zip(self.axes, index))
+
+    def spill_planes(self, index: Triple, targets: list[Triple]) -> tuple[int, ...]:
+        """z-starts of the block's own windows that cover any voxel of its spills into the successors ``targets``.
+
+        Recomputing these z-planes of windows (same batches) gives those spills bit for bit: the other planes add
+        nothing there. Only the plane(s) reaching past the block for +z successors; every plane for same-z ones.
+        """
+        parts = dict(self.successors(index))
+        wz = self.window[0]
+        return tuple(t for t in self.axes[0].own_starts(index[0])
+                     if any(t < parts[s][0].stop and t + wz > parts[s][0].start for s in targets))
+
+    def planes_region(self, index: Triple, planes: tuple[int, ...]) -> Region:
+        """The part of the block's extent that the windows of the z-start ``planes`` cover (padded coordinates)."""
+        z, y, x = self.extent(index)
+        return slice(min(planes), max(planes) + self.window[0]), y, x  # type: ignore[return-value]
 
     def successors(self, index: Triple) -> list[tuple[Triple, Region]]:
         """(successor block, the part of this block's extent inside it, padded coordinates) for every spill."""

@@ -3,6 +3,9 @@
 The store is built at ``<out>.partial`` (with a done-marker per block and the spills between blocks) and renamed
 to ``<out>`` once every block is written, so ``<out>`` only ever exists complete. Running the same command
 again resumes ``<out>.partial``; a run with other settings stops with an error naming the settings that differ.
+Several processes may fill one store (:mod:`vesuvius_monai.engine.predict`): one of them checks and creates it
+(:func:`check_output_store`, :func:`open_work_store`) before the others open it, and publishes it
+(:func:`publish_store`) once all of them have finished.
 """
 
 from __future__ import annotations
@@ -73,14 +76,65 @@ def predict_to_zarr(out: str | os.PathLike, reader: VolumeReader, roi: Region, b
     a store being resumed. An existing complete ``out`` from the same settings is kept as it is (nothing to do).
     """
     out = Path(out)
+    store = open_work_store(out, reader, roi, block, dtype, meta, resume)
+    if store is None:
+        return out
+    if not store.meta.get("complete"):  # (complete: stopped between marking it so and the rename)
+        run(store)
+    return publish_store(store, out)
+
+
+def work_path(out: Path) -> Path:
+    """Where the store of ``out`` is built: ``<out>.partial``."""
+    return out.with_name(out.name + ".partial")
+
+
+def check_output_store(out: str | os.PathLike, dtype: str, meta: dict, resume: bool = True) -> str:
+    """What building ``out`` means, without changing anything: "complete" (done already, same settings),
+    "resume" (an unfinished store of the same settings) or "new". A VesuviusError when ``out`` or ``<out>.partial``
+    is not a prediction store, or, with ``resume``, comes from other settings."""
+    out = Path(out)
     meta = json.loads(json.dumps(meta))  # as stored: tuples become lists
     if dtype not in STORE_DTYPES:
         raise VesuviusError(f"dtype must be one of {STORE_DTYPES}, got {dtype!r}")
     if out.exists() and _finished_store_matches(out, meta, resume):
+        return "complete"
+    work = work_path(out)
+    if not work.exists():
+        return "new"
+    store = PredictionStore.open(work, mode="r")
+    if not resume:
+        return "new"
+    if settings_diff(store.meta, meta):
+        raise VesuviusError(
+            f"{work}: unfinished prediction with other settings ({_differs(store, meta)}); write to "
+            f"another --output, or delete the unfinished folder {work} to start this one over")
+    return "resume"
+
+
+def open_work_store(out: str | os.PathLike, reader: VolumeReader, roi: Region, block: Triple, dtype: str,
+                    meta: dict, resume: bool = True) -> PredictionStore | None:
+    """The unfinished store of ``out`` at ``<out>.partial`` (resumed when ``resume``, else made afresh), or None
+    when ``out`` is already complete from the same settings (see :func:`check_output_store`)."""
+    out = Path(out)
+    if check_output_store(out, dtype, meta, resume) == "complete":
         logger.info("%s: already complete, nothing to do", out)
-        return out
-    store = _work_store(out.with_name(out.name + ".partial"), reader, roi, block, dtype, meta, resume)
-    run(store)
+        return None
+    return _work_store(work_path(out), reader, roi, block, dtype, json.loads(json.dumps(meta)), resume)
+
+
+def publish_store(store: PredictionStore, out: str | os.PathLike, blocks: int | None = None) -> Path:
+    """Mark the filled ``store`` complete (markers and spills dropped) and rename it to ``out``.
+
+    ``blocks``: how many blocks the store must have marked done (checked first; None: not checked). Run once,
+    after every process writing into the store has finished.
+    """
+    out = Path(out)
+    if blocks is not None and not store.meta.get("complete"):
+        done = len(store.done_blocks())
+        if done != blocks:
+            raise VesuviusError(f"{store.path}: {done} of {blocks} blocks are written; run the same command again "
+                                f"to finish the others")
     store.mark_complete()
     replace_dir(store.path, out)
     logger.info("wrote %s", out)
@@ -109,16 +163,13 @@ def _finished_store_matches(out: Path, meta: dict, resume: bool) -> bool:
 
 def _work_store(work: Path, reader: VolumeReader, roi: Region, block: Triple, dtype: str, meta: dict,
                 resume: bool) -> PredictionStore:
-    """Open the unfinished store at ``work`` to resume it, or create a fresh one there."""
+    """Open the unfinished store at ``work`` to resume it, or create a fresh one there (see
+    :func:`check_output_store`, which has checked it)."""
     if work.exists():
         store = PredictionStore.open(work)
-        if resume and not settings_diff(store.meta, meta):
+        if resume:
             logger.info("%s: resuming, %d blocks already done", work, len(store.done_blocks()))
             return store
-        if resume:
-            raise VesuviusError(
-                f"{work}: unfinished prediction with other settings ({_differs(store, meta)}); write to "
-                f"another --output, or delete the unfinished folder {work} to start this one over")
         shutil.rmtree(work)
     return PredictionStore.create(work, region_shape(roi), block_size=block, dtype=dtype,
                                   affine=roi_affine(reader.affine, roi), meta=meta)

@@ -7,6 +7,9 @@ Layout (zarr v2 format, OME-Zarr 0.4 style so viewers and :func:`open_volume` re
     out.zarr/.blocks_done/z.y.x    empty marker per finished block, created only after its data are written
     out.zarr/.spills/a.b.c-z.y.x.npy   partial sums block a.b.c left for block z.y.x (float32, atomic files)
 
+Several processes (torchrun ranks, possibly on several nodes over a shared file system) may fill one store at the
+same time: blocks are chunks, so each chunk has one writer, and markers and spills are one file each.
+
 Probabilities are stored as uint8 (round(p * 255)), float16 or float32.
 """
 
@@ -173,7 +176,9 @@ def _block_name(index: BlockIndex) -> str:
 class SpillFolder:
     """Float32 arrays keyed by (source block, destination block), one atomic ``.npy`` file each.
 
-    Read back bit-exactly, so a resumed prediction adds the same partial sums as an uninterrupted one.
+    Read back bit-exactly, so a resumed prediction adds the same partial sums as an uninterrupted one. Processes
+    sharing a store may write the same key at the same time (the owner of the source block and a neighbour that
+    recomputed it): each writes its own temporary file and renames it, so the file is always one whole copy.
     """
 
     def __init__(self, folder: str | os.PathLike) -> None:
@@ -198,6 +203,10 @@ class SpillFolder:
 
     def drop(self, key: tuple[BlockIndex, BlockIndex]) -> None:
         self._file(key).unlink(missing_ok=True)
+
+    def has(self, key: tuple[BlockIndex, BlockIndex]) -> bool:
+        """True when an array is stored under ``key`` (it is complete: files appear by an atomic rename)."""
+        return self._file(key).is_file()
 
     def keys(self) -> list[tuple[BlockIndex, BlockIndex]]:
         """Keys of every stored array (temporary files of an interrupted write are skipped)."""
