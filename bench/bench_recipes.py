@@ -3,7 +3,8 @@ held-out test fragments of every family.
 
 Systems (``--systems``):
 
-    default     the recipe of ``--config`` as it is (configs/demo.yaml: resunet3d init_features 8, 48^3 patches, ...)
+    default     the recipe of ``--config`` as it is (configs/demo.yaml: resunet3d init_features 8, depth 4, 64^3
+                patches, Dice + BCE, ...), then its post-processing chosen on the val fragments (``--tune``)
     <model>     a plain MONAI-pipeline recipe for a registered model (basicunet, segresnet, dynunet, unet, resunet3d):
                 the model's registry defaults (``model.kwargs={}``), 64^3 patches and windows, Dice + BCE, AdamW
                 lr 1e-3, weight decay 1e-5; everything else (augmentation, batch, schedule, validation interval,
@@ -47,6 +48,7 @@ import argparse
 import json
 import logging
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -196,11 +198,11 @@ def finished_run(cfg: Config) -> dict | None:
     return None
 
 
-def fragment_components(run: Path, frag_id: str, label_path: str, ignore_index: int,
+def fragment_components(eval_dir: Path, frag_id: str, label_path: str, ignore_index: int,
                         connectivity: int) -> tuple[int, int]:
     """Octant component counts (prediction, label) of one test fragment, ignore region set to background in both,
     components ``connectivity``-connected (the scorer's Betti numbers' connectivity)."""
-    mask_path = run / "eval" / "predictions" / f"{frag_id}_mask.nii.gz"
+    mask_path = eval_dir / "predictions" / f"{frag_id}_mask.nii.gz"
     if not mask_path.is_file():
         raise VesuviusError(f"{mask_path} not found: evaluate did not write the predicted mask")
     label = open_volume(label_path).read()
@@ -210,47 +212,81 @@ def fragment_components(run: Path, frag_id: str, label_path: str, ignore_index: 
                                                                                 connectivity=connectivity)
 
 
-def run_system(args: argparse.Namespace, name: str, extra: list[str], dataset: Path, seed: int,
-               info: dict[str, dict]) -> dict:
-    """Train (or reuse) and evaluate one system for one seed; returns its timings and per-fragment figures."""
-    cfg = system_config(args, name, extra, dataset, seed)
-    run = Path(cfg.output_dir)
-    load_before = os.getloadavg()
-    payload = finished_run(cfg)
-    reused = payload is not None
-    eval_seconds = tune_seconds = float("nan")
-    if not reused:
-        log.info("system %s, seed %d: training %.2f min (%s %s) into %s", name, seed, args.minutes, cfg.model.name,
-                 cfg.model.kwargs, run)
-        train(cfg)
-        start = time.perf_counter()
-        checkpoint = run / "checkpoints" / f"{args.checkpoint}.pt"
-        if name in args.tune:
-            tuned = tune_postprocess(cfg, checkpoint)["postprocess"]
-            cfg = config_from_raw(to_dict(cfg), [f"postprocess.{k}={json.dumps(v)}" for k, v in tuned.items()])
-        tune_seconds = time.perf_counter() - start
-        start = time.perf_counter()
-        payload = evaluate(cfg, checkpoint, run / "eval")
-        eval_seconds = time.perf_counter() - start
-    elif name in args.tune and (run / TUNED_FILE).is_file():
-        tuned = json.loads((run / TUNED_FILE).read_text())["postprocess"]
-        cfg = config_from_raw(to_dict(cfg), [f"postprocess.{k}={json.dumps(v)}" for k, v in tuned.items()])
-    scored_step = int(load_checkpoint(run / "checkpoints" / f"{args.checkpoint}.pt")["step"])
+def with_postprocess(cfg: Config, chosen: dict) -> Config:
+    """``cfg`` with the ``postprocess`` settings of ``chosen`` (a tune-postprocess choice)."""
+    return config_from_raw(to_dict(cfg), [f"postprocess.{k}={json.dumps(v)}" for k, v in chosen.items()])
+
+
+def scored_fragments(eval_dir: Path, payload: dict, cfg: Config, dataset: Path, info: dict[str, dict]) -> dict:
+    """``{fragment id: figures}`` of one evaluation, with the octant component counts of its masks."""
     labels = {e["id"]: e["label"] for e in yaml.safe_load(dataset.read_text())["fragments"]}
     connectivity = betti_connectivity(cfg.evaluate.leaderboard.topo_matching)
     fragments = {}
     for frag_id, scores in payload["fragments"].items():
-        pred_c, label_c = fragment_components(run, frag_id, labels[frag_id], cfg.data.ignore_index, connectivity)
+        pred_c, label_c = fragment_components(eval_dir, frag_id, labels[frag_id], cfg.data.ignore_index,
+                                              connectivity)
         fragments[frag_id] = {"family": info[frag_id]["family"], "generator": info[frag_id]["generator"],
                               **{m: scores[m] for m in METRICS}, "pred_components": pred_c,
                               "label_components": label_c}
-    return {"system": name, "seed": seed, "run": str(run), "reused": reused, "model": cfg.model.name,
-            "model_kwargs": cfg.model.kwargs, "patch_size": list(cfg.transforms.patch_size),
-            "component_connectivity": connectivity,
-            "checkpoint": args.checkpoint, "scored_step": scored_step, **read_train_log(run),
-            "tune_seconds": tune_seconds, "postprocess": to_dict(cfg)["postprocess"], "eval_seconds": eval_seconds,
-            "load_before": list(load_before), "load_after": list(os.getloadavg()),
-            "fragments": fragments, "config": to_dict(cfg)}
+    return fragments
+
+
+def evaluation(cfg: Config, checkpoint: Path, out: Path) -> tuple[dict, float]:
+    """``out/metrics.json`` when it holds an evaluation with ``cfg``'s post-processing, else a new one into ``out``;
+    returns it and the seconds spent (0 when reused)."""
+    metrics = out / "metrics.json"
+    if metrics.is_file():
+        payload = json.loads(metrics.read_text())
+        if payload.get("config", {}).get("postprocess") == to_dict(cfg)["postprocess"]:
+            return payload, 0.0
+    start = time.perf_counter()
+    payload = evaluate(cfg, checkpoint, out)
+    return payload, time.perf_counter() - start
+
+
+def run_system(args: argparse.Namespace, name: str, extra: list[str], dataset: Path, seed: int,
+               info: dict[str, dict]) -> list[dict]:
+    """Train (or reuse) and evaluate one system for one seed; returns its rows: timings and per-fragment figures.
+
+    A system in ``--tune`` gets its post-processing chosen on the val fragments after training (``tune-postprocess``;
+    a reused run is tuned now if it never was) and two rows: ``name`` scored with that choice, ``<name>_untuned``
+    with the config's post-processing (one checkpoint). A fresh run's first evaluation goes to ``eval/`` (tuned for
+    a ``--tune`` system), the other to ``eval_untuned/`` or ``eval_tuned/``.
+    """
+    cfg = system_config(args, name, extra, dataset, seed)
+    run = Path(cfg.output_dir)
+    checkpoint = run / "checkpoints" / f"{args.checkpoint}.pt"
+    load_before = os.getloadavg()
+    reused = finished_run(cfg) is not None
+    if not reused:
+        log.info("system %s, seed %d: training %.2f min (%s %s) into %s", name, seed, args.minutes, cfg.model.name,
+                 cfg.model.kwargs, run)
+        train(cfg)
+    tune_seconds = float("nan")
+    variants = [(name, cfg)]
+    if name in args.tune:
+        start = time.perf_counter()
+        if not (run / TUNED_FILE).is_file():
+            tune_postprocess(cfg, checkpoint)
+            tune_seconds = time.perf_counter() - start
+        tuned = with_postprocess(cfg, json.loads((run / TUNED_FILE).read_text())["postprocess"])
+        variants = [(name, tuned), (f"{name}_untuned", cfg)]
+    first = json.loads((run / "eval" / "metrics.json").read_text()) if reused else None
+    common = {"seed": seed, "run": str(run), "reused": reused, "model": cfg.model.name,
+              "model_kwargs": cfg.model.kwargs, "patch_size": list(cfg.transforms.patch_size),
+              "component_connectivity": betti_connectivity(cfg.evaluate.leaderboard.topo_matching),
+              "checkpoint": args.checkpoint, "scored_step": int(load_checkpoint(checkpoint)["step"]),
+              **read_train_log(run), "tune_seconds": tune_seconds, "load_before": list(load_before)}
+    rows = []
+    for system, variant in variants:
+        pp = to_dict(variant)["postprocess"]
+        in_eval = first is None and not rows or first is not None and first["config"]["postprocess"] == pp
+        out = run / "eval" if in_eval else run / ("eval_tuned" if system == name else "eval_untuned")
+        payload, seconds = evaluation(variant, checkpoint, out)
+        rows.append(dict(common, system=system, eval_seconds=seconds, postprocess=pp, config=to_dict(variant),
+                         fragments=scored_fragments(out, payload, variant, dataset, info)))
+    load_after = list(os.getloadavg())
+    return [dict(r, load_after=load_after) for r in rows]
 
 
 # --------------------------------------------------------------------------- summaries and tables
@@ -302,6 +338,25 @@ COLUMNS = [("n", "n", "s"), ("steps", "steps", "s"), ("scored", "ckpt_step", "s"
 VERDICT_UNIT = "(seed, test fragment)"
 
 
+def leaders(results: list[dict], summaries: list[dict], families: list[str]) -> list[str]:
+    """Per family (and 'all'): the system with the highest Dice and the one with the highest leaderboard score."""
+    systems = list(dict.fromkeys(r["system"] for r in results))
+    lines = []
+    for group in [*families, "all"]:
+        best = {}
+        for key in ("dice", "leaderboard"):
+            means = {system: statistics.mean(s[group][key]["mean"] for r, s in zip(results, summaries)
+                                             if r["system"] == system and group in s)
+                     for system in systems if any(group in s for r, s in zip(results, summaries)
+                                                  if r["system"] == system)}
+            if means:
+                winner = max(means, key=means.get)
+                best[key] = f"{key} {winner} {means[winner]:.4f}"
+        if best:
+            lines.append(f"{group:13s} " + "; ".join(best.values()))
+    return lines
+
+
 def verdicts(results: list[dict], min_delta: float) -> list[str]:
     """Leaderboard and Dice of every system against 'default', paired per (seed, test fragment); [] without it."""
     systems: dict[str, dict] = {}
@@ -314,7 +369,7 @@ def verdicts(results: list[dict], min_delta: float) -> list[str]:
 def print_report(args: argparse.Namespace, results: list[dict], summaries: list[dict], info: dict[str, dict],
                  lines: list[str]) -> None:
     """Families, then one table per seed, the means over seeds and the verdicts against 'default', on stdout."""
-    first = results[0]["config"]
+    first = next((r for r in results if r["system"] not in args.tune), results[0])["config"]
     print(f"\nbenchmark families ({args.fragment_shape}^3, data seed {args.data_seed}); measured property on the "
           f"test fragments (mean [min-max]):")
     for family in args.families:
@@ -324,7 +379,8 @@ def print_report(args: argparse.Namespace, results: list[dict], summaries: list[
     lb = first["evaluate"]["leaderboard"]
     print(f"\n{args.minutes:g} min of training per run (train.steps cap {args.step_cap}, warm-up the recipe's share of "
           f"the budget); {args.checkpoint}.pt scored "
-          f"(its step: ckpt_step); threshold {first['postprocess']['threshold']}; TopoScore matching "
+          f"(its step: ckpt_step); post-processing: threshold {first['postprocess']['threshold']} (the config's), "
+          f"chosen on the val fragments for {', '.join(args.tune) or 'no system'} (see 'runs'); TopoScore matching "
           f"'{lb['topo_matching']}'; cells: mean [min-max] over the test fragments of a family; comp_*: "
           f"{results[0]['component_connectivity']}-connected components (the scorer's Betti-0) summed over the 2x2x2 "
           f"octants; torch threads {torch.get_num_threads()}")
@@ -339,6 +395,9 @@ def print_report(args: argparse.Namespace, results: list[dict], summaries: list[
         print(f"\nmeans over seeds {args.seeds}: cells are the mean of the per-seed means [min-max over seeds]; "
               f"steps and ckpt_step per seed")
         print(format_table(seed_rows(results, summaries), COLUMNS, row_header="system family"))
+    print("\nleader per family (mean over seeds of the per-seed means; most families led = the recipe to beat):")
+    for line in leaders(results, summaries, args.families):
+        print("  " + line)
     if lines:
         print("\n" + verdict_rule(VERDICT_UNIT))
         for line in lines:
@@ -347,7 +406,8 @@ def print_report(args: argparse.Namespace, results: list[dict], summaries: list[
     for r in results:
         print(f"  seed {r['seed']} {r['system']:10s} {r['model']} {r['model_kwargs']} patch {r['patch_size']}: "
               f"{r['steps']} steps in {r['train_seconds']:.0f} s ({r['steps_per_s']:.2f}/s), eval "
-              f"{r['eval_seconds']:.0f} s (tuning {r['tune_seconds']:.0f} s, postprocess {r['postprocess']}), load {r['load_before'][0]:.1f} -> {r['load_after'][0]:.1f}"
+              f"{r['eval_seconds']:.0f} s, tuning {r['tune_seconds']:.0f} s, postprocess {r['postprocess']}, load "
+              f"{r['load_before'][0]:.1f} -> {r['load_after'][0]:.1f}"
               + (" (reused)" if r["reused"] else ""))
 
 
@@ -357,8 +417,9 @@ def run(args: argparse.Namespace) -> None:
     results, summaries = [], []
     for seed in args.seeds:
         for name in args.systems:
-            results.append(run_system(args, name, per_system[name], dataset, seed, info))
-            summaries.append(summarize_run(results[-1], args.families))
+            for row in run_system(args, name, per_system[name], dataset, seed, info):
+                results.append(row)
+                summaries.append(summarize_run(row, args.families))
     lines = verdicts(results, args.min_delta)
     print_report(args, results, summaries, info, lines)
     recipes = {name: ([] if name == "default" else [f"model.name={name}", *PLAIN_MONAI]) + args.overrides

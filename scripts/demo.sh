@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: synthetic scroll fragments -> train -> evaluate -> NIfTI export.
+# The main job on the embedded default: synthetic scroll fragments -> train -> post-processing chosen on
+# the validation fragment(s) -> evaluate on the test fragments -> NIfTI export.
 # Usage: bash scripts/demo.sh [key=value overrides for configs/demo.yaml]
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 CONFIG=configs/demo.yaml
@@ -20,6 +21,7 @@ fi
 START=$(date +%s)
 vesuvius-monai synth --config "$CONFIG" "$@"
 vesuvius-monai train --config "$CONFIG" "$@"
+vesuvius-monai tune-postprocess --config "$CONFIG" --checkpoint "$RUN/checkpoints/best.pt" "$@"
 vesuvius-monai evaluate --config "$CONFIG" --checkpoint "$RUN/checkpoints/best.pt" "$@"
 python - "$RUN/eval/metrics.json" "$(( $(date +%s) - START ))" <<'PY'
 import json, sys

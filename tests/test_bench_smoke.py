@@ -218,14 +218,18 @@ def test_bench_recipes_smoke(tiny_results) -> None:
     assert done.returncode == again.returncode == 0, done.stderr[-3000:] + again.stderr[-3000:]
     out = done.stdout
     assert "seed 0" in out and "means over seeds" not in out
-    for row in ("default thin", "basicunet thin", "default all", "basicunet all"):
+    for row in ("default thin", "default_untuned thin", "basicunet thin", "default all", "basicunet all"):
         assert row in out
-    assert "basicunet vs default: leaderboard" in out
+    assert "basicunet vs default: leaderboard" in out and "leader per family" in out
     first = json.loads((folder / "first.json").read_text())
-    assert [(r["system"], r["seed"], r["reused"]) for r in first["runs"]] == [("default", 0, False),
-                                                                             ("basicunet", 0, False)]
+    assert [(r["system"], r["seed"], r["reused"]) for r in first["runs"]] == [
+        ("default", 0, False), ("default_untuned", 0, False), ("basicunet", 0, False)]
+    tuned, untuned = first["runs"][:2]  # one checkpoint: the post-processing chosen on val, and the config's
+    assert tuned["scored_step"] == untuned["scored_step"] and untuned["postprocess"]["threshold"] == 0.5
+    assert tuned["postprocess"] == json.loads((Path(tuned["run"]) / "postprocess.json").read_text())["postprocess"]
+    assert tuned["tune_seconds"] > 0 and first["runs"][2]["tune_seconds"] != first["runs"][2]["tune_seconds"]  # NaN
     for r in first["runs"]:
-        assert r["steps"] >= 1 and r["model"] == ("resunet3d" if r["system"] == "default" else "basicunet")
+        assert r["steps"] >= 1 and r["model"] == ("basicunet" if r["system"] == "basicunet" else "resunet3d")
         assert r["config"]["train"]["max_minutes"] == 0.005 and r["config"]["transforms"]["patch_size"] == [32] * 3
         assert r["config"]["train"]["warmup_steps"] == 5000  # configs/demo.yaml: 20 of 400 steps, of the 100000 cap
         (frag,) = r["fragments"].values()
@@ -234,12 +238,12 @@ def test_bench_recipes_smoke(tiny_results) -> None:
         assert r["component_connectivity"] in (6, 26)
         assert r["summary"]["thin"]["dice"]["n"] == 1
     assert first["runs"][0]["config"]["model"]["kwargs"] == {"init_features": 4, "depth": 2}
-    assert first["runs"][1]["config"]["model"]["kwargs"] == {}
+    assert first["runs"][2]["config"]["model"]["kwargs"] == {}
     # a second seed: seed 0's finished run is reused, seed 1 trains; the table gains the means over seeds
     out = again.stdout
     assert "seed 1" in out and "means over seeds [0, 1]" in out
     second = json.loads((folder / "second.json").read_text())
-    assert [(r["seed"], r["reused"]) for r in second["runs"]] == [(0, True), (1, False)]
+    assert [(r["seed"], r["reused"]) for r in second["runs"]] == [(0, True), (0, True), (1, False), (1, False)]
     assert second["runs"][0]["fragments"] == first["runs"][0]["fragments"]
 
 

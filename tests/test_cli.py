@@ -216,6 +216,16 @@ def test_tune_postprocess_refuses_training_fragments(trained, capsys):
     assert not (run / "postprocess.json").exists()
 
 
+def test_tune_postprocess_never_replaces_a_file_it_did_not_write(trained, tmp_path, capsys):
+    args, run = trained
+    foreign = tmp_path / "postprocess.json"
+    foreign.write_text('{"my": "notes"}')
+    assert main(["tune-postprocess", "--checkpoint", str(run / "checkpoints/best.pt"), "--out", str(tmp_path),
+                 *args]) == 2
+    assert "postprocess.json" in _error_line(capsys)
+    assert foreign.read_text() == '{"my": "notes"}'
+
+
 def test_evaluate_needs_no_training_fragments(trained, synthetic_root, tmp_path):
     args, run = trained
     data = tmp_path / "new_data"

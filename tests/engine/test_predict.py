@@ -92,6 +92,22 @@ def test_roi_prediction_keeps_world_position(checkpoint, volume, tmp_path):
     np.testing.assert_allclose(img.affine[:3, 3], [50, 16, 8])
 
 
+def test_nifti_outputs_replace_only_what_predict_wrote(checkpoint, volume, tmp_path):
+    cfg, roi = _cfg(checkpoint), parse_roi("0:16,0:16,0:16")
+    out, mask = tmp_path / "probs.nii.gz", tmp_path / "mask.nii.gz"
+    predict(cfg, checkpoint, volume, out, mask_output=mask, roi=roi)
+    first = out.read_bytes()
+    predict(cfg, checkpoint, volume, out, mask_output=mask, roi=roi)  # its own earlier output: replaced
+    assert out.read_bytes() == first
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), tmp_path / "theirs.nii.gz")
+    (tmp_path / "notes.nii").write_text("a user's file")
+    theirs = {p.name: p.read_bytes() for p in (tmp_path / "theirs.nii.gz", tmp_path / "notes.nii")}
+    for kwargs in ({"output": tmp_path / "theirs.nii.gz"}, {"output": out, "mask_output": tmp_path / "notes.nii"}):
+        with pytest.raises(VesuviusError, match="not written by predict"):
+            predict(cfg, checkpoint, volume, roi=roi, **{"output": out, **kwargs})
+    assert {p.name: p.read_bytes() for p in (tmp_path / "theirs.nii.gz", tmp_path / "notes.nii")} == theirs
+
+
 def _predict_cmd(checkpoint, volume, out, overrides):
     return [sys.executable, "-m", "vesuvius_monai.cli", "predict", "--checkpoint", str(checkpoint), "--input",
             str(volume), "--output", str(out), *overrides]

@@ -1,7 +1,8 @@
 """The one inference path: read + normalise a volume, sliding windows with blending, into memory or a Zarr store.
 
-Validation during training, ``evaluate``, ``tune-postprocess``, ``predict`` to NIfTI and ``predict`` to Zarr all
-call :func:`infer_volume`. It runs MONAI's sliding-window grid block by block (see
+Validation during training, ``evaluate``, ``tune-postprocess`` and ``predict`` to NIfTI call :func:`infer_volume`;
+``predict`` to Zarr (one process, or a rank's share of the blocks under torchrun) calls the two steps it wraps,
+:func:`volume_job` and :func:`run_job`, itself. It runs MONAI's sliding-window grid block by block (see
 :mod:`vesuvius_monai.engine.blockwise`): every window computed once, the output equal to MONAI's
 ``sliding_window_inference`` of the whole normalised volume. Probabilities are blended (not logits), as nnU-Net
 does. Arrays are (z, y, x); the network sees (B, 1, z, y, x). AMP is used on CUDA only.

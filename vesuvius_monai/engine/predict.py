@@ -37,7 +37,7 @@ from vesuvius_monai.engine.zarr_output import (check_output_store, checked_roi, 
                                                publish_store, roi_affine, work_path)
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.checkpoint import Checkpoint, as_checkpoint
-from vesuvius_monai.io.nifti import is_nifti_path, write_nifti
+from vesuvius_monai.io.nifti import PREDICTION_MARK, check_replaceable_nifti, is_nifti_path, write_nifti
 from vesuvius_monai.io.zarr_store import PredictionStore
 from vesuvius_monai.postprocess import postprocess
 
@@ -102,6 +102,13 @@ def _is_zarr(path: Path) -> bool:
     return path.name.lower().endswith(".zarr") or any((path / m).exists() for m in ZARR_MARKERS)
 
 
+def _is_volume(path: Path) -> bool:
+    """A volume file (by suffix), a Zarr, or a folder that holds TIFF slices."""
+    if not path.is_dir():
+        return path.name.lower().endswith(VOLUME_SUFFIXES)
+    return _is_zarr(path) or any(p.suffix.lower() in (".tif", ".tiff") for p in path.iterdir())
+
+
 def folder_targets(inputs: Sequence[Path], output: Path) -> list[tuple[Path, Path]]:
     """(input volume, ``output/<id>.zarr``) for every volume of ``inputs``, in order.
 
@@ -118,8 +125,11 @@ def folder_targets(inputs: Sequence[Path], output: Path) -> list[tuple[Path, Pat
             continue
         if path.resolve() == output.resolve() or path.resolve() in output.resolve().parents:
             raise VesuviusError(f"--output {output} is inside the input folder {path}; choose a folder outside it")
-        found = [p for p in sorted(path.iterdir())
-                 if not p.name.startswith(".") and (p.is_dir() or p.name.lower().endswith(VOLUME_SUFFIXES))]
+        found = [p for p in sorted(path.iterdir()) if not p.name.startswith(".") and _is_volume(p)]
+        skipped = [p.name for p in sorted(path.iterdir()) if not p.name.startswith(".") and p not in found]
+        if skipped:
+            log.info("--input %s: skipped %d entries that are not volumes: %s", path, len(skipped),
+                     ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else ""))
         if not found:
             raise VesuviusError(f"--input {path}: no volumes in this folder ({', '.join(VOLUME_SUFFIXES)} or "
                                 f"folders of TIFF slices)")
@@ -160,27 +170,35 @@ def predict(cfg: Config, checkpoint: str | Path | Checkpoint, input_path: str | 
         raise VesuviusError(f"{len(inputs)} --input volumes need a folder --output (a name without suffix, one "
                             f"<id>.zarr per volume); {output} names one file")
     input_path = inputs[0]
+    if input_path.is_dir() and not _is_volume(input_path):
+        raise VesuviusError(f"--input {input_path} is a folder of volumes, not a volume (no TIFF slices in it): give "
+                            f"a folder --output (a name without suffix) for one <id>.zarr per volume")
     _check_outputs(inputs, {"--output": output, "--mask": mask_output, "--nifti": nifti_output})
     reader = open_volume(input_path, spacing=cfg.data.spacing, level=cfg.data.zarr_level, key=cfg.data.zarr_key)
     region = checked_roi(reader, roi)
     _check_kind(output, region, input_path, mask_output, nifti_output)
+    for flag, path in (("--output", output), ("--mask", mask_output), ("--nifti", nifti_output)):
+        if path is not None and is_nifti_path(Path(path)):
+            check_replaceable_nifti(path, flag)
     if output.suffix == ".zarr":
         predict_zarr(cfg, ckpt, [(input_path, output)], roi, nifti_output=nifti_output)
         return output
     ctx, device = init_distributed(cfg.infer.device)
     if ctx.active:
-        log.warning("a NIfTI --output is predicted in memory by rank 0 alone; write a .zarr --output to share the "
-                    "blocks between the %d processes", ctx.world_size)
-    return on_main(ctx, _predict_nifti, cfg, ckpt, reader, region, output, mask_output, device)
+        raise VesuviusError(f"--output {output}: a NIfTI output is predicted in memory by one process and cannot be "
+                            f"shared by the {ctx.world_size} processes of torchrun; write a .zarr --output (the "
+                            f"processes share its blocks, and --nifti exports it), or run without torchrun")
+    return _predict_nifti(cfg, ckpt, reader, region, output, mask_output, device)
 
 
 def _predict_nifti(cfg: Config, ckpt: Checkpoint, reader, region: Region, output: Path,
                    mask_output: str | Path | None, device) -> Path:
     probs = infer_volume(ckpt.model(device), reader, cfg, roi=region, progress=True)
     affine = roi_affine(reader.affine, region)
-    write_nifti(output, probs, affine=affine)
+    write_nifti(output, probs, affine=affine, description=PREDICTION_MARK)
     if mask_output:
-        write_nifti(mask_output, postprocess(probs, cfg.postprocess).astype(np.uint8), affine=affine)
+        write_nifti(mask_output, postprocess(probs, cfg.postprocess).astype(np.uint8), affine=affine,
+                    description=PREDICTION_MARK)
     log.info("wrote %s", output)
     return output
 
@@ -292,6 +310,8 @@ def _run_share(model: nn.Module, cfg: Config, plan: Plan, ctx: DistContext, devi
                      volume.n_blocks)
         stats += run_job(model, volume_job(reader, cfg, volume.region), cfg, predictor, store, store.spills(),
                          device=device, blocks=blocks if ctx.active else None, progress=ctx.is_main)
+        if not ctx.active:  # one process: publish each volume when done (under torchrun: after every rank is)
+            publish_store(store, volume.output, blocks=volume.n_blocks)
     return stats
 
 
@@ -309,7 +329,7 @@ def _log_shares(results: list[RunStats]) -> None:
 def _publish(plan: Plan, nifti_output: str | Path | None) -> None:
     """Publish every store of ``plan`` (once, after every process has finished), then the optional NIfTI export."""
     for volume in plan.volumes:
-        if not volume.complete:
+        if not volume.complete and work_path(volume.output).exists():  # (one process published it already)
             publish_store(PredictionStore.open(work_path(volume.output)), volume.output, blocks=volume.n_blocks)
     if nifti_output:
         export_nifti(plan.volumes[0].output, nifti_output)

@@ -39,6 +39,8 @@ def tune_postprocess(cfg: Config, checkpoint: str | Path | Checkpoint, out_dir: 
     """
     ckpt = as_checkpoint(checkpoint)
     ckpt.check_window(cfg.infer.roi_size)
+    out = Path(out_dir) if out_dir else ckpt.path.parent.parent
+    check_replaceable_choice(out / TUNED_FILE)
     fragments = select_fragments(cfg, "val", ckpt.trained_on)
     device = resolve_device(cfg.infer.device)
     model = ckpt.model(device)
@@ -54,10 +56,23 @@ def tune_postprocess(cfg: Config, checkpoint: str | Path | Checkpoint, out_dir: 
     payload = {"postprocess": to_dict(choice.chosen), "reason": choice.reason, "base": to_dict(choice.base),
                "fragments": [f.id for f in fragments], "scores": choice.scores,
                "topo_matching": topo_matching_used(cfg.evaluate.leaderboard), "checkpoint": str(ckpt.path)}
-    out = Path(out_dir) if out_dir else ckpt.path.parent.parent
     write_text(out / TUNED_FILE, json.dumps(payload, indent=2))
     log.info("%s (%d validation fragments); written to %s", choice.reason, len(fragments), out / TUNED_FILE)
     return payload
+
+
+def check_replaceable_choice(path: Path) -> None:
+    """Raise unless ``path`` is free or an earlier ``postprocess.json`` of tune-postprocess (never replace a file
+    this command did not write)."""
+    if not path.exists() and not path.is_symlink():
+        return
+    try:
+        ours = path.is_file() and {"postprocess", "reason", "base", "scores"} <= set(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        ours = False
+    if not ours:
+        raise VesuviusError(f"{path} exists and is not a choice written by tune-postprocess; move it away or pass "
+                            f"--out to another folder (nothing was written)")
 
 
 def tuned_overrides(checkpoint: Checkpoint, explicit: set[str]) -> list[str]:

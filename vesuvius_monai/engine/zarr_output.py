@@ -23,7 +23,7 @@ from vesuvius_monai.data.readers import VolumeReader
 from vesuvius_monai.data.regions import Region, Triple, format_region, normalize_region, region_shape
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.atomic import replace_dir
-from vesuvius_monai.io.nifti import write_nifti
+from vesuvius_monai.io.nifti import PREDICTION_MARK, write_nifti
 from vesuvius_monai.io.zarr_store import STORE_DTYPES, PredictionStore
 
 logger = logging.getLogger(__name__)
@@ -189,4 +189,4 @@ def export_nifti(zarr_path: str | os.PathLike, nifti_path: str | os.PathLike, af
     if n_voxels > max_voxels:
         raise VesuviusError(f"{zarr_path}: {n_voxels} voxels exceed max_voxels={max_voxels} for an in-memory NIfTI")
     return write_nifti(nifti_path, store.read_probabilities(), affine=store.affine if affine is None else affine,
-                       dtype=np.float32)
+                       dtype=np.float32, description=PREDICTION_MARK)

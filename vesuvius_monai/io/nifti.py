@@ -91,6 +91,27 @@ def read_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(data.transpose(2, 1, 0)), np.array(img.affine, dtype=np.float64)
 
 
+# The header description of every NIfTI file that ``predict`` writes: such a file may be replaced by a later run.
+PREDICTION_MARK = "vesuvius_monai prediction"
+
+
+def check_replaceable_nifti(path: str | os.PathLike, flag: str) -> None:
+    """Raise unless ``path`` is free or a NIfTI file that ``predict`` wrote (header ``descrip`` =
+    :data:`PREDICTION_MARK`): a command never replaces a file it did not write. ``flag`` names the option."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    ours = False
+    if path.is_file():
+        try:
+            ours = bytes(nib.load(str(path)).header["descrip"]).rstrip(b"\0").decode() == PREDICTION_MARK
+        except Exception:  # not a NIfTI file, or a damaged one: not ours either way
+            ours = False
+    if not ours:
+        raise VesuviusError(f"{flag} {path} already exists and was not written by predict; choose another name or "
+                            f"move it away (nothing was written)")
+
+
 def write_nifti(
     path: str | os.PathLike,
     array_zyx: np.ndarray,
@@ -98,12 +119,14 @@ def write_nifti(
     affine: np.ndarray | None = None,
     spacing: tuple[float, float, float] | None = None,
     dtype: str | np.dtype | None = None,
+    description: str = "",
 ) -> Path:
     """Write a (z, y, x) array as a NIfTI-1 file atomically; returns the path.
 
     ``affine`` (4x4, (i, j, k) -> world, i.e. x first) is stored unchanged; without it the affine is
     ``diag(sx, sy, sz, 1)`` from ``spacing`` (z, y, x), default 1. Header zooms follow the affine.
     ``dtype`` casts the data first (bool is stored as uint8). The path must end in .nii or .nii.gz.
+    ``description`` goes to the header's ``descrip`` field (at most 80 bytes), e.g. :data:`PREDICTION_MARK`.
     """
     path = Path(path)
     if not is_nifti_path(path):
@@ -112,6 +135,8 @@ def write_nifti(
     matrix = _resolve_affine(path, affine, spacing)
     img = nib.Nifti1Image(data.transpose(2, 1, 0), matrix)
     img.header.set_xyzt_units("mm")
+    if description:
+        img.header["descrip"] = description.encode()[:80]
     with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
     logger.debug("wrote %s shape %s dtype %s", path, data.shape, data.dtype)

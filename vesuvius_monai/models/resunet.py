@@ -1,4 +1,4 @@
-"""The residual 3D UNet from the design notebook, returning logits.
+"""A residual 3D UNet with GroupNorm (for batches of 1-2), returning logits.
 
 Encoder: residual blocks with MaxPool3d(2) between levels (features f, 2f, 4f for depth 3),
 bottleneck 8f; decoder: ConvTranspose3d(kernel 2, stride 2), concatenation with the encoder
