@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 from vesuvius_monai.data.synthetic import SynthParams, write_synthetic_dataset
 
@@ -66,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def overrides(args: argparse.Namespace, data: Path, out: Path, nproc: int) -> list[str]:
-    threads = args.threads if nproc == 1 else max(args.threads // nproc, 1)
+    threads = threads_per_process(args, nproc)
     patch = f"[{args.patch},{args.patch},{args.patch}]"
     return [f"data.root={data}", f"output_dir={out}", "data.val_fraction=0.0", "data.test_fraction=0.0",
             f"model.kwargs={{init_features: {args.features}}}", f"transforms.patch_size={patch}",
@@ -75,18 +76,47 @@ def overrides(args: argparse.Namespace, data: Path, out: Path, nproc: int) -> li
             "train.warmup_steps=1"]  # no validation fragments: nothing but training steps
 
 
-def run_training(args: argparse.Namespace, data: Path, out: Path, nproc: int) -> dict:
-    """One run of ``args.steps`` steps with ``nproc`` processes; its logged speed and wall time."""
+def threads_per_process(args: argparse.Namespace, nproc: int) -> int:
+    """Torch threads of each of ``nproc`` processes: ``--threads`` shared between them (at least 1)."""
+    return args.threads if nproc == 1 else max(args.threads // nproc, 1)
+
+
+def run_command(nproc: int, words: list[str], what: str,
+                omp_threads: int | None = None) -> tuple[subprocess.CompletedProcess, float]:
+    """``python -m vesuvius_monai words...`` in 1 process or under torchrun with ``nproc``; (result, wall seconds).
+
+    torchrun's variables of this shell are dropped; ``OMP_NUM_THREADS`` is set to ``omp_threads`` (None: unset).
+    A failed command ends the benchmark with its stderr, naming ``what``.
+    """
     launcher = [sys.executable, "-m", "vesuvius_monai"] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
         "vesuvius_monai"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMP_NUM_THREADS")}
+    if omp_threads is not None:
+        env["OMP_NUM_THREADS"] = str(omp_threads)
     began = time.perf_counter()
-    done = subprocess.run([*launcher, "train", *overrides(args, data, out, nproc)], capture_output=True, text=True,
-                          env=env)
+    done = subprocess.run([*launcher, *words], capture_output=True, text=True, env=env)
     wall = time.perf_counter() - began
     if done.returncode:
-        sys.exit(f"training with {nproc} processes failed:\n{done.stderr[-4000:]}")
+        sys.exit(f"{what} with {nproc} processes failed:\n{done.stderr[-4000:]}")
+    return done, wall
+
+
+def interleaved(args: argparse.Namespace, modes: dict[int, str], run_one: Callable[[int, int], dict],
+                line: Callable[[dict], str]) -> dict[int, list[dict]]:
+    """``--reps`` rounds of ``run_one(rep, nproc)`` for every mode, interleaved; one printed line per run."""
+    results: dict[int, list[dict]] = {n: [] for n in modes}
+    for rep in range(args.reps):
+        for nproc in modes:
+            result = run_one(rep, nproc)
+            results[nproc].append(result)
+            print(f"  rep {rep + 1}: {modes[nproc]}: {line(result)}", flush=True)
+    return results
+
+
+def run_training(args: argparse.Namespace, data: Path, out: Path, nproc: int) -> dict:
+    """One run of ``args.steps`` steps with ``nproc`` processes; its logged speed and wall time."""
+    _, wall = run_command(nproc, ["train", *overrides(args, data, out, nproc)], "training")
     with (out / "train_log.csv").open(newline="") as handle:
         last = list(csv.DictReader(handle))[-1]
     return {"steps": int(last["step"]), "steps_per_s": float(last["steps_per_s"]), "wall_s": wall}
@@ -96,15 +126,11 @@ def bench_training(args: argparse.Namespace, work: Path) -> None:
     data = work / "data"
     write_synthetic_dataset(data, 3, seed=0, params=SynthParams(shape=(64, 96, 96)))
     modes = {1: f"1 process x {args.threads} threads, batch {args.batch}",
-             args.nproc: f"{args.nproc} processes x {max(args.threads // args.nproc, 1)} thread(s), "
+             args.nproc: f"{args.nproc} processes x {threads_per_process(args, args.nproc)} thread(s), "
                          f"batch {args.batch // args.nproc} each"}
-    results: dict[int, list[dict]] = {n: [] for n in modes}
-    for rep in range(args.reps):
-        for nproc in modes:
-            result = run_training(args, data, work / f"run_{nproc}_{rep}", nproc)
-            results[nproc].append(result)
-            print(f"  rep {rep + 1}: {modes[nproc]}: {result['steps_per_s']:.3f} steps/s over {result['steps']} "
-                  f"steps (whole command {result['wall_s']:.1f} s)", flush=True)
+    results = interleaved(
+        args, modes, lambda rep, nproc: run_training(args, data, work / f"run_{nproc}_{rep}", nproc),
+        lambda r: f"{r['steps_per_s']:.3f} steps/s over {r['steps']} steps (whole command {r['wall_s']:.1f} s)")
     print(f"\ntraining, resunet3d init_features {args.features}, {args.patch}^3 patches, effective batch "
           f"{args.batch}, {args.device}, median of {args.reps} runs:")
     speed = {n: statistics.median(r["steps_per_s"] for r in results[n]) for n in modes}
@@ -153,19 +179,9 @@ def predict_overrides(args: argparse.Namespace) -> list[str]:
 
 def run_prediction(args: argparse.Namespace, work: Path, out: Path, nproc: int) -> dict:
     """One ``predict`` command with ``nproc`` processes into a fresh ``out``; wall time and recomputed windows."""
-    threads = args.threads if nproc == 1 else max(args.threads // nproc, 1)
-    launcher = [sys.executable, "-m", "vesuvius_monai"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
-        "vesuvius_monai"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = str(threads)
-    command = [*launcher, "predict", "--checkpoint", str(work / "model.pt"), "--input", str(work / "volume.zarr"),
-               "--output", str(out), *predict_overrides(args)]
-    began = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - began
-    if done.returncode:
-        sys.exit(f"prediction with {nproc} processes failed:\n{done.stderr[-4000:]}")
+    words = ["predict", "--checkpoint", str(work / "model.pt"), "--input", str(work / "volume.zarr"), "--output",
+             str(out), *predict_overrides(args)]
+    done, wall = run_command(nproc, words, "prediction", omp_threads=threads_per_process(args, nproc))
     seams = re.search(r"(\d+) more \(([\d.]+)%\) recomputed at the seams", done.stderr)
     return {"wall_s": wall, "mvox_s": args.predict_size ** 3 / wall / 1e6,
             "recomputed": int(seams[1]) if seams else 0}
@@ -181,19 +197,17 @@ def bench_prediction(args: argparse.Namespace, work: Path) -> None:
     volume = (f"{size}^3 uint16 Zarr, {len(grid.blocks())} blocks of {grid.block_size[0]}^3 in {grid.counts[0]} "
               f"z-planes, {grid.n_windows} windows of {edge}^3")
     modes = {1: f"1 process x {args.threads} threads",
-             args.nproc: f"{args.nproc} processes x {max(args.threads // args.nproc, 1)} thread(s)"}
-    results: dict[int, list[dict]] = {n: [] for n in modes}
-    for rep in range(args.reps):
-        for nproc in modes:
-            result = run_prediction(args, work, work / f"pred_{nproc}_{rep}.zarr", nproc)
-            results[nproc].append(result)
-            print(f"  rep {rep + 1}: {modes[nproc]}: {result['mvox_s']:.3f} output Mvox/s ({result['wall_s']:.1f} s, "
-                  f"{result['recomputed']} windows recomputed at seams; {volume})", flush=True)
+             args.nproc: f"{args.nproc} processes x {threads_per_process(args, args.nproc)} thread(s)"}
+    results = interleaved(
+        args, modes, lambda rep, nproc: run_prediction(args, work, work / f"pred_{nproc}_{rep}.zarr", nproc),
+        lambda r: f"{r['mvox_s']:.3f} output Mvox/s ({r['wall_s']:.1f} s, {r['recomputed']} windows recomputed "
+                  f"at seams; {volume})")
     print(f"\nblock-wise prediction, resunet3d init_features {args.features}, window {edge}^3, overlap 0.25, "
           f"{args.device}, {volume}, median of {args.reps} runs (whole command):")
     speed = {n: statistics.median(r["mvox_s"] for r in results[n]) for n in modes}
     for nproc, name in modes.items():
-        print(f"  {name:45s} {speed[nproc]:.3f} output Mvox/s (wall {statistics.median(r['wall_s'] for r in results[nproc]):.1f} s; "
+        wall = statistics.median(r["wall_s"] for r in results[nproc])
+        print(f"  {name:45s} {speed[nproc]:.3f} output Mvox/s (wall {wall:.1f} s; "
               f"{results[nproc][0]['recomputed']} of {grid.n_windows} windows recomputed at seams)")
     print(f"  ratio {args.nproc} processes / 1 process: {speed[args.nproc] / speed[1]:.2f} (output Mvox/s, {volume})")
 

@@ -263,11 +263,13 @@ def plan_outputs(cfg: Config, ckpt: Checkpoint, targets: list[tuple[Path, Path]]
             continue
         store = open_work_store(out, reader, region, grid.block_size, cfg.infer.out_dtype, meta)
         done = set(grid.blocks()) if store.meta.get("complete") else store.done_blocks()  # type: ignore[union-attr]
-        for z in range(grid.counts[0]):
-            todo = [b for b in grid.blocks() if b[0] == z and b not in done]
-            if todo:
-                units.append((v, todo))
-                costs.append(sum(grid.n_own_windows(b) + 1 for b in todo))
+        planes: dict[int, list[Triple]] = {}  # the blocks not done yet, by z-plane, in the grid's order
+        for block in grid.blocks():
+            if block not in done:
+                planes.setdefault(block[0], []).append(block)
+        for z in sorted(planes):
+            units.append((v, planes[z]))
+            costs.append(sum(grid.n_own_windows(b) + 1 for b in planes[z]))
     return Plan(volumes, split_work(units, costs, world))
 
 

@@ -21,7 +21,7 @@ from vesuvius_monai.config import Config, to_dict
 from vesuvius_monai.engine.evaluate import select_fragments
 from vesuvius_monai.engine.infer import infer_volume, resolve_device
 from vesuvius_monai.errors import VesuviusError
-from vesuvius_monai.io.atomic import write_text
+from vesuvius_monai.io.atomic import check_replaceable_file, write_text
 from vesuvius_monai.io.checkpoint import Checkpoint, as_checkpoint
 from vesuvius_monai.metrics import topo_matching_used
 from vesuvius_monai.metrics.leaderboard import leaderboard_score
@@ -64,15 +64,10 @@ def tune_postprocess(cfg: Config, checkpoint: str | Path | Checkpoint, out_dir: 
 def check_replaceable_choice(path: Path) -> None:
     """Raise unless ``path`` is free or an earlier ``postprocess.json`` of tune-postprocess (never replace a file
     this command did not write)."""
-    if not path.exists() and not path.is_symlink():
-        return
-    try:
-        ours = path.is_file() and {"postprocess", "reason", "base", "scores"} <= set(json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError):
-        ours = False
-    if not ours:
-        raise VesuviusError(f"{path} exists and is not a choice written by tune-postprocess; move it away or pass "
-                            f"--out to another folder (nothing was written)")
+    check_replaceable_file(
+        path, lambda p: {"postprocess", "reason", "base", "scores"} <= set(json.loads(p.read_text())),
+        f"{path} exists and is not a choice written by tune-postprocess; move it away or pass --out to another "
+        f"folder (nothing was written)")
 
 
 def tuned_overrides(checkpoint: Checkpoint, explicit: set[str]) -> list[str]:

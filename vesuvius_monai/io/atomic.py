@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from vesuvius_monai.errors import VesuviusError
 
@@ -67,6 +67,20 @@ OWNER_FILE = ".vesuvius_output.json"  # written into every folder a command publ
 def _files_under(folder: Path) -> list[str]:
     """Relative paths of every file (not folder) under ``folder``, sorted."""
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir())
+
+
+def check_replaceable_file(path: str | os.PathLike, ours: Callable[[Path], bool], message: str) -> None:
+    """Raise ``VesuviusError(message)`` unless ``path`` is free, or a file that ``ours(path)`` recognises as an
+    earlier output of the same command (an unreadable file, or one ``ours`` fails on, is not ours)."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    try:
+        mine = path.is_file() and ours(path)
+    except Exception:  # unreadable or damaged: not ours either way
+        mine = False
+    if not mine:
+        raise VesuviusError(message)
 
 
 def check_replaceable(target: str | os.PathLike, kind: str, name: str = "output folder") -> None:

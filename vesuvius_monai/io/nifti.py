@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 
 from vesuvius_monai.errors import VesuviusError
-from vesuvius_monai.io.atomic import atomic_path
+from vesuvius_monai.io.atomic import atomic_path, check_replaceable_file
 
 logger = logging.getLogger(__name__)
 
@@ -98,18 +98,10 @@ PREDICTION_MARK = "vesuvius_monai prediction"
 def check_replaceable_nifti(path: str | os.PathLike, flag: str) -> None:
     """Raise unless ``path`` is free or a NIfTI file that ``predict`` wrote (header ``descrip`` =
     :data:`PREDICTION_MARK`): a command never replaces a file it did not write. ``flag`` names the option."""
-    path = Path(path)
-    if not path.exists() and not path.is_symlink():
-        return
-    ours = False
-    if path.is_file():
-        try:
-            ours = bytes(nib.load(str(path)).header["descrip"]).rstrip(b"\0").decode() == PREDICTION_MARK
-        except Exception:  # not a NIfTI file, or a damaged one: not ours either way
-            ours = False
-    if not ours:
-        raise VesuviusError(f"{flag} {path} already exists and was not written by predict; choose another name or "
-                            f"move it away (nothing was written)")
+    check_replaceable_file(
+        path, lambda p: bytes(nib.load(str(p)).header["descrip"]).rstrip(b"\0").decode() == PREDICTION_MARK,
+        f"{flag} {path} already exists and was not written by predict; choose another name or move it away "
+        f"(nothing was written)")
 
 
 def write_nifti(
