@@ -1,6 +1,7 @@
 """resunet3d speed: forward inference throughput, and AdamW training steps with ``train.channels_last`` off and on.
 
-For each ``init_features:ZxYxX`` setting and each ``--threads`` value:
+For each ``init_features:ZxYxX[:key=N,...]`` setting (the optional part: more integer model kwargs, e.g.
+``depth=3,stem_stride=2``) and each ``--threads`` value:
   * inference: ``--reps`` timed forward passes of the plain (contiguous) model in eval mode under
     ``torch.inference_mode`` after one warm-up pass: median seconds per pass and throughput in Mvox/s
     (batch * Z * Y * X / median seconds / 1e6);
@@ -15,6 +16,7 @@ Every figure is printed with the number of passes / steps it came from.
 Example::
 
     python bench/bench_model_speed.py --threads 1 2 --batch 2 --settings 8:48x48x48 16:32x128x128
+    python bench/bench_model_speed.py --settings 8:64x64x64:depth=4 8:64x64x64:depth=3,stem_stride=2
     python bench/bench_model_speed.py --settings 4:16x16x16 --batch 1 --reps 1 --steps 1 --threads 1   # seconds
 
 With several ``--threads`` values each setting is measured at every thread count side by side.
@@ -23,6 +25,7 @@ With several ``--threads`` values each setting is measured at every thread count
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import statistics
 
@@ -42,14 +45,18 @@ COLUMNS = [("infer_s", "infer s/pass", ".3f"), ("infer_mvox_s", "infer Mvox/s", 
            ("ratio", "off/on", ".2f"), ("steps", "steps", "d")]
 
 
-def parse_setting(text: str) -> tuple[int, tuple[int, int, int]]:
-    """'16:32x128x128' -> (16, (32, 128, 128))."""
+def parse_setting(text: str) -> tuple[int, tuple[int, int, int], dict[str, int]]:
+    """'16:32x128x128' -> (16, (32, 128, 128), {}); '8:64x64x64:depth=3,stem_stride=2' adds integer model kwargs."""
     try:
-        features, patch = text.split(":")
+        features, patch, *rest = text.split(":")
         z, y, x = (int(v) for v in patch.lower().split("x"))
-        return int(features), (z, y, x)
+        extra = dict(item.split("=") for item in rest[0].split(",")) if rest else {}
+        if len(rest) > 1:
+            raise ValueError
+        return int(features), (z, y, x), {k: int(v) for k, v in extra.items()}
     except ValueError:
-        raise VesuviusError(f"--settings {text!r}: expected init_features:ZxYxX, e.g. 16:32x128x128") from None
+        raise VesuviusError(f"--settings {text!r}: expected init_features:ZxYxX[:key=N,...], e.g. 16:32x128x128 or "
+                            f"8:64x64x64:depth=3,stem_stride=2") from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,10 +75,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def setting_config(args: argparse.Namespace, features: int, channels_last: bool) -> Config:
+def setting_config(args: argparse.Namespace, features: int, channels_last: bool, extra: dict[str, int] | None = None
+                   ) -> Config:
     """The config of one training mode: ``--config`` + overrides, this setting's model and ``train.channels_last``."""
-    kwargs = f"{{init_features: {features}, checkpointing: {str(args.checkpointing).lower()}}}"
-    return with_overrides(args.config, [*args.overrides, "model.name=resunet3d", f"model.kwargs={kwargs}",
+    kwargs = {"init_features": features, "checkpointing": args.checkpointing, **(extra or {})}
+    return with_overrides(args.config, [*args.overrides, "model.name=resunet3d", f"model.kwargs={json.dumps(kwargs)}",
                                         f"train.channels_last={str(channels_last).lower()}"])
 
 
@@ -112,10 +120,12 @@ def training_seconds(cfgs: dict[str, Config], x: torch.Tensor, y: torch.Tensor, 
     return seconds
 
 
-def bench_setting(features: int, patch: tuple[int, int, int], args: argparse.Namespace) -> tuple[str, dict, str]:
-    """(row name, figures, verdict line) of one (init_features, patch) setting at the current thread count."""
+def bench_setting(features: int, patch: tuple[int, int, int], extra: dict[str, int], args: argparse.Namespace
+                  ) -> tuple[str, dict, str]:
+    """(row name, figures, verdict line) of one (init_features, patch, model kwargs) setting at the current thread
+    count."""
     device = torch.device(args.device)
-    cfgs = {"off": setting_config(args, features, False), "on": setting_config(args, features, True)}
+    cfgs = {"off": setting_config(args, features, False, extra), "on": setting_config(args, features, True, extra)}
     torch.manual_seed(0)
     x = torch.randn(args.batch, 1, *patch, device=device)
     y = (torch.rand_like(x) > 0.5).float()
@@ -123,8 +133,9 @@ def bench_setting(features: int, patch: tuple[int, int, int], args: argparse.Nam
     infer = statistics.median(inference_seconds(cfgs["off"], x, args.reps, device))
     train = training_seconds(cfgs, x, y, args.steps, device)
     off, on = statistics.median(train["off"]), statistics.median(train["on"])
-    name = f"f={features} {args.batch}x1x{'x'.join(map(str, patch))} t={torch.get_num_threads()}"
-    row = {"features": features, "patch": list(patch), "batch": args.batch, "threads": torch.get_num_threads(),
+    kwargs = "".join(f" {k}={v}" for k, v in extra.items())
+    name = f"f={features}{kwargs} {args.batch}x1x{'x'.join(map(str, patch))} t={torch.get_num_threads()}"
+    row = {"features": features, "model_kwargs": extra, "patch": list(patch), "batch": args.batch, "threads": torch.get_num_threads(),
            "infer_s": infer, "infer_mvox_s": voxels / infer / 1e6, "reps": args.reps, "off_s": off, "on_s": on,
            "ratio": off / on, "steps": args.steps, "off_steps_s": train["off"], "on_steps_s": train["on"]}
     rounds = range(args.steps)
@@ -139,10 +150,10 @@ def run(args: argparse.Namespace) -> None:
         raise VesuviusError("--reps, --steps and --batch must be >= 1")
     settings = [parse_setting(text) for text in args.settings]
     rows, lines = {}, []
-    for features, patch in settings:
+    for features, patch, extra in settings:
         for threads in args.threads:
             torch.set_num_threads(threads)
-            name, row, line = bench_setting(features, patch, args)
+            name, row, line = bench_setting(features, patch, extra, args)
             rows[name] = row
             lines.append(line)
     print(f"resunet3d, device={args.device}, batch={args.batch}, checkpointing={args.checkpointing}; one warm-up "
@@ -155,7 +166,8 @@ def run(args: argparse.Namespace) -> None:
         print(line)
     if args.out:
         write_json(args.out, {"device": args.device, "batch": args.batch, "checkpointing": args.checkpointing,
-                              "config": to_dict(setting_config(args, settings[0][0], True)), "settings": rows, "verdicts": lines})
+                              "config": to_dict(setting_config(args, settings[0][0], True, settings[0][2])), "settings": rows,
+                              "verdicts": lines})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,8 +7,10 @@ Systems (``--systems``):
                 patches, Dice + BCE, ...), then its post-processing chosen on the val fragments (``--tune``)
     <model>     a plain MONAI-pipeline recipe for a registered model (basicunet, segresnet, dynunet, unet, resunet3d):
                 the model's registry defaults (``model.kwargs={}``), 64^3 patches and windows, Dice + BCE, AdamW
-                lr 1e-3, weight decay 1e-5; everything else (augmentation, batch, schedule, validation interval,
-                inference, post-processing) from ``--config``.
+                lr 1e-3, weight decay 1e-5, plain sliding-window inference (no test-time augmentation); everything
+                else (augmentation, batch, schedule, validation interval, window overlap and blending,
+                post-processing) from ``--config``. ``--set unet:infer.tta_flip_axes=[0,1,2] --tune default unet``
+                gives a MONAI network the default's inference and post-processing tuning instead.
 
 Every system trains on the train split of the families (``vesuvius_monai.data.families``; the train split mixes
 all families, the val split picks the checkpoint, ``--checkpoint best`` by default) for ``--minutes`` of wall-clock
@@ -74,7 +76,8 @@ from vesuvius_monai.models import list_models
 log = logging.getLogger("bench_recipes")
 
 PLAIN_MONAI = ["model.kwargs={}", "transforms.patch_size=[64,64,64]", "infer.roi_size=[64,64,64]",
-               "train.loss={dice: 1.0, bce: 1.0}", "train.lr=0.001", "train.weight_decay=0.00001"]
+               "train.loss={dice: 1.0, bce: 1.0}", "train.lr=0.001", "train.weight_decay=0.00001",
+               "infer.tta_flip_axes=[]", "infer.tta_rot90=false"]
 DEFAULT_SYSTEMS = ["default", "basicunet", "segresnet", "dynunet", "unet"]
 METRICS = ["dice", "leaderboard", "topo_score", "surface_dice", "voi_score", "voi_split", "voi_merge",
            "betti_error_0", "betti_error_1", "betti_error_2"]
@@ -231,13 +234,24 @@ def scored_fragments(eval_dir: Path, payload: dict, cfg: Config, dataset: Path, 
     return fragments
 
 
+def same_scoring(saved: dict, cfg: Config) -> bool:
+    """Whether an evaluation's saved config used ``cfg``'s inference and post-processing."""
+    mine = to_dict(cfg)
+    return saved.get("postprocess") == mine["postprocess"] and saved.get("infer") == mine["infer"]
+
+
+def without_tta(cfg: Config) -> Config:
+    """``cfg`` with plain sliding-window inference (no test-time augmentation)."""
+    return config_from_raw(to_dict(cfg), ["infer.tta_flip_axes=[]", "infer.tta_rot90=false"])
+
+
 def evaluation(cfg: Config, checkpoint: Path, out: Path) -> tuple[dict, float]:
-    """``out/metrics.json`` when it holds an evaluation with ``cfg``'s post-processing, else a new one into ``out``;
-    returns it and the seconds spent (0 when reused)."""
+    """``out/metrics.json`` when it holds an evaluation with ``cfg``'s inference and post-processing, else a new one
+    into ``out``; returns it and the seconds spent (0 when reused)."""
     metrics = out / "metrics.json"
     if metrics.is_file():
         payload = json.loads(metrics.read_text())
-        if payload.get("config", {}).get("postprocess") == to_dict(cfg)["postprocess"]:
+        if same_scoring(payload.get("config", {}), cfg):
             return payload, 0.0
     start = time.perf_counter()
     payload = evaluate(cfg, checkpoint, out)
@@ -250,8 +264,9 @@ def run_system(args: argparse.Namespace, name: str, extra: list[str], dataset: P
 
     A system in ``--tune`` gets its post-processing chosen on the val fragments after training (``tune-postprocess``;
     a reused run is tuned now if it never was) and two rows: ``name`` scored with that choice, ``<name>_untuned``
-    with the config's post-processing (one checkpoint). A fresh run's first evaluation goes to ``eval/`` (tuned for
-    a ``--tune`` system), the other to ``eval_untuned/`` or ``eval_tuned/``.
+    with the config's post-processing (one checkpoint); with test-time augmentation in its config also
+    ``<name>_plain``, without TTA and with the config's post-processing. A fresh run's first evaluation goes to
+    ``eval/`` (tuned for a ``--tune`` system), the others to ``eval_tuned/``, ``eval_untuned/``, ``eval_plain/``.
     """
     cfg = system_config(args, name, extra, dataset, seed)
     run = Path(cfg.output_dir)
@@ -271,6 +286,8 @@ def run_system(args: argparse.Namespace, name: str, extra: list[str], dataset: P
             tune_seconds = time.perf_counter() - start
         tuned = with_postprocess(cfg, json.loads((run / TUNED_FILE).read_text())["postprocess"])
         variants = [(name, tuned), (f"{name}_untuned", cfg)]
+        if cfg.infer.tta_flip_axes or cfg.infer.tta_rot90:
+            variants.append((f"{name}_plain", without_tta(cfg)))
     first = json.loads((run / "eval" / "metrics.json").read_text()) if reused else None
     common = {"seed": seed, "run": str(run), "reused": reused, "model": cfg.model.name,
               "model_kwargs": cfg.model.kwargs, "patch_size": list(cfg.transforms.patch_size),
@@ -280,8 +297,8 @@ def run_system(args: argparse.Namespace, name: str, extra: list[str], dataset: P
     rows = []
     for system, variant in variants:
         pp = to_dict(variant)["postprocess"]
-        in_eval = first is None and not rows or first is not None and first["config"]["postprocess"] == pp
-        out = run / "eval" if in_eval else run / ("eval_tuned" if system == name else "eval_untuned")
+        in_eval = first is None and not rows or first is not None and same_scoring(first["config"], variant)
+        out = run / ("eval" if in_eval else "eval_" + (system.removeprefix(f"{name}_") if system != name else "tuned"))
         payload, seconds = evaluation(variant, checkpoint, out)
         rows.append(dict(common, system=system, eval_seconds=seconds, postprocess=pp, config=to_dict(variant),
                          fragments=scored_fragments(out, payload, variant, dataset, info)))
@@ -338,22 +355,34 @@ COLUMNS = [("n", "n", "s"), ("steps", "steps", "s"), ("scored", "ckpt_step", "s"
 VERDICT_UNIT = "(seed, test fragment)"
 
 
-def leaders(results: list[dict], summaries: list[dict], families: list[str]) -> list[str]:
-    """Per family (and 'all'): the system with the highest Dice and the one with the highest leaderboard score."""
-    systems = list(dict.fromkeys(r["system"] for r in results))
-    lines = []
+def family_means(results: list[dict], summaries: list[dict], group: str, key: str) -> dict[str, float]:
+    """``{system: mean over seeds of its per-seed mean of key}`` in one family (or 'all')."""
+    per_system: dict[str, list[float]] = {}
+    for r, s in zip(results, summaries):
+        if group in s:
+            per_system.setdefault(r["system"], []).append(s[group][key]["mean"])
+    return {system: statistics.mean(values) for system, values in per_system.items()}
+
+
+def leaders(results: list[dict], summaries: list[dict], families: list[str], systems: list[str]) -> list[str]:
+    """Per family (and 'all'): the recipe (one of ``systems``; the ``_untuned`` / ``_plain`` rows are parts of a
+    recipe, not recipes) of highest Dice and of highest leaderboard score, then how many families 'default' leads."""
+    lines, led = [], {"dice": 0, "leaderboard": 0}
     for group in [*families, "all"]:
-        best = {}
+        best = []
         for key in ("dice", "leaderboard"):
-            means = {system: statistics.mean(s[group][key]["mean"] for r, s in zip(results, summaries)
-                                             if r["system"] == system and group in s)
-                     for system in systems if any(group in s for r, s in zip(results, summaries)
-                                                  if r["system"] == system)}
-            if means:
-                winner = max(means, key=means.get)
-                best[key] = f"{key} {winner} {means[winner]:.4f}"
+            means = {k: v for k, v in family_means(results, summaries, group, key).items() if k in systems}
+            if not means:
+                continue
+            winner = max(means, key=means.get)
+            runner = max((v for k, v in means.items() if k != winner), default=float("nan"))
+            best.append(f"{key} {winner} {means[winner]:.4f} (next {runner:.4f})")
+            led[key] += winner == "default" and group != "all"
         if best:
-            lines.append(f"{group:13s} " + "; ".join(best.values()))
+            lines.append(f"{group:13s} " + "; ".join(best))
+    if "default" in systems and len(systems) > 1:
+        lines.append(f"default leads {led['dice']} of {len(families)} families in Dice and {led['leaderboard']} of "
+                     f"{len(families)} in leaderboard score")
     return lines
 
 
@@ -396,7 +425,7 @@ def print_report(args: argparse.Namespace, results: list[dict], summaries: list[
               f"steps and ckpt_step per seed")
         print(format_table(seed_rows(results, summaries), COLUMNS, row_header="system family"))
     print("\nleader per family (mean over seeds of the per-seed means; most families led = the recipe to beat):")
-    for line in leaders(results, summaries, args.families):
+    for line in leaders(results, summaries, args.families, args.systems):
         print("  " + line)
     if lines:
         print("\n" + verdict_rule(VERDICT_UNIT))

@@ -81,8 +81,9 @@ def tiny_runs(tmp: Path) -> dict[str, tuple[list[list[str]], list[str]]]:
         "bench_blockwise.py": ([["--sizes", "32", "--block", "32", "--window", "16", "--batch", "1", "--threads", "1",
                                  "--workdir", str(tmp), "--out", str(tmp / "blockwise.json")]],
                                ["volume", "windows", "Mvox/s", "overhead", "peak RSS GiB"]),
-        "bench_model_speed.py": ([["--settings", "4:16x16x16", "--batch", "1", "--reps", "1", "--steps", "2",
-                                   "--threads", "1", "--out", str(tmp / "model_speed.json")]],
+        "bench_model_speed.py": ([["--settings", "4:16x16x16", "4:16x16x16:depth=2,stem_stride=2", "--batch", "1",
+                                   "--reps", "1", "--steps", "2", "--threads", "1", "--out",
+                                   str(tmp / "model_speed.json")]],
                                  ["setting", "infer Mvox/s", "train off s/step", "train on s/step", "off/on", "steps"]),
         "bench_metrics.py": ([["--size", "32", "--out", str(tmp / "metrics.json")]], ["metric", "seconds", "value"]),
     }
@@ -129,9 +130,11 @@ def test_bench_script_tiny_run(tiny_results, script: str) -> None:
 
 def test_model_speed_compares_channels_last_side_by_side(tiny_results) -> None:
     (done,), folder = tiny_results["bench_model_speed.py"]
-    (row,) = json.loads((folder / "model_speed.json").read_text())["settings"].values()
-    assert len(row["off_steps_s"]) == len(row["on_steps_s"]) == row["steps"] == 2
-    assert row["ratio"] == pytest.approx(row["off_s"] / row["on_s"])
+    full, strided = json.loads((folder / "model_speed.json").read_text())["settings"].values()
+    assert full["model_kwargs"] == {} and strided["model_kwargs"] == {"depth": 2, "stem_stride": 2}
+    for row in (full, strided):
+        assert len(row["off_steps_s"]) == len(row["on_steps_s"]) == row["steps"] == 2
+        assert row["ratio"] == pytest.approx(row["off_s"] / row["on_s"])
     assert "channels_last on vs off: s/step" in done.stdout
 
 
@@ -218,33 +221,41 @@ def test_bench_recipes_smoke(tiny_results) -> None:
     assert done.returncode == again.returncode == 0, done.stderr[-3000:] + again.stderr[-3000:]
     out = done.stdout
     assert "seed 0" in out and "means over seeds" not in out
-    for row in ("default thin", "default_untuned thin", "basicunet thin", "default all", "basicunet all"):
+    for row in ("default thin", "default_untuned thin", "default_plain thin", "basicunet thin", "default all",
+                "basicunet all"):
         assert row in out
     assert "basicunet vs default: leaderboard" in out and "leader per family" in out
+    assert "default leads" in out and "of 1 families in Dice" in out
     first = json.loads((folder / "first.json").read_text())
     assert [(r["system"], r["seed"], r["reused"]) for r in first["runs"]] == [
-        ("default", 0, False), ("default_untuned", 0, False), ("basicunet", 0, False)]
-    tuned, untuned = first["runs"][:2]  # one checkpoint: the post-processing chosen on val, and the config's
-    assert tuned["scored_step"] == untuned["scored_step"] and untuned["postprocess"]["threshold"] == 0.5
+        ("default", 0, False), ("default_untuned", 0, False), ("default_plain", 0, False), ("basicunet", 0, False)]
+    tuned, untuned, plain, monai = first["runs"]  # one checkpoint: tuned, the config's post-processing, no TTA
+    assert tuned["scored_step"] == untuned["scored_step"] == plain["scored_step"]
+    assert untuned["postprocess"]["threshold"] == plain["postprocess"]["threshold"] == 0.5
     assert tuned["postprocess"] == json.loads((Path(tuned["run"]) / "postprocess.json").read_text())["postprocess"]
-    assert tuned["tune_seconds"] > 0 and first["runs"][2]["tune_seconds"] != first["runs"][2]["tune_seconds"]  # NaN
+    assert tuned["tune_seconds"] > 0 and monai["tune_seconds"] != monai["tune_seconds"]  # NaN
+    # configs/demo.yaml mirrors on three axes; the plain MONAI pipelines and the _plain row do not
+    assert tuned["config"]["infer"]["tta_flip_axes"] == untuned["config"]["infer"]["tta_flip_axes"] == [0, 1, 2]
+    assert plain["config"]["infer"]["tta_flip_axes"] == monai["config"]["infer"]["tta_flip_axes"] == []
+    assert {Path(r["run"]).name for r in first["runs"][:3]} == {"default"}
     for r in first["runs"]:
         assert r["steps"] >= 1 and r["model"] == ("basicunet" if r["system"] == "basicunet" else "resunet3d")
         assert r["config"]["train"]["max_minutes"] == 0.005 and r["config"]["transforms"]["patch_size"] == [32] * 3
-        assert r["config"]["train"]["warmup_steps"] == 5000  # configs/demo.yaml: 20 of 400 steps, of the 100000 cap
+        assert r["config"]["train"]["warmup_steps"] == 5000  # configs/demo.yaml: 100 of 2000 steps, of the 100000 cap
         (frag,) = r["fragments"].values()
         assert frag["family"] == "thin" and 0 <= frag["dice"] <= 1 and 0 <= frag["leaderboard"] <= 1
         assert frag["label_components"] >= 1 and frag["pred_components"] >= 0
         assert r["component_connectivity"] in (6, 26)
         assert r["summary"]["thin"]["dice"]["n"] == 1
     assert first["runs"][0]["config"]["model"]["kwargs"] == {"init_features": 4, "depth": 2}
-    assert first["runs"][2]["config"]["model"]["kwargs"] == {}
+    assert monai["config"]["model"]["kwargs"] == {}
     # a second seed: seed 0's finished run is reused, seed 1 trains; the table gains the means over seeds
     out = again.stdout
     assert "seed 1" in out and "means over seeds [0, 1]" in out
     second = json.loads((folder / "second.json").read_text())
-    assert [(r["seed"], r["reused"]) for r in second["runs"]] == [(0, True), (0, True), (1, False), (1, False)]
+    assert [(r["seed"], r["reused"]) for r in second["runs"]] == [(0, True)] * 3 + [(1, False)] * 3
     assert second["runs"][0]["fragments"] == first["runs"][0]["fragments"]
+    assert [r["eval_seconds"] for r in second["runs"][:3]] == [0.0] * 3  # every evaluation of seed 0 is reused
 
 
 def test_bench_recipes_rejects_bad_arguments(bench, tmp_path) -> None:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from vesuvius_monai.errors import VesuviusError
+from vesuvius_monai.config import TuneConfig
 from vesuvius_monai.postprocess import PostprocessConfig, describe, pick_postprocess, pick_threshold, postprocess
 
 
@@ -225,3 +226,51 @@ def test_pick_postprocess_keeps_the_base_on_one_fragment_or_a_split_vote():
                         key=lambda cfg: np.mean(split.scores[describe(cfg)])))
     assert np.mean(split.scores[best]) > np.mean(split.scores[describe(split.base)])  # better on average ...
     assert split.chosen == split.base and "not better on most fragments" in split.reason  # ... but carried by one
+
+
+def _precision(pred, label):
+    return float(np.sum(pred & (label == 1)) / max(pred.sum(), 1))
+
+
+def test_pick_postprocess_does_not_buy_the_score_with_dice():
+    """Precision rewards high thresholds that erase the sheet's faint rim; the Dice rule refuses them, and still
+    allows removing the specks (which helps both)."""
+    pairs = []
+    for seed in range(3):
+        prob, label = _noisy_sheet(seed)
+        label[5] = label[9] = 1  # a rim of the sheet the network is unsure of (0.55)
+        prob[5] = prob[9] = 0.55
+        pairs.append((prob, label))
+    probs, labels = [p for p, _ in pairs], [l for _, l in pairs]
+    base = PostprocessConfig()
+    free = pick_postprocess(probs, labels, _precision, base=base, search=TuneConfig(max_dice_drop=1.0),
+                            dice_fn=_dice_score)
+    assert free.chosen.threshold >= 0.55  # the rim is gone: precision 1, Dice much lower
+    assert np.mean(free.dices[describe(free.chosen)]) < np.mean(free.dices[describe(base)]) - 0.1
+    ruled = pick_postprocess(probs, labels, _precision, base=base, search=TuneConfig(max_dice_drop=0.005),
+                             dice_fn=_dice_score)
+    assert ruled.chosen.threshold < 0.55 and ruled.chosen.min_size > 0  # specks removed, rim kept
+    assert np.mean(ruled.dices[describe(ruled.chosen)]) >= np.mean(ruled.dices[describe(base)])
+    assert "not allowed" in ruled.reason
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_pick_postprocess_dice_rule_holds_on_random_volumes(seed):
+    """Whatever the score, the chosen candidate's mean Dice is never more than max_dice_drop below the base's, and
+    every candidate tried has its Dice recorded."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 4))
+    shape = tuple(int(v) for v in rng.integers(8, 20, size=3))
+    probs = [ndimage.gaussian_filter(rng.random(shape), 1.5).astype(np.float32) for _ in range(n)]
+    probs = [(p - p.min()) / (p.max() - p.min()) for p in probs]
+    labels = [(ndimage.gaussian_filter(rng.random(shape), 1.5) > 0.5).astype(np.uint8) for _ in range(n)]
+    drop = float(rng.choice([0.0, 0.005, 0.02, 0.1]))
+    score = [_precision, lambda p, l: -float(p.sum()), _dice_score][seed % 3]
+    search = TuneConfig(thresholds=(0.3, 0.45, 0.5, 0.6, 0.75), min_sizes=(4, 32), max_dice_drop=drop)
+    base = PostprocessConfig(threshold=float(rng.choice([0.4, 0.5])))
+    choice = pick_postprocess(probs, labels, score, base=base, search=search, dice_fn=_dice_score)
+    mean_dice = {k: float(np.mean(v)) for k, v in choice.dices.items()}
+    assert mean_dice[describe(choice.chosen)] >= mean_dice[describe(base)] - drop - 1e-12
+    assert choice.dices.keys() == choice.scores.keys()

@@ -352,6 +352,29 @@ class PostprocessConfig:
         choice("postprocess.connectivity", self.connectivity, (6, 18, 26))
 
 
+@dataclass(frozen=True, kw_only=True)
+class TuneConfig:
+    """``tune``: what ``tune-postprocess`` tries on the validation fragments (scored by the leaderboard score).
+
+    thresholds: candidate thresholds, each in [0, 1] (tried first).
+    min_sizes: candidate small-component sizes, each > 0, tried 6- and 26-connected at the chosen threshold.
+    max_dice_drop: a candidate whose mean validation Dice is more than this below the config's post-processing's is
+        never chosen, so that the score is not bought with overlap (>= 0; 1 turns the rule off).
+    """
+
+    thresholds: tuple[float, ...] = tuple(round(0.3 + 0.05 * i, 2) for i in range(11))  # 0.30 .. 0.80
+    min_sizes: tuple[int, ...] = (64, 256, 1024)
+    max_dice_drop: float = 0.005
+
+    def __post_init__(self) -> None:
+        check_fields(self, "tune")
+        require(len(self.thresholds) > 0, "tune.thresholds", "must not be empty")
+        for value in self.thresholds:
+            finite("tune.thresholds", value, 0.0, 1.0)
+        require(all(m > 0 for m in self.min_sizes), "tune.min_sizes", f"must all be > 0, got {list(self.min_sizes)}")
+        finite("tune.max_dice_drop", self.max_dice_drop, 0.0)
+
+
 TOPO_MATCHINGS = ("exact", "persistence", "betti")
 
 
@@ -440,6 +463,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     infer: InferConfig = field(default_factory=InferConfig)
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def __post_init__(self) -> None:

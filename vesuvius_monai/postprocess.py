@@ -16,13 +16,14 @@ from scipy import ndimage
 from skimage.morphology import remove_small_objects
 from tqdm import tqdm
 
-from vesuvius_monai.config import PostprocessConfig
+from vesuvius_monai.config import PostprocessConfig, TuneConfig
 from vesuvius_monai.errors import VesuviusError
 
 logger = logging.getLogger(__name__)
 
 CONNECTIVITY_RANK = {6: 1, 18: 2, 26: 3}  # neighbours -> rank for ndimage.generate_binary_structure(3, rank)
 DEFAULT_CANDIDATES = np.linspace(0.2, 0.8, 13)
+Scorer = Callable[[np.ndarray, np.ndarray], float]  # (bool pred (Z, Y, X), label (Z, Y, X)) -> score, higher is better
 
 
 def _check_prob(prob: np.ndarray) -> None:
@@ -106,18 +107,16 @@ def pick_threshold(
     return best, scores
 
 
-THRESHOLDS = tuple(round(0.3 + 0.05 * i, 2) for i in range(11))  # 0.30 .. 0.80
-MIN_SIZES = (64, 256, 1024)
-
-
 @dataclasses.dataclass(frozen=True)
 class PostprocessChoice:
-    """What :func:`pick_postprocess` chose: ``chosen`` (``base`` when the guard kept it), the per-fragment scores of
-    every candidate tried (keyed by :func:`describe`), and the reason in one line."""
+    """What :func:`pick_postprocess` chose: ``chosen`` (``base`` when the guard kept it), the per-fragment scores and
+    Dice of every candidate tried (keyed by :func:`describe`; ``dices`` empty without a ``dice_fn``), and the reason
+    in one line."""
 
     chosen: PostprocessConfig
     base: PostprocessConfig
     scores: dict[str, list[float]]
+    dices: dict[str, list[float]]
     reason: str
 
 
@@ -130,16 +129,18 @@ def describe(cfg: PostprocessConfig) -> str:
 def pick_postprocess(
     probs: list[np.ndarray],
     labels: list[np.ndarray],
-    score_fn: Callable[[np.ndarray, np.ndarray], float],
+    score_fn: Scorer,
     *,
     base: PostprocessConfig,
-    thresholds: Sequence[float] = THRESHOLDS,
-    min_sizes: Sequence[int] = MIN_SIZES,
+    search: TuneConfig = TuneConfig(),
+    dice_fn: Scorer | None = None,
     connectivities: Sequence[int] = (6, 26),
 ) -> PostprocessChoice:
     """Choose post-processing on validation fragments: threshold first, then small-component removal at that threshold.
 
     probs[i] (Z, Y, X) in [0, 1] and labels[i] of the same shape; ``score_fn(bool pred, label)``, higher is better.
+    ``search`` gives the candidates (``thresholds``, ``min_sizes``) and, with ``dice_fn(bool pred, label)``, the Dice
+    rule: a candidate whose mean Dice is more than ``search.max_dice_drop`` below that of ``base`` is never chosen.
     The candidate with the best mean score replaces ``base`` only when it beats ``base`` on a strict majority of the
     fragments, at least two: a setting chosen on one fragment, or carried by one, over-fits it. Ties of the mean go
     to the candidate closer to ``base``.
@@ -147,65 +148,101 @@ def pick_postprocess(
     if len(probs) == 0 or len(probs) != len(labels):
         raise VesuviusError(f"pick_postprocess needs equally many probs and labels (> 0), got {len(probs)} and "
                             f"{len(labels)}")
-    scores: dict[str, list[float]] = {describe(base): _scores(probs, labels, score_fn, base)}
-    by_threshold = [dataclasses.replace(base, threshold=float(t)) for t in thresholds]
-    best_t = _best(by_threshold, probs, labels, score_fn, scores, base)
-    by_size = [dataclasses.replace(best_t, min_size=int(m), connectivity=int(c)) for m in min_sizes
+    search_ = _Search(probs, labels, score_fn, dice_fn, base, search.max_dice_drop)
+    best_t = search_.best([dataclasses.replace(base, threshold=float(t)) for t in search.thresholds])
+    by_size = [dataclasses.replace(best_t, min_size=int(m), connectivity=int(c)) for m in search.min_sizes
                for c in connectivities]
-    best = _best([best_t, *by_size], probs, labels, score_fn, scores, base)
-    return _guarded(best, base, scores)
+    best = search_.best([best_t, *by_size])
+    return _guarded(best, search_)
 
 
-def _best(candidates: list[PostprocessConfig], probs: list[np.ndarray], labels: list[np.ndarray],
-          score_fn: Callable[[np.ndarray, np.ndarray], float], scores: dict[str, list[float]],
-          base: PostprocessConfig) -> PostprocessConfig:
-    """The candidate of best mean score (ties: closest to ``base``); fills ``scores`` for those not yet scored."""
-    for cfg in tqdm(candidates, desc="post-processing", leave=False):
-        if describe(cfg) not in scores:
-            scores[describe(cfg)] = _scores(probs, labels, score_fn, cfg)
+class _Search:
+    """Scores (and Dice) of candidates on the fragments, computed once each, and the best allowed candidate."""
 
-    def key(cfg: PostprocessConfig) -> tuple[float, float, int]:
-        return (float(np.mean(scores[describe(cfg)])), -abs(cfg.threshold - base.threshold), -cfg.min_size)
+    def __init__(self, probs: list[np.ndarray], labels: list[np.ndarray], score_fn: Scorer, dice_fn: Scorer | None,
+                 base: PostprocessConfig, max_dice_drop: float):
+        self.probs, self.labels, self.score_fn, self.dice_fn = probs, labels, score_fn, dice_fn
+        self.base, self.max_dice_drop = base, max_dice_drop
+        self.scores: dict[str, list[float]] = {}
+        self.dices: dict[str, list[float]] = {}
+        self.refused: set[str] = set()
+        self.measure(base)
 
-    return max(candidates, key=key)
+    def measure(self, cfg: PostprocessConfig) -> None:
+        """Score ``cfg`` on every fragment (once)."""
+        name = describe(cfg)
+        if name in self.scores:
+            return
+        masks = [postprocess(prob, cfg) for prob in self.probs]
+        self.scores[name] = _checked(self.score_fn, masks, self.labels, "score_fn", name)
+        if self.dice_fn is not None:
+            self.dices[name] = _checked(self.dice_fn, masks, self.labels, "dice_fn", name)
+
+    def allowed(self, cfg: PostprocessConfig) -> bool:
+        """False when ``cfg``'s mean Dice is more than ``max_dice_drop`` below the base's (always True without Dice)."""
+        if self.dice_fn is None:
+            return True
+        drop = np.mean(self.dices[describe(self.base)]) - np.mean(self.dices[describe(cfg)])
+        if drop > self.max_dice_drop:
+            self.refused.add(describe(cfg))
+            return False
+        return True
+
+    def best(self, candidates: list[PostprocessConfig]) -> PostprocessConfig:
+        """The allowed candidate of best mean score (ties: closest to ``base``), or ``base`` when none is allowed."""
+        for cfg in tqdm(candidates, desc="post-processing", leave=False):
+            self.measure(cfg)
+
+        def key(cfg: PostprocessConfig) -> tuple[float, float, int]:
+            return (float(np.mean(self.scores[describe(cfg)])), -abs(cfg.threshold - self.base.threshold),
+                    -cfg.min_size)
+
+        allowed = [cfg for cfg in candidates if self.allowed(cfg)]
+        return max(allowed, key=key) if allowed else self.base
 
 
-def _guarded(best: PostprocessConfig, base: PostprocessConfig, scores: dict[str, list[float]]) -> PostprocessChoice:
+def _guarded(best: PostprocessConfig, search: _Search) -> PostprocessChoice:
     """``best`` if it beats ``base`` on a strict majority (>= 2) of fragments, else ``base``, with the reason."""
+    base, scores = search.base, search.scores
     new, old = np.array(scores[describe(best)]), np.array(scores[describe(base)])
     wins, n = int(np.sum(new > old)), len(old)
     gain = f"mean score {old.mean():.4f} -> {new.mean():.4f}, better on {wins} of {n} fragments"
+    if search.dice_fn is not None:
+        dice_old, dice_new = np.mean(search.dices[describe(base)]), np.mean(search.dices[describe(best)])
+        gain += f", mean Dice {dice_old:.4f} -> {dice_new:.4f}"
     chosen = base
     if best == base:
-        reason = f"kept {describe(base)}: no candidate scored higher on average ({old.mean():.4f})"
+        reason = f"kept {describe(base)}: no allowed candidate scored higher on average ({old.mean():.4f})"
     elif n < 2:
         reason = f"kept {describe(base)}: one validation fragment cannot choose ({describe(best)}: {gain})"
     elif new.mean() > old.mean() and wins > n / 2:
         chosen, reason = best, f"chose {describe(best)}: {gain}"
     else:
         reason = f"kept {describe(base)}: {describe(best)} is not better on most fragments ({gain})"
+    if search.refused:
+        reason += (f"; {len(search.refused)} candidates not allowed: mean Dice more than {search.max_dice_drop:g} "
+                   f"below the base's")
     logger.info("post-processing: %s", reason)
-    return PostprocessChoice(chosen=chosen, base=base, scores=scores, reason=reason)
+    return PostprocessChoice(chosen=chosen, base=base, scores=scores, dices=search.dices, reason=reason)
 
 
-def _scores(probs: list[np.ndarray], labels: list[np.ndarray], score_fn: Callable[[np.ndarray, np.ndarray], float],
-            cfg: PostprocessConfig) -> list[float]:
-    """score_fn(postprocess(prob, cfg), label) per fragment; raises on a non-finite score."""
+def _checked(fn: Scorer, masks: list[np.ndarray], labels: list[np.ndarray], what: str, name: str) -> list[float]:
+    """fn(mask, label) per fragment; raises on a non-finite value."""
     values = []
-    for i, (prob, label) in enumerate(zip(probs, labels)):
-        value = float(score_fn(postprocess(prob, cfg), label))
+    for i, (mask, label) in enumerate(zip(masks, labels)):
+        value = float(fn(mask, label))
         if not math.isfinite(value):
-            raise VesuviusError(f"post-processing score_fn gave {value} for fragment {i} with {describe(cfg)}")
+            raise VesuviusError(f"post-processing {what} gave {value} for fragment {i} with {name}")
         values.append(value)
     return values
 
 
-def _mean_score(
-    probs: list[np.ndarray],
-    labels: list[np.ndarray],
-    score_fn: Callable[[np.ndarray, np.ndarray], float],
-    cfg: PostprocessConfig,
-) -> float:
+def _scores(probs: list[np.ndarray], labels: list[np.ndarray], score_fn: Scorer, cfg: PostprocessConfig) -> list[float]:
+    """score_fn(postprocess(prob, cfg), label) per fragment; raises on a non-finite score."""
+    return _checked(score_fn, [postprocess(prob, cfg) for prob in probs], labels, "score_fn", describe(cfg))
+
+
+def _mean_score(probs: list[np.ndarray], labels: list[np.ndarray], score_fn: Scorer, cfg: PostprocessConfig) -> float:
     """Mean of score_fn(postprocess(prob, cfg), label) over the fragments; raises on a non-finite score."""
     return float(np.mean(_scores(probs, labels, score_fn, cfg)))
 

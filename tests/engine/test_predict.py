@@ -217,3 +217,17 @@ def test_folder_outputs_refuse_bad_combinations(checkpoint, folder, tmp_path, ca
     with pytest.raises(VesuviusError, match=pattern):
         predict(cfg, checkpoint, inputs, out, **kw)
     assert not (tmp_path / "preds").exists() or not any((tmp_path / "preds").iterdir())
+
+
+def test_validation_leaves_out_test_time_augmentation(checkpoint):
+    """Validation Dice is that of plain sliding-window probabilities even when the config asks for TTA (which
+    evaluate applies and which changes the probabilities)."""
+    cfg = _cfg(checkpoint, "evaluate.metrics=[dice]")
+    tta = _cfg(checkpoint, "evaluate.metrics=[dice]", "infer.tta_flip_axes=[0,1,2]")
+    fragment = load_splits(cfg.data)["test"][0]
+    model, _ = model_from_checkpoint(checkpoint, torch.device("cpu"))
+    plain_probs, tta_probs = infer_volume(model, fragment.image, cfg), infer_volume(model, fragment.image, tta)
+    assert not np.array_equal(plain_probs, tta_probs)
+    label = fragment.label.read()
+    expected = dice(plain_probs > cfg.postprocess.threshold, label, ignore_index=cfg.data.ignore_index)
+    assert validate(model, [fragment], tta, torch.device("cpu")) == expected

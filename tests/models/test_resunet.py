@@ -1,5 +1,6 @@
 """The residual UNet3D: shapes, configuration, errors, one training step, gradient checkpointing."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,7 +8,7 @@ from monai.losses import DiceLoss
 from torch import nn
 
 from vesuvius_monai.errors import VesuviusError
-from vesuvius_monai.models import build_model
+from vesuvius_monai.models import build_model, size_divisor
 from vesuvius_monai.models import resunet
 from vesuvius_monai.models.resunet import ResidualBlock, UNet3D
 
@@ -108,6 +109,8 @@ def test_explicit_features_and_odd_channel_counts():
         ({"norm_groups": 0}, "norm_groups"),
         ({"negative_slope": -0.1}, "negative_slope"),
         ({"negative_slope": float("nan")}, "negative_slope"),
+        ({"stem_stride": 3}, "stem_stride"),
+        ({"stem_stride": True}, "stem_stride"),
     ],
 )
 def test_bad_parameters(kwargs, word):
@@ -142,7 +145,54 @@ def _output_and_grads(model: nn.Module, x: torch.Tensor, weights: torch.Tensor):
     return out.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-def test_checkpointing_gives_same_outputs_and_gradients(monkeypatch):
+def test_strided_stem_layout():
+    model = UNet3D(init_features=8, depth=2, stem_stride=2)
+    conv, norm, _ = model.stem
+    assert (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride) == (1, 8, (3, 3, 3), (2, 2, 2))
+    assert norm.num_groups == 8
+    up = model.head[0]
+    assert (up.in_channels, up.out_channels, up.kernel_size, up.stride) == (8, 8, (3, 3, 3), (2, 2, 2))
+    assert model.encoders[0].conv1.in_channels == 8  # the first level reads the stem, not the image
+    assert model.final.in_channels == 8 + 1  # head features and the image
+    assert model.size_divisor == 8
+    assert UNet3D(init_features=8, depth=2).stem is None
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_strided_stem_keeps_the_input_shape_on_random_shapes(seed):
+    rng = np.random.default_rng(seed)
+    depth = int(rng.integers(1, 4))
+    divisor = 2 * 2**depth
+    shape = tuple(int(divisor * rng.integers(1, 4)) for _ in range(3))
+    batch, channels = int(rng.integers(1, 3)), int(rng.integers(1, 3))
+    model = build_model("resunet3d", in_channels=channels, out_channels=2, init_features=4, depth=depth,
+                        stem_stride=2).eval()
+    assert size_divisor("resunet3d", depth=depth, stem_stride=2) == divisor == model.size_divisor
+    with torch.no_grad():
+        out = model(torch.randn(batch, channels, *shape))
+    assert out.shape == (batch, 2, *shape) and torch.isfinite(out).all()
+    bad = (shape[0] + divisor // 2, *shape[1:])
+    with pytest.raises(VesuviusError, match=f"stem_stride \\* 2\\*\\*depth = {divisor}"):
+        model(torch.randn(1, channels, *bad))
+
+
+def test_strided_stem_sees_every_input_voxel():
+    """A change of any one voxel of a 2 x 2 x 2 stem cell reaches the logits at that voxel (the head's skip of
+    the image) and the cell's half-resolution features (the stem's kernel covers the whole cell)."""
+    torch.manual_seed(0)
+    model = UNet3D(init_features=8, depth=1, stem_stride=2).eval()
+    x = torch.randn(1, 1, 4, 4, 4)
+    with torch.no_grad():
+        base, base_stem = model(x), model.stem(x)
+        for index in np.ndindex(2, 2, 2):
+            moved = x.clone()
+            moved[(0, 0, *index)] += 1.0
+            assert not torch.allclose(model(moved)[(0, 0, *index)], base[(0, 0, *index)])
+            assert not torch.allclose(model.stem(moved)[0, :, 0, 0, 0], base_stem[0, :, 0, 0, 0])
+
+
+@pytest.mark.parametrize("stem_stride", [1, 2])
+def test_checkpointing_gives_same_outputs_and_gradients(monkeypatch, stem_stride):
     calls = []
 
     def counting_checkpoint(*args, **kwargs):
@@ -151,11 +201,11 @@ def test_checkpointing_gives_same_outputs_and_gradients(monkeypatch):
 
     monkeypatch.setattr(resunet, "checkpoint", counting_checkpoint)
     torch.manual_seed(0)
-    plain = UNet3D(init_features=4, checkpointing=False).train()
-    ckpt = UNet3D(init_features=4, checkpointing=True).train()
+    plain = UNet3D(init_features=4, checkpointing=False, stem_stride=stem_stride).train()
+    ckpt = UNet3D(init_features=4, checkpointing=True, stem_stride=stem_stride).train()
     ckpt.load_state_dict(plain.state_dict())
-    x = torch.randn(1, 1, 16, 16, 24)
-    weights = torch.randn(1, 1, 16, 16, 24)
+    x = torch.randn(1, 1, 16, 16, 32)
+    weights = torch.randn(1, 1, 16, 16, 32)
     out_plain, grads_plain = _output_and_grads(plain, x, weights)
     assert calls == []
     out_ckpt, grads_ckpt = _output_and_grads(ckpt, x, weights)

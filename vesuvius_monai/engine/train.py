@@ -20,6 +20,8 @@ Run folder (``cfg.output_dir``)::
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import logging
 import time
@@ -201,11 +203,13 @@ def set_threads(cfg: TrainConfig) -> None:
 def validate(model: nn.Module, fragments: list[Fragment], cfg: Config, device: torch.device) -> float:
     """Mean Dice (ignore region excluded) of thresholded sliding-window probabilities over whole val fragments.
 
-    Fragments are read one at a time, so memory is bounded by the largest one.
+    Fragments are read one at a time, so memory is bounded by the largest one. Test-time augmentation is left out
+    here (it would multiply the cost of every validation pass); evaluate, predict and tune-postprocess apply it.
     """
+    plain = dataclasses.replace(cfg, infer=dataclasses.replace(cfg.infer, tta_flip_axes=[], tta_rot90=False))
     scores = []
     for fragment in fragments:
-        probs = infer_volume(model, fragment.image, cfg, device=device)
+        probs = infer_volume(model, fragment.image, plain, device=device)
         scores.append(dice(probs > cfg.postprocess.threshold, fragment.label.read(), ignore_index=cfg.data.ignore_index))
     return float(np.mean(scores))
 

@@ -1,8 +1,10 @@
 """Post-processing chosen on the validation fragments by the leaderboard score (``vesuvius-monai tune-postprocess``).
 
 The checkpoint's model predicts every validation fragment once; :func:`vesuvius_monai.postprocess.pick_postprocess`
-then tries thresholds and small-component removal, scoring each with the competition's leaderboard score, and keeps
-the config's post-processing unless a candidate is better on most fragments (a guard against fitting one fragment).
+then tries the thresholds and small-component sizes of the config's ``tune`` section, scoring each with the
+competition's leaderboard score; candidates that lose more than ``tune.max_dice_drop`` of mean Dice are not allowed,
+and the config's post-processing is kept unless a candidate is better on most fragments (a guard against fitting one
+fragment).
 The choice goes to ``<run>/postprocess.json``; ``evaluate``, ``predict`` and ``tune-postprocess`` with a checkpoint of
 that run use it for every ``postprocess`` key the user's config and overrides do not set (:func:`tuned_overrides`).
 """
@@ -23,7 +25,7 @@ from vesuvius_monai.engine.infer import infer_volume, resolve_device
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.atomic import check_replaceable_file, write_text
 from vesuvius_monai.io.checkpoint import Checkpoint, as_checkpoint
-from vesuvius_monai.metrics import topo_matching_used
+from vesuvius_monai.metrics import dice, topo_matching_used
 from vesuvius_monai.metrics.leaderboard import leaderboard_score
 from vesuvius_monai.postprocess import pick_postprocess
 
@@ -52,9 +54,13 @@ def tune_postprocess(cfg: Config, checkpoint: str | Path | Checkpoint, out_dir: 
     def score(pred: np.ndarray, label: np.ndarray) -> float:
         return leaderboard_score(pred, label, weights=cfg.evaluate.leaderboard, ignore_index=cfg.data.ignore_index)["score"]
 
-    choice = pick_postprocess(probs, labels, score, base=cfg.postprocess)
+    def dice_of(pred: np.ndarray, label: np.ndarray) -> float:
+        return dice(pred, label, ignore_index=cfg.data.ignore_index)
+
+    choice = pick_postprocess(probs, labels, score, base=cfg.postprocess, search=cfg.tune, dice_fn=dice_of)
     payload = {"postprocess": to_dict(choice.chosen), "reason": choice.reason, "base": to_dict(choice.base),
-               "fragments": [f.id for f in fragments], "scores": choice.scores,
+               "fragments": [f.id for f in fragments], "scores": choice.scores, "dices": choice.dices,
+               "search": to_dict(cfg.tune),
                "topo_matching": topo_matching_used(cfg.evaluate.leaderboard), "checkpoint": str(ckpt.path)}
     write_text(out / TUNED_FILE, json.dumps(payload, indent=2))
     log.info("%s (%d validation fragments); written to %s", choice.reason, len(fragments), out / TUNED_FILE)

@@ -65,10 +65,12 @@ def model_kwargs(name: str, width: int, depth: int) -> dict[str, Any]:
     """Keyword arguments giving model ``name`` first-level width ``width`` and ``depth`` poolings (where it has one).
 
     basicunet always pools four times (its depth is fixed); the others double the channels at every level.
+    resunet3d is planned as in the default recipe, behind a strided stem (``stem_stride`` 2): its stem halves the
+    resolution once, so ``depth - 1`` poolings follow and the size divisor stays ``2 ** depth``.
     """
     levels = [width * 2**i for i in range(depth + 1)]
     if name == "resunet3d":
-        return {"init_features": width, "depth": depth}
+        return {"init_features": width, "depth": depth - 1, "stem_stride": 2}
     if name == "basicunet":
         return {"features": [width, width, 2 * width, 4 * width, 8 * width, width]}
     if name == "unet":
