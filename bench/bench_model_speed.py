@@ -135,7 +135,8 @@ def bench_setting(features: int, patch: tuple[int, int, int], extra: dict[str, i
     off, on = statistics.median(train["off"]), statistics.median(train["on"])
     kwargs = "".join(f" {k}={v}" for k, v in extra.items())
     name = f"f={features}{kwargs} {args.batch}x1x{'x'.join(map(str, patch))} t={torch.get_num_threads()}"
-    row = {"features": features, "model_kwargs": extra, "patch": list(patch), "batch": args.batch, "threads": torch.get_num_threads(),
+    row = {"features": features, "model_kwargs": extra, "patch": list(patch), "batch": args.batch,
+           "threads": torch.get_num_threads(),
            "infer_s": infer, "infer_mvox_s": voxels / infer / 1e6, "reps": args.reps, "off_s": off, "on_s": on,
            "ratio": off / on, "steps": args.steps, "off_steps_s": train["off"], "on_steps_s": train["on"]}
     rounds = range(args.steps)
@@ -166,8 +167,8 @@ def run(args: argparse.Namespace) -> None:
         print(line)
     if args.out:
         write_json(args.out, {"device": args.device, "batch": args.batch, "checkpointing": args.checkpointing,
-                              "config": to_dict(setting_config(args, settings[0][0], True, settings[0][2])), "settings": rows,
-                              "verdicts": lines})
+                              "config": to_dict(setting_config(args, settings[0][0], True, settings[0][2])),
+                              "settings": rows, "verdicts": lines})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -192,11 +192,12 @@ def system_config(args: argparse.Namespace, name: str, extra: list[str], dataset
 
 
 def finished_run(cfg: Config) -> dict | None:
-    """The metrics.json of a finished run of exactly this config in ``output_dir``, else None."""
+    """The metrics.json of a finished run of exactly this config in ``output_dir``, else None (the saved config is
+    resolved first, so that sections added since it was saved compare at their defaults)."""
     run = Path(cfg.output_dir)
     metrics, saved = run / "eval" / "metrics.json", run / "config.yaml"
-    if metrics.is_file() and saved.is_file() and yaml.safe_load(saved.read_text()) == yaml.safe_load(
-            yaml.safe_dump(to_dict(cfg))):
+    if metrics.is_file() and saved.is_file() and to_dict(config_from_raw(yaml.safe_load(saved.read_text()), [])) \
+            == to_dict(cfg):
         return json.loads(metrics.read_text())
     return None
 
@@ -367,7 +368,7 @@ def family_means(results: list[dict], summaries: list[dict], group: str, key: st
 def leaders(results: list[dict], summaries: list[dict], families: list[str], systems: list[str]) -> list[str]:
     """Per family (and 'all'): the recipe (one of ``systems``; the ``_untuned`` / ``_plain`` rows are parts of a
     recipe, not recipes) of highest Dice and of highest leaderboard score, then how many families 'default' leads."""
-    lines, led = [], {"dice": 0, "leaderboard": 0}
+    lines, led, ranked = [], {"dice": 0, "leaderboard": 0}, 0
     for group in [*families, "all"]:
         best = []
         for key in ("dice", "leaderboard"):
@@ -376,13 +377,14 @@ def leaders(results: list[dict], summaries: list[dict], families: list[str], sys
                 continue
             winner = max(means, key=means.get)
             runner = max((v for k, v in means.items() if k != winner), default=float("nan"))
-            best.append(f"{key} {winner} {means[winner]:.4f} (next {runner:.4f})")
+            best.append(f"{key} {winner} {means[winner]:.4f}" + (f" (next {runner:.4f})" if len(means) > 1 else ""))
             led[key] += winner == "default" and group != "all"
         if best:
             lines.append(f"{group:13s} " + "; ".join(best))
+            ranked += group != "all"
     if "default" in systems and len(systems) > 1:
-        lines.append(f"default leads {led['dice']} of {len(families)} families in Dice and {led['leaderboard']} of "
-                     f"{len(families)} in leaderboard score")
+        lines.append(f"default leads {led['dice']} of {ranked} families in Dice and {led['leaderboard']} of "
+                     f"{ranked} in leaderboard score")
     return lines
 
 

@@ -4,9 +4,10 @@ import math
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
-from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.config import TuneConfig
+from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.postprocess import PostprocessConfig, describe, pick_postprocess, pick_threshold, postprocess
 
 
@@ -243,11 +244,11 @@ def test_pick_postprocess_does_not_buy_the_score_with_dice():
         pairs.append((prob, label))
     probs, labels = [p for p, _ in pairs], [l for _, l in pairs]
     base = PostprocessConfig()
-    free = pick_postprocess(probs, labels, _precision, base=base, search=TuneConfig(max_dice_drop=1.0),
+    free = pick_postprocess(probs, labels, _precision, base=base, tune=TuneConfig(max_dice_drop=1.0),
                             dice_fn=_dice_score)
     assert free.chosen.threshold >= 0.55  # the rim is gone: precision 1, Dice much lower
     assert np.mean(free.dices[describe(free.chosen)]) < np.mean(free.dices[describe(base)]) - 0.1
-    ruled = pick_postprocess(probs, labels, _precision, base=base, search=TuneConfig(max_dice_drop=0.005),
+    ruled = pick_postprocess(probs, labels, _precision, base=base, tune=TuneConfig(max_dice_drop=0.005),
                              dice_fn=_dice_score)
     assert ruled.chosen.threshold < 0.55 and ruled.chosen.min_size > 0  # specks removed, rim kept
     assert np.mean(ruled.dices[describe(ruled.chosen)]) >= np.mean(ruled.dices[describe(base)])
@@ -258,8 +259,6 @@ def test_pick_postprocess_does_not_buy_the_score_with_dice():
 def test_pick_postprocess_dice_rule_holds_on_random_volumes(seed):
     """Whatever the score, the chosen candidate's mean Dice is never more than max_dice_drop below the base's, and
     every candidate tried has its Dice recorded."""
-    from scipy import ndimage
-
     rng = np.random.default_rng(seed)
     n = int(rng.integers(2, 4))
     shape = tuple(int(v) for v in rng.integers(8, 20, size=3))
@@ -268,9 +267,9 @@ def test_pick_postprocess_dice_rule_holds_on_random_volumes(seed):
     labels = [(ndimage.gaussian_filter(rng.random(shape), 1.5) > 0.5).astype(np.uint8) for _ in range(n)]
     drop = float(rng.choice([0.0, 0.005, 0.02, 0.1]))
     score = [_precision, lambda p, l: -float(p.sum()), _dice_score][seed % 3]
-    search = TuneConfig(thresholds=(0.3, 0.45, 0.5, 0.6, 0.75), min_sizes=(4, 32), max_dice_drop=drop)
+    tune = TuneConfig(thresholds=(0.3, 0.45, 0.5, 0.6, 0.75), min_sizes=(4, 32), max_dice_drop=drop)
     base = PostprocessConfig(threshold=float(rng.choice([0.4, 0.5])))
-    choice = pick_postprocess(probs, labels, score, base=base, search=search, dice_fn=_dice_score)
+    choice = pick_postprocess(probs, labels, score, base=base, tune=tune, dice_fn=_dice_score)
     mean_dice = {k: float(np.mean(v)) for k, v in choice.dices.items()}
     assert mean_dice[describe(choice.chosen)] >= mean_dice[describe(base)] - drop - 1e-12
     assert choice.dices.keys() == choice.scores.keys()

@@ -357,7 +357,8 @@ class TuneConfig:
     """``tune``: what ``tune-postprocess`` tries on the validation fragments (scored by the leaderboard score).
 
     thresholds: candidate thresholds, each in [0, 1] (tried first).
-    min_sizes: candidate small-component sizes, each > 0, tried 6- and 26-connected at the chosen threshold.
+    min_sizes: candidate small-component sizes, each > 0, tried 6- and 26-connected at the chosen threshold (empty:
+        thresholds only).
     max_dice_drop: a candidate whose mean validation Dice is more than this below the config's post-processing's is
         never chosen, so that the score is not bought with overlap (>= 0; 1 turns the rule off).
     """

@@ -132,32 +132,31 @@ def pick_postprocess(
     score_fn: Scorer,
     *,
     base: PostprocessConfig,
-    search: TuneConfig = TuneConfig(),
+    tune: TuneConfig = TuneConfig(),
     dice_fn: Scorer | None = None,
     connectivities: Sequence[int] = (6, 26),
 ) -> PostprocessChoice:
     """Choose post-processing on validation fragments: threshold first, then small-component removal at that threshold.
 
     probs[i] (Z, Y, X) in [0, 1] and labels[i] of the same shape; ``score_fn(bool pred, label)``, higher is better.
-    ``search`` gives the candidates (``thresholds``, ``min_sizes``) and, with ``dice_fn(bool pred, label)``, the Dice
-    rule: a candidate whose mean Dice is more than ``search.max_dice_drop`` below that of ``base`` is never chosen.
-    The candidate with the best mean score replaces ``base`` only when it beats ``base`` on a strict majority of the
-    fragments, at least two: a setting chosen on one fragment, or carried by one, over-fits it. Ties of the mean go
-    to the candidate closer to ``base``.
+    ``tune`` gives the candidates (``thresholds``, ``min_sizes``; no sizes: thresholds only) and, with
+    ``dice_fn(bool pred, label)``, the Dice rule: a candidate whose mean Dice is more than ``tune.max_dice_drop`` below
+    that of ``base`` is never chosen. The candidate with the best mean score replaces ``base`` only when it beats
+    ``base`` on a strict majority of the fragments, at least two: a setting chosen on one fragment, or carried by one,
+    over-fits it. Ties of the mean go to the candidate closer to ``base``.
     """
     if len(probs) == 0 or len(probs) != len(labels):
         raise VesuviusError(f"pick_postprocess needs equally many probs and labels (> 0), got {len(probs)} and "
                             f"{len(labels)}")
-    search_ = _Search(probs, labels, score_fn, dice_fn, base, search.max_dice_drop)
-    best_t = search_.best([dataclasses.replace(base, threshold=float(t)) for t in search.thresholds])
-    by_size = [dataclasses.replace(best_t, min_size=int(m), connectivity=int(c)) for m in search.min_sizes
+    search = _Search(probs, labels, score_fn, dice_fn, base, tune.max_dice_drop)
+    best_t = search.best([base, *(dataclasses.replace(base, threshold=float(t)) for t in tune.thresholds)])
+    by_size = [dataclasses.replace(best_t, min_size=int(m), connectivity=int(c)) for m in tune.min_sizes
                for c in connectivities]
-    best = search_.best([best_t, *by_size])
-    return _guarded(best, search_)
+    return _guarded(search.best([best_t, *by_size]), search)
 
 
 class _Search:
-    """Scores (and Dice) of candidates on the fragments, computed once each, and the best allowed candidate."""
+    """The per-fragment scores (and Dice) of every candidate tried, each computed once, and the best allowed one."""
 
     def __init__(self, probs: list[np.ndarray], labels: list[np.ndarray], score_fn: Scorer, dice_fn: Scorer | None,
                  base: PostprocessConfig, max_dice_drop: float):
@@ -165,7 +164,6 @@ class _Search:
         self.base, self.max_dice_drop = base, max_dice_drop
         self.scores: dict[str, list[float]] = {}
         self.dices: dict[str, list[float]] = {}
-        self.refused: set[str] = set()
         self.measure(base)
 
     def measure(self, cfg: PostprocessConfig) -> None:
@@ -178,26 +176,22 @@ class _Search:
         if self.dice_fn is not None:
             self.dices[name] = _checked(self.dice_fn, masks, self.labels, "dice_fn", name)
 
-    def allowed(self, cfg: PostprocessConfig) -> bool:
-        """False when ``cfg``'s mean Dice is more than ``max_dice_drop`` below the base's (always True without Dice)."""
-        if self.dice_fn is None:
-            return True
-        drop = np.mean(self.dices[describe(self.base)]) - np.mean(self.dices[describe(cfg)])
-        if drop > self.max_dice_drop:
-            self.refused.add(describe(cfg))
-            return False
-        return True
+    def refused(self) -> list[str]:
+        """Names of the candidates tried whose mean Dice is more than ``max_dice_drop`` below the base's."""
+        floor = np.mean(self.dices[describe(self.base)]) - self.max_dice_drop if self.dice_fn else -np.inf
+        return [name for name, values in self.dices.items() if np.mean(values) < floor]
 
     def best(self, candidates: list[PostprocessConfig]) -> PostprocessConfig:
-        """The allowed candidate of best mean score (ties: closest to ``base``), or ``base`` when none is allowed."""
+        """The allowed candidate of best mean score (ties: closest to ``base``); ``base`` itself is always allowed."""
         for cfg in tqdm(candidates, desc="post-processing", leave=False):
             self.measure(cfg)
+        refused = set(self.refused())
+        allowed = [cfg for cfg in candidates if describe(cfg) not in refused]
 
         def key(cfg: PostprocessConfig) -> tuple[float, float, int]:
             return (float(np.mean(self.scores[describe(cfg)])), -abs(cfg.threshold - self.base.threshold),
                     -cfg.min_size)
 
-        allowed = [cfg for cfg in candidates if self.allowed(cfg)]
         return max(allowed, key=key) if allowed else self.base
 
 
@@ -219,9 +213,9 @@ def _guarded(best: PostprocessConfig, search: _Search) -> PostprocessChoice:
         chosen, reason = best, f"chose {describe(best)}: {gain}"
     else:
         reason = f"kept {describe(base)}: {describe(best)} is not better on most fragments ({gain})"
-    if search.refused:
-        reason += (f"; {len(search.refused)} candidates not allowed: mean Dice more than {search.max_dice_drop:g} "
-                   f"below the base's")
+    if refused := search.refused():
+        reason += (f"; {len(refused)} candidates not allowed: mean Dice more than {search.max_dice_drop:g} below the "
+                   f"base's")
     logger.info("post-processing: %s", reason)
     return PostprocessChoice(chosen=chosen, base=base, scores=scores, dices=search.dices, reason=reason)
 

@@ -219,15 +219,25 @@ def test_folder_outputs_refuse_bad_combinations(checkpoint, folder, tmp_path, ca
     assert not (tmp_path / "preds").exists() or not any((tmp_path / "preds").iterdir())
 
 
-def test_validation_leaves_out_test_time_augmentation(checkpoint):
-    """Validation Dice is that of plain sliding-window probabilities even when the config asks for TTA (which
-    evaluate applies and which changes the probabilities)."""
-    cfg = _cfg(checkpoint, "evaluate.metrics=[dice]")
-    tta = _cfg(checkpoint, "evaluate.metrics=[dice]", "infer.tta_flip_axes=[0,1,2]")
-    fragment = load_splits(cfg.data)["test"][0]
+def test_validation_leaves_out_test_time_augmentation(checkpoint, monkeypatch):
+    """Validation infers without TTA even when the config asks for it (evaluate applies it), and otherwise with the
+    config's inference settings."""
+    from vesuvius_monai.engine import train as train_module
+
+    tta = _cfg(checkpoint, "evaluate.metrics=[dice]", "infer.tta_flip_axes=[0,1,2]", "infer.tta_rot90=true")
+    fragment = load_splits(tta.data)["test"][0]
     model, _ = model_from_checkpoint(checkpoint, torch.device("cpu"))
-    plain_probs, tta_probs = infer_volume(model, fragment.image, cfg), infer_volume(model, fragment.image, tta)
-    assert not np.array_equal(plain_probs, tta_probs)
-    label = fragment.label.read()
-    expected = dice(plain_probs > cfg.postprocess.threshold, label, ignore_index=cfg.data.ignore_index)
-    assert validate(model, [fragment], tta, torch.device("cpu")) == expected
+    seen = []
+
+    def recording(model, image, cfg, device=None):
+        seen.append(cfg)
+        return infer_volume(model, image, cfg, device=device)
+
+    monkeypatch.setattr(train_module, "infer_volume", recording)
+    score = validate(model, [fragment], tta, torch.device("cpu"))
+    (used,) = seen
+    assert used.infer.tta_flip_axes == [] and used.infer.tta_rot90 is False
+    assert used.infer.roi_size == tta.infer.roi_size and used.postprocess == tta.postprocess
+    plain = infer_volume(model, fragment.image, used)
+    expected = dice(plain > tta.postprocess.threshold, fragment.label.read(), ignore_index=tta.data.ignore_index)
+    assert score == expected

@@ -111,6 +111,7 @@ def test_explicit_features_and_odd_channel_counts():
         ({"negative_slope": float("nan")}, "negative_slope"),
         ({"stem_stride": 3}, "stem_stride"),
         ({"stem_stride": True}, "stem_stride"),
+        ({"stem_stride": 2.0}, "stem_stride"),
     ],
 )
 def test_bad_parameters(kwargs, word):

@@ -57,7 +57,7 @@ def tune_postprocess(cfg: Config, checkpoint: str | Path | Checkpoint, out_dir: 
     def dice_of(pred: np.ndarray, label: np.ndarray) -> float:
         return dice(pred, label, ignore_index=cfg.data.ignore_index)
 
-    choice = pick_postprocess(probs, labels, score, base=cfg.postprocess, search=cfg.tune, dice_fn=dice_of)
+    choice = pick_postprocess(probs, labels, score, base=cfg.postprocess, tune=cfg.tune, dice_fn=dice_of)
     payload = {"postprocess": to_dict(choice.chosen), "reason": choice.reason, "base": to_dict(choice.base),
                "fragments": [f.id for f in fragments], "scores": choice.scores, "dices": choice.dices,
                "search": to_dict(cfg.tune),

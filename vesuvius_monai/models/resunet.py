@@ -9,8 +9,9 @@ skip, residual block; a final 1x1x1 conv. Every spatial input size must be a mul
 with GroupNorm and LeakyReLU before the first level, and a ConvTranspose3d(kernel 3, stride 2)
 with LeakyReLU after the last (overlapping kernels, so neighbouring half-resolution cells blend
 at full resolution), whose features are concatenated with the input for the final 1x1x1 conv.
-A training step costs about a fifth of the full-resolution network's at the same width
-(bench/bench_model_speed.py --stem-stride 1 2).
+Almost nothing runs at full resolution, so a training step is several times cheaper than the
+full-resolution network's (``python bench/bench_model_speed.py --settings 8:64x64x64:depth=4
+8:64x64x64:depth=3,stem_stride=2``; figures in the README).
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def _resolve_features(init_features: int, depth: int, features: Sequence[int] | 
 class UNet3D(nn.Module):
     """Residual 3D UNet: (B, in_channels, Z, Y, X) -> logits (B, out_channels, Z, Y, X).
 
-    Z, Y and X must each be a multiple of ``2 ** depth``. No sigmoid is applied.
+    Z, Y and X must each be a multiple of ``size_divisor`` (``stem_stride * 2 ** depth``). No sigmoid is applied.
 
     Args:
         in_channels: input channels.
@@ -122,7 +123,7 @@ class UNet3D(nn.Module):
                 raise VesuviusError(f"UNet3D {key} must be an integer >= 1, got {value!r}")
         if not negative_slope >= 0:
             raise VesuviusError(f"UNet3D negative_slope must be >= 0, got {negative_slope!r}")
-        if stem_stride not in (1, 2) or isinstance(stem_stride, bool):
+        if isinstance(stem_stride, bool) or not isinstance(stem_stride, int) or stem_stride not in (1, 2):
             raise VesuviusError(f"UNet3D stem_stride must be 1 or 2, got {stem_stride!r}")
         feats = _resolve_features(init_features, depth, features)
         self.in_channels = in_channels
@@ -159,7 +160,7 @@ class UNet3D(nn.Module):
         return self.stem_stride * 2**self.depth
 
     def _check_input(self, x: torch.Tensor) -> None:
-        """Raise VesuviusError unless x is (B, in_channels, Z, Y, X) with Z, Y, X multiples of 2**depth."""
+        """Raise VesuviusError unless x is (B, in_channels, Z, Y, X) with Z, Y, X multiples of size_divisor."""
         if x.ndim != 5 or x.shape[1] != self.in_channels:
             raise VesuviusError(
                 f"UNet3D input must be (B, {self.in_channels}, Z, Y, X), got shape {tuple(x.shape)}"

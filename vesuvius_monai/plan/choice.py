@@ -172,9 +172,9 @@ def _plan_values(cfg: Config, cand: Candidate, timing: dict, budget: Budget, fp:
         for key, value in model_kwargs(cfg.model.name, cand.width, cand.depth).items():
             values[f"model.kwargs.{key}"] = value
             reasons[f"model.kwargs.{key}"] = (
-                f"width {cand.width} (first-level channels), {cand.depth} halvings of the resolution (strided stem "
-                f"and poolings): the ladder grows width and patch together; the halvings bring the patch "
-                f"{list(cand.patch)} to about 4 voxels")
+                f"width {cand.width} (first-level channels), {cand.depth} halvings of the resolution ("
+                f"{'strided stem and poolings' if cfg.model.name == 'resunet3d' else 'poolings'}): the ladder grows "
+                f"width and patch together; the halvings bring the patch {list(cand.patch)} to about 4 voxels")
     values["train.batch_size"] = cand.batch
     reasons["train.batch_size"] = (f"{cand.batch}: the ladder doubles the batch only once patch and width are at "
                                    f"their caps" + ("" if device.type == "cuda" else " and only on CUDA"))

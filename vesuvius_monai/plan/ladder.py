@@ -53,7 +53,8 @@ class PlanRules:
 
 @dataclass(frozen=True, kw_only=True)
 class Candidate:
-    """One configuration to measure: cubic-ish ``patch`` (z, y, x), network ``width`` and ``depth``, ``batch``."""
+    """One configuration to measure: cubic-ish ``patch`` (z, y, x), network ``width``, ``depth`` (halvings of the
+    resolution: poolings, and resunet3d's strided stem; see :func:`model_kwargs`), ``batch``."""
 
     patch: Triple
     width: int
