@@ -65,6 +65,7 @@ from vesuvius_monai.data.families import (FAMILIES, FAMILY_NAMES, SplitCounts, c
                                           write_families)
 from vesuvius_monai.data.readers import open_volume
 from vesuvius_monai.engine.evaluate import evaluate
+from vesuvius_monai.engine.infer import without_tta
 from vesuvius_monai.engine.train import train
 from vesuvius_monai.engine.tune import TUNED_FILE, tune_postprocess
 from vesuvius_monai.errors import VesuviusError
@@ -241,11 +242,6 @@ def same_scoring(saved: dict, cfg: Config) -> bool:
     return saved.get("postprocess") == mine["postprocess"] and saved.get("infer") == mine["infer"]
 
 
-def without_tta(cfg: Config) -> Config:
-    """``cfg`` with plain sliding-window inference (no test-time augmentation)."""
-    return config_from_raw(to_dict(cfg), ["infer.tta_flip_axes=[]", "infer.tta_rot90=false"])
-
-
 def evaluation(cfg: Config, checkpoint: Path, out: Path) -> tuple[dict, float]:
     """``out/metrics.json`` when it holds an evaluation with ``cfg``'s inference and post-processing, else a new one
     into ``out``; returns it and the seconds spent (0 when reused)."""
@@ -279,16 +275,16 @@ def run_system(args: argparse.Namespace, name: str, extra: list[str], dataset: P
                  cfg.model.kwargs, run)
         train(cfg)
     tune_seconds = float("nan")
-    variants = [(name, cfg)]
+    variants = [(name, cfg, "eval_untuned")]  # (row name, config, its evaluation folder unless it is the first)
     if name in args.tune:
         start = time.perf_counter()
         if not (run / TUNED_FILE).is_file():
             tune_postprocess(cfg, checkpoint)
             tune_seconds = time.perf_counter() - start
         tuned = with_postprocess(cfg, json.loads((run / TUNED_FILE).read_text())["postprocess"])
-        variants = [(name, tuned), (f"{name}_untuned", cfg)]
+        variants = [(name, tuned, "eval_tuned"), (f"{name}_untuned", cfg, "eval_untuned")]
         if cfg.infer.tta_flip_axes or cfg.infer.tta_rot90:
-            variants.append((f"{name}_plain", without_tta(cfg)))
+            variants.append((f"{name}_plain", without_tta(cfg), "eval_plain"))
     first = json.loads((run / "eval" / "metrics.json").read_text()) if reused else None
     common = {"seed": seed, "run": str(run), "reused": reused, "model": cfg.model.name,
               "model_kwargs": cfg.model.kwargs, "patch_size": list(cfg.transforms.patch_size),
@@ -296,10 +292,10 @@ def run_system(args: argparse.Namespace, name: str, extra: list[str], dataset: P
               "checkpoint": args.checkpoint, "scored_step": int(load_checkpoint(checkpoint)["step"]),
               **read_train_log(run), "tune_seconds": tune_seconds, "load_before": list(load_before)}
     rows = []
-    for system, variant in variants:
+    for system, variant, folder in variants:
         pp = to_dict(variant)["postprocess"]
         in_eval = first is None and not rows or first is not None and same_scoring(first["config"], variant)
-        out = run / ("eval" if in_eval else "eval_" + (system.removeprefix(f"{name}_") if system != name else "tuned"))
+        out = run / ("eval" if in_eval else folder)
         payload, seconds = evaluation(variant, checkpoint, out)
         rows.append(dict(common, system=system, eval_seconds=seconds, postprocess=pp, config=to_dict(variant),
                          fragments=scored_fragments(out, payload, variant, dataset, info)))

@@ -11,6 +11,7 @@ does. Arrays are (z, y, x); the network sees (B, 1, z, y, x). AMP is used on CUD
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -79,6 +80,11 @@ def make_predictor(model: nn.Module, cfg: InferConfig, device: torch.device, amp
         return tta_predict(probs, x, flip_axes=tuple(cfg.tta_flip_axes), rot90=cfg.tta_rot90)
 
     return predict
+
+
+def without_tta(cfg: Config) -> Config:
+    """``cfg`` with plain sliding-window inference: no test-time augmentation, every other setting kept."""
+    return dataclasses.replace(cfg, infer=dataclasses.replace(cfg.infer, tta_flip_axes=[], tta_rot90=False))
 
 
 def volume_reader(reader: VolumeReader, window: tuple[float, float], roi: Region, grid: WindowGrid) -> Reader:

@@ -125,8 +125,9 @@ def folder_targets(inputs: Sequence[Path], output: Path) -> list[tuple[Path, Pat
             continue
         if path.resolve() == output.resolve() or path.resolve() in output.resolve().parents:
             raise VesuviusError(f"--output {output} is inside the input folder {path}; choose a folder outside it")
-        found = [p for p in sorted(path.iterdir()) if not p.name.startswith(".") and _is_volume(p)]
-        skipped = [p.name for p in sorted(path.iterdir()) if not p.name.startswith(".") and p not in found]
+        entries = [p for p in sorted(path.iterdir()) if not p.name.startswith(".")]
+        found = [p for p in entries if _is_volume(p)]
+        skipped = [p.name for p in entries if p not in found]
         if skipped:
             log.info("--input %s: skipped %d entries that are not volumes: %s", path, len(skipped),
                      ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else ""))

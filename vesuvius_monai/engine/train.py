@@ -20,7 +20,6 @@ Run folder (``cfg.output_dir``)::
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -36,7 +35,7 @@ from vesuvius_monai.config import Config, TrainConfig, config_from_raw, save_con
 from vesuvius_monai.data.dataset import Fragment, load_splits
 from vesuvius_monai.data.patches import PatchDataset, PatchSource, prepare_sources, rank_items
 from vesuvius_monai.engine.distributed import DistContext, init_distributed, on_main
-from vesuvius_monai.engine.infer import infer_volume
+from vesuvius_monai.engine.infer import infer_volume, without_tta
 from vesuvius_monai.engine.trainer import (  # noqa: F401  (lr_factor: re-exported)
     NullLog,
     RunClock,
@@ -206,7 +205,7 @@ def validate(model: nn.Module, fragments: list[Fragment], cfg: Config, device: t
     Fragments are read one at a time, so memory is bounded by the largest one. Test-time augmentation is left out
     here (it would multiply the cost of every validation pass); evaluate, predict and tune-postprocess apply it.
     """
-    plain = dataclasses.replace(cfg, infer=dataclasses.replace(cfg.infer, tta_flip_axes=[], tta_rot90=False))
+    plain = without_tta(cfg)
     scores = []
     for fragment in fragments:
         probs = infer_volume(model, fragment.image, plain, device=device)
