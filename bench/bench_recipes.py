@@ -3,14 +3,15 @@ held-out test fragments of every family.
 
 Systems (``--systems``):
 
-    default     the recipe of ``--config`` as it is (configs/demo.yaml: resunet3d init_features 8, depth 4, 64^3
-                patches, Dice + BCE, ...), then its post-processing chosen on the val fragments (``--tune``)
+    default     the recipe of ``--config`` as it is (configs/demo.yaml: resunet3d at half resolution behind a strided
+                stem, init_features 8, depth 3, 64^3 patches, Dice + BCE, mirrored test-time augmentation, ...), then
+                its post-processing chosen on the val fragments (``--tune``)
     <model>     a plain MONAI-pipeline recipe for a registered model (basicunet, segresnet, dynunet, unet, resunet3d):
                 the model's registry defaults (``model.kwargs={}``), 64^3 patches and windows, Dice + BCE, AdamW
                 lr 1e-3, weight decay 1e-5, plain sliding-window inference (no test-time augmentation); everything
                 else (augmentation, batch, schedule, validation interval, window overlap and blending,
-                post-processing) from ``--config``. ``--set unet:infer.tta_flip_axes=[0,1,2] --tune default unet``
-                gives a MONAI network the default's inference and post-processing tuning instead.
+                post-processing) from ``--config``. ``--default-inference unet`` also scores the same checkpoints
+                with the default's inference (its TTA, then post-processing tuned on the val fragments).
 
 Every system trains on the train split of the families (``vesuvius_monai.data.families``; the train split mixes
 all families, the val split picks the checkpoint, ``--checkpoint best`` by default) for ``--minutes`` of wall-clock
@@ -47,6 +48,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -120,6 +122,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tune", nargs="*", default=["default"], metavar="SYSTEM",
                         help="systems whose post-processing is chosen on the val fragments after training "
                              "(tune-postprocess, part of the recipe; its seconds are reported); default: default")
+    parser.add_argument("--default-inference", nargs="*", default=[], metavar="SYSTEM",
+                        help="MONAI systems also scored with the default's inference: the same checkpoint with the "
+                             "test-time augmentation of --config (row <system>_tta) and then with post-processing "
+                             "tuned on the val fragments as the default's is (row <system>_tta_tuned, a competitor "
+                             "in the leader counts)")
     parser.add_argument("--min-delta", type=float, default=0.002,
                         help="smallest mean delta called a change in the verdicts against 'default'")
     parser.add_argument("--out", type=Path, help="results JSON (default: <run-dir>/results.json)")
@@ -135,6 +142,10 @@ def check_args(args: argparse.Namespace) -> dict[str, list[str]]:
             raise VesuviusError(f"--systems: unknown system {name!r}; known: {', '.join(known)}")
     if len(set(args.systems)) != len(args.systems) or len(set(args.seeds)) != len(args.seeds):
         raise VesuviusError("--systems and --seeds must not repeat a value")
+    for name in args.default_inference:
+        if name == "default" or name not in args.systems or name in args.tune:
+            raise VesuviusError(f"--default-inference: {name!r} must be one of --systems other than 'default' and "
+                                f"not in --tune")
     if not args.minutes > 0:
         raise VesuviusError(f"--minutes must be > 0, got {args.minutes}")
     if args.step_cap < 1 or args.fragment_shape < 8:
@@ -236,10 +247,25 @@ def scored_fragments(eval_dir: Path, payload: dict, cfg: Config, dataset: Path, 
     return fragments
 
 
+def default_inference(args: argparse.Namespace, name: str, cfg: Config, run: Path, checkpoint: Path) -> list[tuple]:
+    """Variants of a MONAI system's run given the default's inference: (row name, config, evaluation folder) of
+    ``<name>_tta`` (the test-time augmentation of ``--config`` with its overrides, the config's post-processing)
+    and ``<name>_tta_tuned`` (that TTA, post-processing tuned on the val fragments into ``<run>/tune_tta/``)."""
+    recipe = with_overrides(args.config, args.overrides).infer
+    tta = dataclasses.replace(cfg, infer=dataclasses.replace(cfg.infer, tta_flip_axes=list(recipe.tta_flip_axes),
+                                                             tta_rot90=recipe.tta_rot90))
+    tuned_file = run / "tune_tta" / TUNED_FILE
+    if not tuned_file.is_file():
+        tune_postprocess(tta, checkpoint, tuned_file.parent)
+    tuned = with_postprocess(tta, json.loads(tuned_file.read_text())["postprocess"])
+    return [(f"{name}_tta", tta, "eval_tta"), (f"{name}_tta_tuned", tuned, "eval_tta_tuned")]
+
+
 def same_scoring(saved: dict, cfg: Config) -> bool:
-    """Whether an evaluation's saved config used ``cfg``'s inference and post-processing."""
+    """Whether an evaluation's saved config used ``cfg``'s inference, post-processing and evaluation settings (the
+    bench's metrics and saved masks)."""
     mine = to_dict(cfg)
-    return saved.get("postprocess") == mine["postprocess"] and saved.get("infer") == mine["infer"]
+    return all(saved.get(key) == mine[key] for key in ("infer", "postprocess", "evaluate"))
 
 
 def evaluation(cfg: Config, checkpoint: Path, out: Path) -> tuple[dict, float]:
@@ -262,8 +288,10 @@ def run_system(args: argparse.Namespace, name: str, extra: list[str], dataset: P
     A system in ``--tune`` gets its post-processing chosen on the val fragments after training (``tune-postprocess``;
     a reused run is tuned now if it never was) and two rows: ``name`` scored with that choice, ``<name>_untuned``
     with the config's post-processing (one checkpoint); with test-time augmentation in its config also
-    ``<name>_plain``, without TTA and with the config's post-processing. A fresh run's first evaluation goes to
-    ``eval/`` (tuned for a ``--tune`` system), the others to ``eval_tuned/``, ``eval_untuned/``, ``eval_plain/``.
+    ``<name>_plain``, without TTA and with the config's post-processing. A system in ``--default-inference`` also
+    gets the rows of :func:`default_inference`. A fresh run's first evaluation goes to ``eval/`` (tuned for a
+    ``--tune`` system), the others to ``eval_tuned/``, ``eval_untuned/``, ``eval_plain/``, ``eval_tta/``,
+    ``eval_tta_tuned/``.
     """
     cfg = system_config(args, name, extra, dataset, seed)
     run = Path(cfg.output_dir)
@@ -285,6 +313,8 @@ def run_system(args: argparse.Namespace, name: str, extra: list[str], dataset: P
         variants = [(name, tuned, "eval_tuned"), (f"{name}_untuned", cfg, "eval_untuned")]
         if cfg.infer.tta_flip_axes or cfg.infer.tta_rot90:
             variants.append((f"{name}_plain", without_tta(cfg), "eval_plain"))
+    if name in args.default_inference:
+        variants += default_inference(args, name, cfg, run, checkpoint)
     first = json.loads((run / "eval" / "metrics.json").read_text()) if reused else None
     common = {"seed": seed, "run": str(run), "reused": reused, "model": cfg.model.name,
               "model_kwargs": cfg.model.kwargs, "patch_size": list(cfg.transforms.patch_size),
@@ -362,8 +392,9 @@ def family_means(results: list[dict], summaries: list[dict], group: str, key: st
 
 
 def leaders(results: list[dict], summaries: list[dict], families: list[str], systems: list[str]) -> list[str]:
-    """Per family (and 'all'): the recipe (one of ``systems``; the ``_untuned`` / ``_plain`` rows are parts of a
-    recipe, not recipes) of highest Dice and of highest leaderboard score, then how many families 'default' leads."""
+    """Per family (and 'all'): the recipe (one of ``systems``; the ``_untuned`` / ``_plain`` / ``_tta`` rows are
+    parts of a recipe, not recipes) of highest Dice and of highest leaderboard score, then how many families
+    'default' leads."""
     lines, led, ranked = [], {"dice": 0, "leaderboard": 0}, 0
     for group in [*families, "all"]:
         best = []
@@ -425,6 +456,11 @@ def print_report(args: argparse.Namespace, results: list[dict], summaries: list[
     print("\nleader per family (mean over seeds of the per-seed means; most families led = the recipe to beat):")
     for line in leaders(results, summaries, args.families, args.systems):
         print("  " + line)
+    if args.default_inference:
+        rivals = [*args.systems, *(f"{name}_tta_tuned" for name in args.default_inference)]
+        print(f"\nthe same with {', '.join(args.default_inference)} also given the default's inference:")
+        for line in leaders(results, summaries, args.families, rivals):
+            print("  " + line)
     if lines:
         print("\n" + verdict_rule(VERDICT_UNIT))
         for line in lines:

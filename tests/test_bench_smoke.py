@@ -48,12 +48,12 @@ def run_script(script: str, args: list[str]) -> subprocess.CompletedProcess:
                           text=True, timeout=TIMEOUT_S)
 
 
-def recipes_args(tmp: Path, seeds: list[str], systems: list[str], out: str) -> list[str]:
-    """A tiny bench_recipes run: one family of 32^3 fragments, 0.3 s of training per system."""
+def recipes_args(tmp: Path, seeds: list[str], systems: list[str], out: str, *extra: str) -> list[str]:
+    """A tiny bench_recipes run: one family of 32^3 fragments, 0.3 s of training per system; ``extra`` flags."""
     return ["--minutes", "0.005", "--families", "thin", "--fragment-shape", "32", "--split", "1", "1", "1",
             "--data-dir", str(tmp / "data"), "--run-dir", str(tmp / "runs"), "--out", str(tmp / out),
             "--set", "default:model.kwargs={init_features: 4, depth: 2}", "--seeds", *seeds, "--systems", *systems,
-            "--", "transforms.patch_size=[32,32,32]", "infer.roi_size=[32,32,32]"]
+            *extra, "--", "transforms.patch_size=[32,32,32]", "infer.roi_size=[32,32,32]"]
 
 
 def tiny_runs(tmp: Path) -> dict[str, tuple[list[list[str]], list[str]]]:
@@ -65,7 +65,8 @@ def tiny_runs(tmp: Path) -> dict[str, tuple[list[list[str]], list[str]]]:
         "bench_distributed.py": ([["--steps", "1", "--reps", "1", "--features", "4", "--patch", "16", "--threads",
                                    "1", "--work", str(tmp / "work")]], ["training, resunet3d init_features 4"]),
         # a first seed with two systems, then a second seed (the first seed's runs are reused)
-        "bench_recipes.py": ([recipes_args(tmp, ["0"], ["default", "basicunet"], "first.json"),
+        "bench_recipes.py": ([recipes_args(tmp, ["0"], ["default", "basicunet"], "first.json", "--default-inference",
+                                           "basicunet"),
                               recipes_args(tmp, ["0", "1"], ["default"], "second.json")],
                              ["system family", "n", "steps", "ckpt_step", "dice", "score"]),
         "bench_checkpointing.py": ([["--patch", "16", "16", "16", "--features", "4", "--depth", "2", "--reps", "1",
@@ -222,14 +223,22 @@ def test_bench_recipes_smoke(tiny_results) -> None:
     out = done.stdout
     assert "seed 0" in out and "means over seeds" not in out
     for row in ("default thin", "default_untuned thin", "default_plain thin", "basicunet thin", "default all",
-                "basicunet all"):
+                "basicunet all", "basicunet_tta thin", "basicunet_tta_tuned all"):
         assert row in out
+    assert "also given the default's inference" in out
     assert "basicunet vs default: leaderboard" in out and "leader per family" in out
     assert "default leads" in out and "of 1 families in Dice" in out
     first = json.loads((folder / "first.json").read_text())
     assert [(r["system"], r["seed"], r["reused"]) for r in first["runs"]] == [
-        ("default", 0, False), ("default_untuned", 0, False), ("default_plain", 0, False), ("basicunet", 0, False)]
-    tuned, untuned, plain, monai = first["runs"]  # one checkpoint: tuned, the config's post-processing, no TTA
+        ("default", 0, False), ("default_untuned", 0, False), ("default_plain", 0, False), ("basicunet", 0, False),
+        ("basicunet_tta", 0, False), ("basicunet_tta_tuned", 0, False)]
+    tuned, untuned, plain, monai, monai_tta, monai_tuned = first["runs"]  # one checkpoint per system
+    # the MONAI checkpoint given the default's inference: its TTA, then post-processing tuned into tune_tta/
+    assert monai["scored_step"] == monai_tta["scored_step"] == monai_tuned["scored_step"]
+    assert monai_tta["config"]["infer"]["tta_flip_axes"] == monai_tuned["config"]["infer"]["tta_flip_axes"] == [0, 1, 2]
+    assert monai_tta["postprocess"] == monai["postprocess"]
+    choice = json.loads((Path(monai["run"]) / "tune_tta" / "postprocess.json").read_text())["postprocess"]
+    assert monai_tuned["postprocess"] == choice and not (Path(monai["run"]) / "postprocess.json").exists()
     assert tuned["scored_step"] == untuned["scored_step"] == plain["scored_step"]
     assert untuned["postprocess"]["threshold"] == plain["postprocess"]["threshold"] == 0.5
     assert tuned["postprocess"] == json.loads((Path(tuned["run"]) / "postprocess.json").read_text())["postprocess"]
@@ -239,7 +248,7 @@ def test_bench_recipes_smoke(tiny_results) -> None:
     assert plain["config"]["infer"]["tta_flip_axes"] == monai["config"]["infer"]["tta_flip_axes"] == []
     assert {Path(r["run"]).name for r in first["runs"][:3]} == {"default"}
     for r in first["runs"]:
-        assert r["steps"] >= 1 and r["model"] == ("basicunet" if r["system"] == "basicunet" else "resunet3d")
+        assert r["steps"] >= 1 and r["model"] == ("basicunet" if r["system"].startswith("basicunet") else "resunet3d")
         assert r["config"]["train"]["max_minutes"] == 0.005 and r["config"]["transforms"]["patch_size"] == [32] * 3
         assert r["config"]["train"]["warmup_steps"] == 5000  # configs/demo.yaml: 100 of 2000 steps, of the 100000 cap
         (frag,) = r["fragments"].values()

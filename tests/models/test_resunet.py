@@ -112,6 +112,10 @@ def test_explicit_features_and_odd_channel_counts():
         ({"stem_stride": 3}, "stem_stride"),
         ({"stem_stride": True}, "stem_stride"),
         ({"stem_stride": 2.0}, "stem_stride"),
+        ({"downsample": "median"}, "downsample"),
+        ({"up_kernel_size": 4}, "up_kernel_size"),
+        ({"up_kernel_size": True}, "up_kernel_size"),
+        ({"final_kernel_size": 2}, "final_kernel_size"),
     ],
 )
 def test_bad_parameters(kwargs, word):
@@ -159,16 +163,30 @@ def test_strided_stem_layout():
     assert UNet3D(init_features=8, depth=2).stem is None
 
 
-@pytest.mark.parametrize("seed", range(6))
+def test_downsampling_and_upsampling_choices():
+    model = UNet3D(init_features=4, depth=2, downsample="conv", up_kernel_size=3, final_kernel_size=3)
+    assert (model.final.kernel_size, model.final.padding) == ((3, 3, 3), (1, 1, 1))
+    assert [(d.in_channels, d.out_channels, d.kernel_size, d.stride, d.padding) for d in model.downs] == [
+        (4, 4, (3, 3, 3), (2, 2, 2), (1, 1, 1)), (8, 8, (3, 3, 3), (2, 2, 2), (1, 1, 1))]
+    assert [(u.kernel_size, u.padding, u.output_padding) for u in model.upconvs] == [((3, 3, 3), (1, 1, 1),
+                                                                                      (1, 1, 1))] * 2
+    assert all(isinstance(d, nn.AvgPool3d) for d in UNet3D(depth=2, downsample="avgpool").downs)
+    assert all(isinstance(d, nn.MaxPool3d) for d in UNet3D(depth=2).downs)  # the notebook's
+    assert [u.kernel_size for u in UNet3D(depth=2).upconvs] == [(2, 2, 2)] * 2
+
+
+@pytest.mark.parametrize("seed", range(8))
 def test_strided_stem_keeps_the_input_shape_on_random_shapes(seed):
     rng = np.random.default_rng(seed)
     depth = int(rng.integers(1, 4))
     divisor = 2 * 2**depth
     shape = tuple(int(divisor * rng.integers(1, 4)) for _ in range(3))
     batch, channels = int(rng.integers(1, 3)), int(rng.integers(1, 3))
+    options = {"downsample": str(rng.choice(["maxpool", "avgpool", "conv"])), "up_kernel_size": int(rng.choice([2, 3])),
+               "final_kernel_size": int(rng.choice([1, 3]))}
     model = build_model("resunet3d", in_channels=channels, out_channels=2, init_features=4, depth=depth,
-                        stem_stride=2).eval()
-    assert size_divisor("resunet3d", depth=depth, stem_stride=2) == divisor == model.size_divisor
+                        stem_stride=2, **options).eval()
+    assert size_divisor("resunet3d", depth=depth, stem_stride=2, **options) == divisor == model.size_divisor
     with torch.no_grad():
         out = model(torch.randn(batch, channels, *shape))
     assert out.shape == (batch, 2, *shape) and torch.isfinite(out).all()

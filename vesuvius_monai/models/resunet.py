@@ -67,6 +67,13 @@ class ResidualBlock(nn.Module):
         return self.act(out + self.shortcut(x))
 
 
+DOWNSAMPLE = {
+    "maxpool": lambda channels: nn.MaxPool3d(kernel_size=2, stride=2),
+    "avgpool": lambda channels: nn.AvgPool3d(kernel_size=2, stride=2),
+    "conv": lambda channels: nn.Conv3d(channels, channels, kernel_size=3, stride=2, padding=1),
+}
+
+
 def _resolve_features(init_features: int, depth: int, features: Sequence[int] | None) -> tuple[int, ...]:
     """Channel counts per level, encoder levels then bottleneck: length ``depth + 1``."""
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
@@ -102,6 +109,11 @@ class UNet3D(nn.Module):
             (less memory, more time); only active in training mode with grad enabled.
         stem_stride: 1 (the network above at full resolution) or 2 (the same network at half
             resolution between a strided stem and an upsampling head; see the module docstring).
+        downsample: between levels, ``"maxpool"`` (MaxPool3d(2), the notebook's), ``"avgpool"``
+            (AvgPool3d(2)) or ``"conv"`` (Conv3d(kernel 3, stride 2, padding 1), channels kept).
+        up_kernel_size: decoder ConvTranspose3d kernel, 2 (the notebook's) or 3 (padding 1,
+            output_padding 1: overlapping kernels, still stride 2).
+        final_kernel_size: kernel of the final conv, 1 (the notebook's) or 3 (padding 1).
     """
 
     def __init__(
@@ -116,6 +128,9 @@ class UNet3D(nn.Module):
         negative_slope: float = 0.01,
         checkpointing: bool = False,
         stem_stride: int = 1,
+        downsample: str = "maxpool",
+        up_kernel_size: int = 2,
+        final_kernel_size: int = 1,
     ):
         super().__init__()
         for key, value in (("in_channels", in_channels), ("out_channels", out_channels), ("norm_groups", norm_groups)):
@@ -146,13 +161,22 @@ class UNet3D(nn.Module):
                                                          output_padding=1),
                                       nn.LeakyReLU(negative_slope))
         self.encoders = nn.ModuleList(block(cin, cout) for cin, cout in zip((first_in,) + feats[:-2], feats[:-1]))
-        self.pool = nn.MaxPool3d(kernel_size=2, stride=2)
+        if downsample not in DOWNSAMPLE:
+            raise VesuviusError(f"UNet3D downsample must be one of {', '.join(DOWNSAMPLE)}, got {downsample!r}")
+        self.downs = nn.ModuleList(DOWNSAMPLE[downsample](c) for c in feats[:-1])
         self.bottleneck = block(feats[-2], feats[-1])
         # decoder level i (deepest first) upsamples feats[i + 1] -> feats[i], concatenates the skip, 2 feats[i] -> feats[i]
         levels = range(depth - 1, -1, -1)
-        self.upconvs = nn.ModuleList(nn.ConvTranspose3d(feats[i + 1], feats[i], kernel_size=2, stride=2) for i in levels)
+        if up_kernel_size not in (2, 3) or isinstance(up_kernel_size, bool):
+            raise VesuviusError(f"UNet3D up_kernel_size must be 2 or 3, got {up_kernel_size!r}")
+        pad = up_kernel_size - 2  # kernel 3: padding 1 and output_padding 1 double the size, as kernel 2 does
+        self.upconvs = nn.ModuleList(nn.ConvTranspose3d(feats[i + 1], feats[i], kernel_size=up_kernel_size, stride=2,
+                                                        padding=pad, output_padding=pad) for i in levels)
         self.decoders = nn.ModuleList(block(2 * feats[i], feats[i]) for i in levels)
-        self.final = nn.Conv3d(feats[0] + (in_channels if stem_stride == 2 else 0), out_channels, kernel_size=1)
+        if final_kernel_size not in (1, 3) or isinstance(final_kernel_size, bool):
+            raise VesuviusError(f"UNet3D final_kernel_size must be 1 or 3, got {final_kernel_size!r}")
+        self.final = nn.Conv3d(feats[0] + (in_channels if stem_stride == 2 else 0), out_channels,
+                               kernel_size=final_kernel_size, padding=final_kernel_size // 2)
 
     @property
     def size_divisor(self) -> int:
@@ -187,9 +211,9 @@ class UNet3D(nn.Module):
             x = self.stem(x)
         skips = []
         for index, encoder in enumerate(self.encoders):
-            x = self._run(encoder, x if index == 0 else self.pool(x))
+            x = self._run(encoder, x if index == 0 else self.downs[index - 1](x))
             skips.append(x)
-        x = self._run(self.bottleneck, self.pool(x))
+        x = self._run(self.bottleneck, self.downs[-1](x))
         for upconv, decoder, skip in zip(self.upconvs, self.decoders, reversed(skips)):
             x = decoder(torch.cat([upconv(x), skip], dim=1))
         if self.head is not None:
