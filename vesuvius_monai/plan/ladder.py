@@ -22,6 +22,9 @@ class PlanRules:
     """The knobs of the planner (not the dataset's or the device's facts, which are measured).
 
     min_steps: the fewest optimiser steps a plan may leave; the largest candidate with at least this many is chosen.
+        1000: on the benchmark families at 6 CPU minutes, the half-resolution network at width 8 (2150-2700
+        steps) beat width 16 (967 steps), and the MONAI networks that made 500-800 steps trailed (README,
+        "Choosing the default recipe"); 300 let the plan pick width 16 and 80^3 patches for 378 steps.
     val_share: the most of the budget that validation passes may take.
     validations: how many validation passes to aim for (fewer when they would exceed ``val_share``).
     setup_seconds: time kept for set-up, the surface index, saving and the final validation's margin.
@@ -34,7 +37,7 @@ class PlanRules:
     max_measure_seconds: stop climbing the ladder once measuring has taken this long.
     """
 
-    min_steps: int = 300
+    min_steps: int = 1000
     val_share: float = 0.1
     validations: int = 5
     setup_seconds: float = 15.0
