@@ -247,18 +247,23 @@ def scored_fragments(eval_dir: Path, payload: dict, cfg: Config, dataset: Path, 
     return fragments
 
 
-def default_inference(args: argparse.Namespace, name: str, cfg: Config, run: Path, checkpoint: Path) -> list[tuple]:
+def default_inference(args: argparse.Namespace, name: str, cfg: Config, run: Path,
+                      checkpoint: Path) -> tuple[list[tuple], float]:
     """Variants of a MONAI system's run given the default's inference: (row name, config, evaluation folder) of
     ``<name>_tta`` (the test-time augmentation of ``--config`` with its overrides, the config's post-processing)
-    and ``<name>_tta_tuned`` (that TTA, post-processing tuned on the val fragments into ``<run>/tune_tta/``)."""
+    and ``<name>_tta_tuned`` (that TTA, post-processing tuned on the val fragments into ``<run>/tune_tta/``); and
+    the seconds the tuning took (NaN when an earlier tuning there is reused)."""
     recipe = with_overrides(args.config, args.overrides).infer
     tta = dataclasses.replace(cfg, infer=dataclasses.replace(cfg.infer, tta_flip_axes=list(recipe.tta_flip_axes),
                                                              tta_rot90=recipe.tta_rot90))
     tuned_file = run / "tune_tta" / TUNED_FILE
+    seconds = float("nan")
     if not tuned_file.is_file():
+        start = time.perf_counter()
         tune_postprocess(tta, checkpoint, tuned_file.parent)
+        seconds = time.perf_counter() - start
     tuned = with_postprocess(tta, json.loads(tuned_file.read_text())["postprocess"])
-    return [(f"{name}_tta", tta, "eval_tta"), (f"{name}_tta_tuned", tuned, "eval_tta_tuned")]
+    return [(f"{name}_tta", tta, "eval_tta"), (f"{name}_tta_tuned", tuned, "eval_tta_tuned")], seconds
 
 
 def same_scoring(saved: dict, cfg: Config) -> bool:
@@ -313,8 +318,10 @@ def run_system(args: argparse.Namespace, name: str, extra: list[str], dataset: P
         variants = [(name, tuned, "eval_tuned"), (f"{name}_untuned", cfg, "eval_untuned")]
         if cfg.infer.tta_flip_axes or cfg.infer.tta_rot90:
             variants.append((f"{name}_plain", without_tta(cfg), "eval_plain"))
+    tune_times = {}  # row name -> seconds of its own tuning, where it is not the run's
     if name in args.default_inference:
-        variants += default_inference(args, name, cfg, run, checkpoint)
+        tta_variants, tune_times[f"{name}_tta_tuned"] = default_inference(args, name, cfg, run, checkpoint)
+        variants += tta_variants
     first = json.loads((run / "eval" / "metrics.json").read_text()) if reused else None
     common = {"seed": seed, "run": str(run), "reused": reused, "model": cfg.model.name,
               "model_kwargs": cfg.model.kwargs, "patch_size": list(cfg.transforms.patch_size),
@@ -328,6 +335,7 @@ def run_system(args: argparse.Namespace, name: str, extra: list[str], dataset: P
         out = run / ("eval" if in_eval else folder)
         payload, seconds = evaluation(variant, checkpoint, out)
         rows.append(dict(common, system=system, eval_seconds=seconds, postprocess=pp, config=to_dict(variant),
+                         tune_seconds=tune_times.get(system, common["tune_seconds"]),
                          fragments=scored_fragments(out, payload, variant, dataset, info)))
     load_after = list(os.getloadavg())
     return [dict(r, load_after=load_after) for r in rows]

@@ -239,6 +239,7 @@ def test_bench_recipes_smoke(tiny_results) -> None:
     assert monai_tta["postprocess"] == monai["postprocess"]
     choice = json.loads((Path(monai["run"]) / "tune_tta" / "postprocess.json").read_text())["postprocess"]
     assert monai_tuned["postprocess"] == choice and not (Path(monai["run"]) / "postprocess.json").exists()
+    assert monai_tuned["tune_seconds"] > 0 and monai_tta["tune_seconds"] != monai_tta["tune_seconds"]  # NaN
     assert tuned["scored_step"] == untuned["scored_step"] == plain["scored_step"]
     assert untuned["postprocess"]["threshold"] == plain["postprocess"]["threshold"] == 0.5
     assert tuned["postprocess"] == json.loads((Path(tuned["run"]) / "postprocess.json").read_text())["postprocess"]
