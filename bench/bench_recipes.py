@@ -37,7 +37,7 @@ The CPU may be shared: the load average before and after each run is recorded be
 
 Usage::
 
-    PYTHONPATH=. .venv/bin/python bench/bench_recipes.py --minutes 6 --seeds 0 1
+    PYTHONPATH=. .venv/bin/python bench/bench_recipes.py --minutes 6 --seeds 0 1 --default-inference unet
     PYTHONPATH=. .venv/bin/python bench/bench_recipes.py --minutes 1 --seeds 0 --systems default basicunet
     PYTHONPATH=. .venv/bin/python bench/bench_recipes.py --minutes 6 --set basicunet:train.lr=0.0005 train.batch_size=4
     # smoke: a few seconds
