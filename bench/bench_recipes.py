@@ -247,6 +247,17 @@ def scored_fragments(eval_dir: Path, payload: dict, cfg: Config, dataset: Path, 
     return fragments
 
 
+def tuned_config(cfg: Config, checkpoint: Path, folder: Path) -> tuple[Config, float]:
+    """``cfg`` with the post-processing chosen on the val fragments into ``folder/postprocess.json`` (tuned now unless
+    an earlier choice is there) and the seconds the tuning took (NaN when reused)."""
+    seconds = float("nan")
+    if not (folder / TUNED_FILE).is_file():
+        start = time.perf_counter()
+        tune_postprocess(cfg, checkpoint, folder)
+        seconds = time.perf_counter() - start
+    return with_postprocess(cfg, json.loads((folder / TUNED_FILE).read_text())["postprocess"]), seconds
+
+
 def default_inference(args: argparse.Namespace, name: str, cfg: Config, run: Path,
                       checkpoint: Path) -> tuple[list[tuple], float]:
     """Variants of a MONAI system's run given the default's inference: (row name, config, evaluation folder) of
@@ -256,13 +267,7 @@ def default_inference(args: argparse.Namespace, name: str, cfg: Config, run: Pat
     recipe = with_overrides(args.config, args.overrides).infer
     tta = dataclasses.replace(cfg, infer=dataclasses.replace(cfg.infer, tta_flip_axes=list(recipe.tta_flip_axes),
                                                              tta_rot90=recipe.tta_rot90))
-    tuned_file = run / "tune_tta" / TUNED_FILE
-    seconds = float("nan")
-    if not tuned_file.is_file():
-        start = time.perf_counter()
-        tune_postprocess(tta, checkpoint, tuned_file.parent)
-        seconds = time.perf_counter() - start
-    tuned = with_postprocess(tta, json.loads(tuned_file.read_text())["postprocess"])
+    tuned, seconds = tuned_config(tta, checkpoint, run / "tune_tta")
     return [(f"{name}_tta", tta, "eval_tta"), (f"{name}_tta_tuned", tuned, "eval_tta_tuned")], seconds
 
 
@@ -310,11 +315,7 @@ def run_system(args: argparse.Namespace, name: str, extra: list[str], dataset: P
     tune_seconds = float("nan")
     variants = [(name, cfg, "eval_untuned")]  # (row name, config, its evaluation folder unless it is the first)
     if name in args.tune:
-        start = time.perf_counter()
-        if not (run / TUNED_FILE).is_file():
-            tune_postprocess(cfg, checkpoint)
-            tune_seconds = time.perf_counter() - start
-        tuned = with_postprocess(cfg, json.loads((run / TUNED_FILE).read_text())["postprocess"])
+        tuned, tune_seconds = tuned_config(cfg, checkpoint, run)
         variants = [(name, tuned, "eval_tuned"), (f"{name}_untuned", cfg, "eval_untuned")]
         if cfg.infer.tta_flip_axes or cfg.infer.tta_rot90:
             variants.append((f"{name}_plain", without_tta(cfg), "eval_plain"))

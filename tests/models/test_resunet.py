@@ -115,6 +115,8 @@ def test_explicit_features_and_odd_channel_counts():
         ({"downsample": "median"}, "downsample"),
         ({"up_kernel_size": 4}, "up_kernel_size"),
         ({"up_kernel_size": True}, "up_kernel_size"),
+        ({"up_kernel_size": 3.0}, "up_kernel_size"),
+        ({"downsample": 2}, "downsample"),
         ({"final_kernel_size": 2}, "final_kernel_size"),
     ],
 )

@@ -74,6 +74,12 @@ DOWNSAMPLE = {
 }
 
 
+def _check_choice(key: str, value: object, allowed: Sequence[object]) -> None:
+    """Raise VesuviusError unless ``value`` is one of ``allowed`` and of the same type (``True`` is not 1, 3.0 not 3)."""
+    if not any(type(value) is type(option) and value == option for option in allowed):
+        raise VesuviusError(f"UNet3D {key} must be one of {', '.join(map(str, allowed))}, got {value!r}")
+
+
 def _resolve_features(init_features: int, depth: int, features: Sequence[int] | None) -> tuple[int, ...]:
     """Channel counts per level, encoder levels then bottleneck: length ``depth + 1``."""
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
@@ -138,8 +144,10 @@ class UNet3D(nn.Module):
                 raise VesuviusError(f"UNet3D {key} must be an integer >= 1, got {value!r}")
         if not negative_slope >= 0:
             raise VesuviusError(f"UNet3D negative_slope must be >= 0, got {negative_slope!r}")
-        if isinstance(stem_stride, bool) or not isinstance(stem_stride, int) or stem_stride not in (1, 2):
-            raise VesuviusError(f"UNet3D stem_stride must be 1 or 2, got {stem_stride!r}")
+        _check_choice("stem_stride", stem_stride, (1, 2))
+        _check_choice("downsample", downsample, tuple(DOWNSAMPLE))
+        _check_choice("up_kernel_size", up_kernel_size, (2, 3))
+        _check_choice("final_kernel_size", final_kernel_size, (1, 3))
         feats = _resolve_features(init_features, depth, features)
         self.in_channels = in_channels
         self.depth = depth
@@ -161,20 +169,14 @@ class UNet3D(nn.Module):
                                                          output_padding=1),
                                       nn.LeakyReLU(negative_slope))
         self.encoders = nn.ModuleList(block(cin, cout) for cin, cout in zip((first_in,) + feats[:-2], feats[:-1]))
-        if downsample not in DOWNSAMPLE:
-            raise VesuviusError(f"UNet3D downsample must be one of {', '.join(DOWNSAMPLE)}, got {downsample!r}")
         self.downs = nn.ModuleList(DOWNSAMPLE[downsample](c) for c in feats[:-1])
         self.bottleneck = block(feats[-2], feats[-1])
         # decoder level i (deepest first) upsamples feats[i + 1] -> feats[i], concatenates the skip, 2 feats[i] -> feats[i]
         levels = range(depth - 1, -1, -1)
-        if up_kernel_size not in (2, 3) or isinstance(up_kernel_size, bool):
-            raise VesuviusError(f"UNet3D up_kernel_size must be 2 or 3, got {up_kernel_size!r}")
         pad = up_kernel_size - 2  # kernel 3: padding 1 and output_padding 1 double the size, as kernel 2 does
         self.upconvs = nn.ModuleList(nn.ConvTranspose3d(feats[i + 1], feats[i], kernel_size=up_kernel_size, stride=2,
                                                         padding=pad, output_padding=pad) for i in levels)
         self.decoders = nn.ModuleList(block(2 * feats[i], feats[i]) for i in levels)
-        if final_kernel_size not in (1, 3) or isinstance(final_kernel_size, bool):
-            raise VesuviusError(f"UNet3D final_kernel_size must be 1 or 3, got {final_kernel_size!r}")
         self.final = nn.Conv3d(feats[0] + (in_channels if stem_stride == 2 else 0), out_channels,
                                kernel_size=final_kernel_size, padding=final_kernel_size // 2)
 
