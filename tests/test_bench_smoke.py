@@ -17,12 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from skimage.measure import label as sk_label
 
 from vesuvius_monai.config import SynthParams
 from vesuvius_monai.data.readers import open_volume
 from vesuvius_monai.data.synthetic import make_fragment
 from vesuvius_monai.errors import VesuviusError
+from vesuvius_monai.io.nifti import write_nifti
 from vesuvius_monai.metrics.topology import tile_betti
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,8 +113,12 @@ def tiny_results(tmp_path_factory) -> dict[str, tuple[list[subprocess.CompletedP
         return {script: future.result() for script, future in futures.items()}
 
 
+# runs nnU-Net in its own environment: its own parts are tested at the end, its tiny run where that environment is
+OWN_ENVIRONMENT = {"bench_nnunet.py"}
+
+
 def test_every_bench_script_has_a_tiny_run(tmp_path) -> None:
-    assert {p.name for p in BENCH.glob("bench_*.py")} == set(tiny_runs(tmp_path))
+    assert {p.name for p in BENCH.glob("bench_*.py")} - OWN_ENVIRONMENT == set(tiny_runs(tmp_path))
 
 
 @pytest.mark.parametrize("script", sorted(tiny_runs(Path("."))))
@@ -274,3 +280,111 @@ def test_bench_recipes_rejects_bad_arguments(bench, tmp_path) -> None:
         with pytest.raises(SystemExit) as exit_info:
             recipes.main([*bad, "--run-dir", str(tmp_path / "r"), "--data-dir", str(tmp_path / "d")])
         assert exit_info.value.code == 2
+
+
+# --------------------------------------------------------------------------- bench_nnunet
+
+
+NNUNET_PYTHON = REPO / ".venv-nnunet" / "bin" / "python"
+
+
+@pytest.fixture
+def nnunet(monkeypatch):
+    """bench/bench_nnunet.py as a module (the parts that need only this project)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    return importlib.import_module("bench_nnunet")
+
+
+def family_fragments(tmp: Path) -> list[dict]:
+    """The 'ignore' family (labels 0, 1 and 2) at 16^3, one fragment per split, as bench_recipes lists them."""
+    from vesuvius_monai.data.families import SplitCounts, write_families
+
+    dataset = write_families(tmp / "data", ["ignore"], shape=(16, 16, 16), counts=SplitCounts(train=1, val=1, test=1))
+    return [dict(e, image=str(dataset.parent / e["image"]), label=str(dataset.parent / e["label"]))
+            for e in yaml.safe_load(dataset.read_text())["fragments"]]
+
+
+def test_bench_nnunet_exports_nnunets_layout_and_refuses_other_folders(nnunet, tmp_path) -> None:
+    fragments = family_fragments(tmp_path)
+    args = nnunet.parse_args(["--out-dir", str(tmp_path / "nn")])
+    raw = nnunet.export_dataset(args, fragments)
+    meta = json.loads((raw / "dataset.json").read_text())
+    assert meta["labels"] == {"background": 0, "surface": 1, "ignore": 2} and meta["numTraining"] == 2
+    assert meta["overwrite_image_reader_writer"] == "NibabelIO" and meta["channel_names"] == {"0": "MicroCT"}
+    by_split = {f["split"]: f for f in fragments}
+    for split, folder in (("train", "imagesTr"), ("val", "imagesTr"), ("test", "imagesTs")):
+        frag = by_split[split]
+        exported = open_volume(raw / folder / f"{frag['id']}_0000.nii.gz")
+        source = open_volume(frag["image"])
+        np.testing.assert_array_equal(exported.read(), source.read())  # the same (z, y, x) array, same geometry
+        np.testing.assert_allclose(exported.affine, source.affine)
+        has_label = (raw / "labelsTr" / f"{frag['id']}.nii.gz").is_file()
+        assert has_label == (split != "test")
+    label = open_volume(raw / "labelsTr" / f"{by_split['train']['id']}.nii.gz").read()
+    np.testing.assert_array_equal(label, open_volume(by_split["train"]["label"]).read())
+    assert set(np.unique(label).tolist()) == {0, 1, 2}
+    assert nnunet.export_dataset(args, fragments) == raw  # the same fragments: reused
+    with pytest.raises(VesuviusError, match="fragments.json"):
+        nnunet.export_dataset(args, fragments[:2])
+    (raw / "fragments.json").unlink()
+    with pytest.raises(VesuviusError, match="not written by this bench"):
+        nnunet.export_dataset(args, fragments)
+    missing = nnunet.parse_args(["--out-dir", str(tmp_path / "nn2"), "--python", str(tmp_path / "no" / "python")])
+    with pytest.raises(VesuviusError, match="setup_nnunet.sh"):
+        nnunet.plan_and_preprocess(missing, fragments)
+
+
+def test_bench_nnunet_refuses_label_values_it_cannot_map(nnunet, tmp_path) -> None:
+    import nibabel as nib
+
+    bad = tmp_path / "bad.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((4, 4, 4), 3, np.uint8), np.eye(4)), bad)
+    with pytest.raises(VesuviusError, match="bad.nii.gz: label values \\[3\\]"):
+        nnunet.write_case(str(bad), tmp_path / "out.nii.gz", label=True)
+    assert not (tmp_path / "out.nii.gz").exists()
+
+
+def test_bench_nnunet_scores_masks_as_the_metrics_do(nnunet, tmp_path) -> None:
+    """Its scores of a predicted mask equal an independent Dice over the labelled voxels, for random masks."""
+    fragments = family_fragments(tmp_path)
+    args = nnunet.parse_args(["--out-dir", str(tmp_path / "nn")])
+    test = next(f for f in fragments if f["split"] == "test")
+    label = open_volume(test["label"]).read()
+    rng = np.random.default_rng(0)
+    for flip in (0.0, 0.05, 0.3):
+        mask = (label == 1) ^ (rng.random(label.shape) < flip)
+        folder = tmp_path / "nn" / "seed0" / "predictions"
+        folder.mkdir(parents=True, exist_ok=True)
+        write_nifti(folder / f"{test['id']}.nii.gz", mask, affine=open_volume(test["label"]).affine, dtype=np.uint8)
+        info = {f["id"]: {"family": "ignore", "generator": "g"} for f in fragments}
+        row = nnunet.score_run(args, 0, {"steps": 3}, fragments, info)
+        scores = row["fragments"][test["id"]]
+        keep = label != 2
+        pred, truth = mask[keep], label[keep] == 1
+        dice = 2 * (pred & truth).sum() / (pred.sum() + truth.sum())
+        assert scores["dice"] == pytest.approx(dice, abs=1e-6)
+        assert row["system"] == "nnunet" and row["steps"] == row["scored_step"] == 3
+        assert -1e-9 <= scores["leaderboard"] <= 1 + 1e-9 and scores["label_components"] >= 1
+        if flip == 0:
+            assert scores["leaderboard"] == pytest.approx(1.0)
+    (folder / f"{test['id']}.nii.gz").unlink()
+    with pytest.raises(VesuviusError, match=f"{test['id']}.nii.gz not found"):
+        nnunet.score_run(args, 0, {"steps": 3}, fragments, info)
+
+
+@pytest.mark.skipif(not NNUNET_PYTHON.is_file(), reason="nnU-Net's environment is not set up (bash bench/setup_nnunet.sh)")
+def test_bench_nnunet_tiny_run(tiny_results, tmp_path) -> None:
+    """nnU-Net planned, trained for a fraction of a second and predicting, on the tiny bench_recipes run's data."""
+    (done, _), folder = tiny_results["bench_recipes.py"]
+    assert done.returncode == 0
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "dataset.yaml").write_text((folder / "runs" / "dataset.yaml").read_text())
+    (recipes / "results.json").write_text((folder / "second.json").read_text())
+    out = run_script("bench_nnunet.py", ["--recipes", str(recipes), "--minutes", "0.005", "--seeds", "0", "--out-dir",
+                                         str(tmp_path / "nn"), "--iterations", "1", "--val-iterations", "1",
+                                         "--da-processes", "0", "--no-mirroring"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "nnunet thin" in out.stdout and "default thin" in out.stdout and "leader per family" in out.stdout
+    (row,) = json.loads((tmp_path / "nn" / "results.json").read_text())["runs"]
+    assert row["steps"] >= 1 and 0 <= row["fragments"][next(iter(row["fragments"]))]["dice"] <= 1
