@@ -20,6 +20,9 @@ Usage::
 
     bash bench/setup_nnunet.sh
     PYTHONPATH=. .venv/bin/python bench/bench_nnunet.py --recipes runs/recipes_final --minutes 6 --seeds 0 1
+    # nnU-Net planned for a 1 GB GPU: 64^3 patches, cheaper steps (one plan per --out-dir)
+    PYTHONPATH=. .venv/bin/python bench/bench_nnunet.py --recipes runs/recipes_final --minutes 6 --seeds 0 1 \
+        --gpu-memory-target 1 --out-dir runs/nnunet_1gb
 """
 
 from __future__ import annotations
@@ -70,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--da-processes", type=int, default=1, help="nnUNet_n_proc_DA: augmentation worker "
                         "processes (0: in the training process)")
     parser.add_argument("--no-mirroring", action="store_true", help="predict without nnU-Net's mirrored TTA")
+    parser.add_argument("--gpu-memory-target", type=float, help="nnU-Net planner's -gpu_memory_target in GB (its "
+                        "default 8): a smaller target plans smaller patches, i.e. cheaper steps; one plan per --out-dir")
     return parser.parse_args(argv)
 
 
@@ -144,14 +149,24 @@ def plan_and_preprocess(args: argparse.Namespace, fragments: list[dict]) -> floa
     """nnU-Net's fingerprint, plans and preprocessing (once per ``--out-dir``) and the fold-0 split: train
     fragments train, val fragments validate. Returns the seconds spent (0 when reused)."""
     folder = args.out_dir / "preprocessed" / DATASET
+    asked = args.out_dir / "planned_with.json"
+    target = json.dumps({"gpu_memory_target": args.gpu_memory_target})
     seconds = 0.0
     if not (folder / "nnUNetPlans.json").is_file():
         start = time.perf_counter()
         command = [str(args.python.parent / "nnUNetv2_plan_and_preprocess"), "-d", DATASET.split("_")[0][7:],
                    "-c", "3d_fullres", "-np", "1", "--verify_dataset_integrity"]
+        if args.gpu_memory_target is not None:
+            command += ["-gpu_memory_target", str(args.gpu_memory_target)]
         log.info("nnU-Net planning and preprocessing: %s", " ".join(command))
         nnunet_run(command, args, planning=True)
+        write_text(asked, target)
         seconds = time.perf_counter() - start
+    else:
+        made = asked.read_text() if asked.is_file() else json.dumps({"gpu_memory_target": None})  # nnU-Net's default
+        if made != target:
+            raise VesuviusError(f"{args.out_dir} holds nnU-Net plans made with {made}, not --gpu-memory-target "
+                                f"{args.gpu_memory_target}: choose another --out-dir")
     split = [{"train": [f["id"] for f in fragments if f["split"] == "train"],
               "val": [f["id"] for f in fragments if f["split"] == "val"]}]
     write_text(folder / "splits_final.json", json.dumps(split, indent=1))
@@ -213,6 +228,10 @@ def score_run(args: argparse.Namespace, seed: int, summary: dict, fragments: lis
 
 
 def run(args: argparse.Namespace) -> None:
+    for name in ("results.json", "dataset.yaml"):
+        if not (args.recipes / name).is_file():
+            raise VesuviusError(f"{args.recipes / name} not found: --recipes must be a finished bench_recipes.py run "
+                                f"folder")
     recipes = json.loads((args.recipes / "results.json").read_text())
     fragments = yaml.safe_load((args.recipes / "dataset.yaml").read_text())["fragments"]
     families = list(recipes["families"])
@@ -227,7 +246,8 @@ def run(args: argparse.Namespace) -> None:
     results = [*others, *rows]
     summaries = [r["summary"] if "summary" in r else summarize_run(r, families) for r in results]
     systems = [*recipes["systems"], "nnunet"]
-    print(f"\nnnU-Net 3d_fullres, {args.minutes:g} min of training per seed on this CPU "
+    target = f"-gpu_memory_target {args.gpu_memory_target:g}" if args.gpu_memory_target else "its default plan"
+    print(f"\nnnU-Net 3d_fullres ({target}), {args.minutes:g} min of training per seed on this CPU "
           f"(planning and preprocessing {plan_seconds:.0f} s{' (reused)' if not plan_seconds else ''}, not counted), "
           f"beside the systems of {args.recipes} (trained there, the same fragments):")
     for r in rows:
@@ -243,6 +263,7 @@ def run(args: argparse.Namespace) -> None:
         print("  " + line)
     write_json(args.out_dir / "results.json", {"command": sys.argv, "recipes": str(args.recipes),
                                                "plan_seconds": plan_seconds, "families": families,
+                                               "gpu_memory_target": args.gpu_memory_target,
                                                "runs": [dict(r, summary=summarize_run(r, families)) for r in rows]})
 
 

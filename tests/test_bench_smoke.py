@@ -329,6 +329,16 @@ def test_bench_nnunet_exports_nnunets_layout_and_refuses_other_folders(nnunet, t
     (raw / "fragments.json").unlink()
     with pytest.raises(VesuviusError, match="not written by this bench"):
         nnunet.export_dataset(args, fragments)
+    with pytest.raises(SystemExit) as exit_info:  # not a bench_recipes run folder: one error line, exit status 2
+        nnunet.main(["--recipes", str(tmp_path), "--out-dir", str(tmp_path / "nn3")])
+    assert exit_info.value.code == 2 and not (tmp_path / "nn3").exists()
+    planned = tmp_path / "nn" / "preprocessed" / nnunet.DATASET / "nnUNetPlans.json"
+    planned.parent.mkdir(parents=True)
+    planned.write_text("{}")  # plans of nnU-Net's default target there: another target is refused, not mixed in
+    with pytest.raises(VesuviusError, match="choose another --out-dir"):
+        nnunet.plan_and_preprocess(nnunet.parse_args(["--out-dir", str(tmp_path / "nn"), "--gpu-memory-target", "1"]),
+                                   fragments)
+    assert planned.read_text() == "{}"
     missing = nnunet.parse_args(["--out-dir", str(tmp_path / "nn2"), "--python", str(tmp_path / "no" / "python")])
     with pytest.raises(VesuviusError, match="setup_nnunet.sh"):
         nnunet.plan_and_preprocess(missing, fragments)
