@@ -31,6 +31,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -40,8 +41,9 @@ import nibabel as nib
 import numpy as np
 import yaml
 
-from _common import format_table, octant_components, run_main, with_overrides, write_json
+from _common import format_table, octant_components, run_main, write_json
 from bench_recipes import COLUMNS, METRICS, leaders, seed_rows, summarize_run
+from vesuvius_monai.config import Config, config_from_raw
 from vesuvius_monai.data.readers import open_volume
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.atomic import write_text
@@ -59,7 +61,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--recipes", type=Path, default=Path("runs/recipes_final"),
                         help="a finished bench_recipes.py run folder (its dataset.yaml and results.json)")
-    parser.add_argument("--config", default="configs/demo.yaml", help="scoring settings (ignore label, leaderboard)")
     parser.add_argument("--minutes", type=float, default=6.0, help="wall-clock training budget per seed")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--out-dir", type=Path, default=Path("runs/nnunet"), help="nnU-Net's raw, preprocessed and "
@@ -75,28 +76,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-mirroring", action="store_true", help="predict without nnU-Net's mirrored TTA")
     parser.add_argument("--gpu-memory-target", type=float, help="nnU-Net planner's -gpu_memory_target in GB (its "
                         "default 8): a smaller target plans smaller patches, i.e. cheaper steps; one plan per --out-dir")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not args.minutes > 0 or args.iterations < 1 or args.val_iterations < 1 or args.da_processes < 0:
+        raise VesuviusError("--minutes must be > 0, --iterations and --val-iterations >= 1, --da-processes >= 0")
+    return args
 
 
 # --------------------------------------------------------------------------- nnU-Net's dataset
 
 
-def nnunet_env(args: argparse.Namespace, planning: bool = False) -> dict[str, str]:
-    """The environment of nnU-Net's commands: its three folders under ``--out-dir``, augmentation processes (at least
-    1 for its planner, which sets that many torch threads)."""
+def nnunet_env(args: argparse.Namespace, seed: int | None = None) -> dict[str, str]:
+    """The environment of nnU-Net's commands: its raw and preprocessed folders under ``--out-dir``, its results
+    folder under the seed's run folder, augmentation processes (at least 1 for its planner, ``seed`` None, which
+    sets that many torch threads)."""
     out = args.out_dir.resolve()
-    processes = max(1, args.da_processes) if planning else args.da_processes
+    processes = max(1, args.da_processes) if seed is None else args.da_processes
+    results = out / ("results" if seed is None else f"seed{seed}/results")
     return dict(os.environ, nnUNet_raw=str(out / "raw"), nnUNet_preprocessed=str(out / "preprocessed"),
-                nnUNet_results=str(out / "results"), nnUNet_n_proc_DA=str(processes),
+                nnUNet_results=str(results), nnUNet_n_proc_DA=str(processes),
                 nnUNet_def_n_proc=str(os.cpu_count() or 1))  # also the threads of its prediction
 
 
-def nnunet_run(command: list[str], args: argparse.Namespace, planning: bool = False) -> None:
+def nnunet_run(command: list[str], args: argparse.Namespace, seed: int | None = None) -> None:
     """Run one of nnU-Net's commands in its environment; a failure is one VesuviusError naming the command."""
     if not Path(command[0]).is_file():
         raise VesuviusError(f"{command[0]} not found: set up nnU-Net's environment with 'bash bench/setup_nnunet.sh' "
                             f"(or pass --python)")
-    done = subprocess.run(command, env=nnunet_env(args, planning))
+    done = subprocess.run(command, env=nnunet_env(args, seed))
     if done.returncode:
         raise VesuviusError(f"nnU-Net command failed with exit status {done.returncode} (its output is above): "
                             f"{' '.join(command)}")
@@ -119,16 +125,26 @@ def write_case(source: str, target: Path, *, label: bool) -> None:
 def export_dataset(args: argparse.Namespace, fragments: list[dict]) -> Path:
     """Write nnU-Net's raw dataset (train + val as imagesTr / labelsTr, test as imagesTs); returns its folder.
 
-    An existing export is reused when its ``fragments.json`` lists the same fragments."""
+    An existing export is reused when its ``fragments.json`` lists the same fragments and its channel name is
+    ``--channel-name``. The export is built in ``<folder>.partial`` (this bench's own, replaced after a crash) and
+    published with one rename."""
     raw = args.out_dir / "raw" / DATASET
     manifest = raw / "fragments.json"
     listing = json.dumps([[f["id"], f["image"], f["label"], f["split"]] for f in fragments])
     if manifest.is_file():
         if manifest.read_text() != listing:
             raise VesuviusError(f"{manifest}: an nnU-Net export of other fragments is there; choose another --out-dir")
+        channel = json.loads((raw / "dataset.json").read_text())["channel_names"]["0"]
+        if channel != args.channel_name:
+            raise VesuviusError(f"{raw / 'dataset.json'}: exported with channel name {channel!r}, not "
+                                f"--channel-name {args.channel_name!r}; choose another --out-dir")
         return raw
     if raw.exists():
         raise VesuviusError(f"{raw} exists without fragments.json: not written by this bench; choose another --out-dir")
+    final, raw = raw, raw.with_name(raw.name + ".partial")
+    if raw.exists():
+        log.info("replacing %s, an export this bench left unfinished", raw)
+        shutil.rmtree(raw)
     for sub in ("imagesTr", "labelsTr", "imagesTs"):
         (raw / sub).mkdir(parents=True)
     trained = [f for f in fragments if f["split"] in ("train", "val")]
@@ -141,32 +157,33 @@ def export_dataset(args: argparse.Namespace, fragments: list[dict]) -> Path:
                     "numTraining": len(trained), "file_ending": ".nii.gz",
                     "overwrite_image_reader_writer": "NibabelIO"}
     write_text(raw / "dataset.json", json.dumps(dataset_json, indent=1))
-    write_text(manifest, listing)
-    return raw
+    write_text(raw / manifest.name, listing)
+    raw.rename(final)
+    return final
 
 
 def plan_and_preprocess(args: argparse.Namespace, fragments: list[dict]) -> float:
-    """nnU-Net's fingerprint, plans and preprocessing (once per ``--out-dir``) and the fold-0 split: train
-    fragments train, val fragments validate. Returns the seconds spent (0 when reused)."""
+    """nnU-Net's fingerprint, plans and preprocessing (once per ``--out-dir``; ``planned_with.json``, written when
+    they are done, marks them and their ``--gpu-memory-target``) and the fold-0 split: train fragments train, val
+    fragments validate. Returns the seconds spent (0 when reused)."""
     folder = args.out_dir / "preprocessed" / DATASET
-    asked = args.out_dir / "planned_with.json"
+    mark = args.out_dir / "planned_with.json"
     target = json.dumps({"gpu_memory_target": args.gpu_memory_target})
     seconds = 0.0
-    if not (folder / "nnUNetPlans.json").is_file():
+    if mark.is_file():
+        if mark.read_text() != target:
+            raise VesuviusError(f"{args.out_dir} holds nnU-Net plans made with {mark.read_text()}, not "
+                                f"--gpu-memory-target {args.gpu_memory_target}: choose another --out-dir")
+    else:
         start = time.perf_counter()
         command = [str(args.python.parent / "nnUNetv2_plan_and_preprocess"), "-d", DATASET.split("_")[0][7:],
                    "-c", "3d_fullres", "-np", "1", "--verify_dataset_integrity"]
         if args.gpu_memory_target is not None:
             command += ["-gpu_memory_target", str(args.gpu_memory_target)]
         log.info("nnU-Net planning and preprocessing: %s", " ".join(command))
-        nnunet_run(command, args, planning=True)
-        write_text(asked, target)
+        nnunet_run(command, args)
+        write_text(mark, target)
         seconds = time.perf_counter() - start
-    else:
-        made = asked.read_text() if asked.is_file() else json.dumps({"gpu_memory_target": None})  # nnU-Net's default
-        if made != target:
-            raise VesuviusError(f"{args.out_dir} holds nnU-Net plans made with {made}, not --gpu-memory-target "
-                                f"{args.gpu_memory_target}: choose another --out-dir")
     split = [{"train": [f["id"] for f in fragments if f["split"] == "train"],
               "val": [f["id"] for f in fragments if f["split"] == "val"]}]
     write_text(folder / "splits_final.json", json.dumps(split, indent=1))
@@ -177,11 +194,14 @@ def train_and_predict(args: argparse.Namespace, seed: int) -> dict:
     """Run ``nnunet_timed.py`` for one seed (unless its summary with these settings is there); its summary."""
     run = args.out_dir / f"seed{seed}"
     summary_path = run / "summary.json"
-    settings = {"minutes": args.minutes, "seed": seed, "mirroring": not args.no_mirroring}
+    settings = {"minutes": args.minutes, "seed": seed, "mirroring": not args.no_mirroring,
+                "iterations": args.iterations, "val_iterations": args.val_iterations,
+                "da_processes": args.da_processes}
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
         if all(summary.get(k) == v for k, v in settings.items()):
             return dict(summary, reused=True)
+        summary_path.unlink()  # this bench's own, of other settings: no longer the mark of this seed's run
     if (run / "predictions").exists():
         log.info("seed %d: earlier predictions in %s are replaced by this run's", seed, run / "predictions")
     run.mkdir(parents=True, exist_ok=True)
@@ -193,9 +213,9 @@ def train_and_predict(args: argparse.Namespace, seed: int) -> dict:
         command.append("--no-mirroring")
     load_before = list(os.getloadavg())
     log.info("seed %d: nnU-Net training %.2f min, then predicting: %s", seed, args.minutes, " ".join(command))
-    nnunet_run(command, args)
+    nnunet_run(command, args, seed)
     summary = json.loads(summary_path.read_text())
-    summary.update(load_before=load_before, load_after=list(os.getloadavg()))
+    summary.update(settings, load_before=load_before, load_after=list(os.getloadavg()))
     write_json(summary_path, summary)
     return dict(summary, reused=False)
 
@@ -203,22 +223,22 @@ def train_and_predict(args: argparse.Namespace, seed: int) -> dict:
 # --------------------------------------------------------------------------- scores
 
 
-def score_run(args: argparse.Namespace, seed: int, summary: dict, fragments: list[dict], info: dict) -> dict:
-    """A row like bench_recipes' (system 'nnunet'): per test fragment the bench's metrics and octant components."""
-    cfg = with_overrides(args.config, [])
+def score_run(args: argparse.Namespace, seed: int, summary: dict, fragments: list[dict], info: dict,
+              cfg: Config) -> dict:
+    """A row like bench_recipes' (system 'nnunet'): per test fragment the bench's metrics and octant components,
+    scored with ``cfg``'s ignore label and leaderboard settings (those of the recipes run) as ``evaluate`` scores."""
     connectivity = betti_connectivity(cfg.evaluate.leaderboard.topo_matching)
     scored = {}
     for frag in (f for f in fragments if f["split"] == "test"):
         path = args.out_dir / f"seed{seed}" / "predictions" / f"{frag['id']}.nii.gz"
         if not path.is_file():
             raise VesuviusError(f"{path} not found: nnU-Net did not predict test fragment {frag['id']}")
-        label_volume = open_volume(frag["label"])
-        label = label_volume.read()
+        label = open_volume(frag["label"]).read()
         mask = open_volume(path).read() == 1
         if mask.shape != label.shape:
             raise VesuviusError(f"{path}: shape {mask.shape}, label {frag['label']} {label.shape}")
         scores = compute_metrics(mask, label, METRICS, ignore_index=cfg.data.ignore_index,
-                                 spacing=label_volume.spacing, weights=cfg.evaluate.leaderboard)
+                                 spacing=(1.0, 1.0, 1.0), weights=cfg.evaluate.leaderboard)  # as evaluate
         keep = label != cfg.data.ignore_index
         scored[frag["id"]] = {"family": info[frag["id"]]["family"], "generator": info[frag["id"]]["generator"],
                               **scores, "pred_components": octant_components(mask & keep, connectivity=connectivity),
@@ -241,7 +261,8 @@ def run(args: argparse.Namespace) -> None:
         raise VesuviusError(f"--seeds {missing}: not in the recipes run {args.recipes} (seeds {recipes['seeds']})")
     export_dataset(args, fragments)
     plan_seconds = plan_and_preprocess(args, fragments)
-    rows = [score_run(args, seed, train_and_predict(args, seed), fragments, info) for seed in args.seeds]
+    cfg = config_from_raw(recipes["runs"][0]["config"], [])  # the recipes run's scoring settings
+    rows = [score_run(args, seed, train_and_predict(args, seed), fragments, info, cfg) for seed in args.seeds]
     others = [r for r in recipes["runs"] if r["seed"] in args.seeds]
     results = [*others, *rows]
     summaries = [r["summary"] if "summary" in r else summarize_run(r, families) for r in results]

@@ -326,19 +326,23 @@ def test_bench_nnunet_exports_nnunets_layout_and_refuses_other_folders(nnunet, t
     assert nnunet.export_dataset(args, fragments) == raw  # the same fragments: reused
     with pytest.raises(VesuviusError, match="fragments.json"):
         nnunet.export_dataset(args, fragments[:2])
+    with pytest.raises(VesuviusError, match="channel name 'MicroCT', not --channel-name 'CT'"):
+        nnunet.export_dataset(nnunet.parse_args(["--out-dir", str(tmp_path / "nn"), "--channel-name", "CT"]), fragments)
+    assert not list((tmp_path / "nn" / "raw").glob("*.partial"))  # built beside its place, then renamed
     (raw / "fragments.json").unlink()
     with pytest.raises(VesuviusError, match="not written by this bench"):
         nnunet.export_dataset(args, fragments)
     with pytest.raises(SystemExit) as exit_info:  # not a bench_recipes run folder: one error line, exit status 2
         nnunet.main(["--recipes", str(tmp_path), "--out-dir", str(tmp_path / "nn3")])
     assert exit_info.value.code == 2 and not (tmp_path / "nn3").exists()
-    planned = tmp_path / "nn" / "preprocessed" / nnunet.DATASET / "nnUNetPlans.json"
-    planned.parent.mkdir(parents=True)
-    planned.write_text("{}")  # plans of nnU-Net's default target there: another target is refused, not mixed in
+    planned = tmp_path / "nn" / "planned_with.json"
+    planned.write_text('{"gpu_memory_target": null}')  # plans of nnU-Net's default target: another one is refused
     with pytest.raises(VesuviusError, match="choose another --out-dir"):
         nnunet.plan_and_preprocess(nnunet.parse_args(["--out-dir", str(tmp_path / "nn"), "--gpu-memory-target", "1"]),
                                    fragments)
-    assert planned.read_text() == "{}"
+    for bad in (["--minutes", "0"], ["--iterations", "0"]):
+        with pytest.raises(VesuviusError, match="--minutes must be > 0"):
+            nnunet.parse_args(bad)
     missing = nnunet.parse_args(["--out-dir", str(tmp_path / "nn2"), "--python", str(tmp_path / "no" / "python")])
     with pytest.raises(VesuviusError, match="setup_nnunet.sh"):
         nnunet.plan_and_preprocess(missing, fragments)
@@ -359,6 +363,7 @@ def test_bench_nnunet_scores_masks_as_the_metrics_do(nnunet, tmp_path) -> None:
     fragments = family_fragments(tmp_path)
     args = nnunet.parse_args(["--out-dir", str(tmp_path / "nn")])
     test = next(f for f in fragments if f["split"] == "test")
+    cfg = nnunet.config_from_raw(yaml.safe_load((REPO / "configs" / "demo.yaml").read_text()), [])
     label = open_volume(test["label"]).read()
     rng = np.random.default_rng(0)
     for flip in (0.0, 0.05, 0.3):
@@ -367,7 +372,7 @@ def test_bench_nnunet_scores_masks_as_the_metrics_do(nnunet, tmp_path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         write_nifti(folder / f"{test['id']}.nii.gz", mask, affine=open_volume(test["label"]).affine, dtype=np.uint8)
         info = {f["id"]: {"family": "ignore", "generator": "g"} for f in fragments}
-        row = nnunet.score_run(args, 0, {"steps": 3}, fragments, info)
+        row = nnunet.score_run(args, 0, {"steps": 3}, fragments, info, cfg)
         scores = row["fragments"][test["id"]]
         keep = label != 2
         pred, truth = mask[keep], label[keep] == 1
@@ -379,7 +384,7 @@ def test_bench_nnunet_scores_masks_as_the_metrics_do(nnunet, tmp_path) -> None:
             assert scores["leaderboard"] == pytest.approx(1.0)
     (folder / f"{test['id']}.nii.gz").unlink()
     with pytest.raises(VesuviusError, match=f"{test['id']}.nii.gz not found"):
-        nnunet.score_run(args, 0, {"steps": 3}, fragments, info)
+        nnunet.score_run(args, 0, {"steps": 3}, fragments, info, cfg)
 
 
 @pytest.mark.skipif(not NNUNET_PYTHON.is_file(), reason="nnU-Net's environment is not set up (bash bench/setup_nnunet.sh)")
