@@ -41,8 +41,8 @@ import nibabel as nib
 import numpy as np
 import yaml
 
-from _common import format_table, octant_components, run_main, write_json
-from bench_recipes import COLUMNS, METRICS, leaders, seed_rows, summarize_run
+from _common import format_table, run_main, write_json
+from bench_recipes import COLUMNS, METRICS, leaders, mask_components, seed_rows, summarize_run
 from vesuvius_monai.config import Config, config_from_raw
 from vesuvius_monai.data.readers import open_volume
 from vesuvius_monai.errors import VesuviusError
@@ -109,7 +109,8 @@ def nnunet_run(command: list[str], args: argparse.Namespace, seed: int | None = 
 
 
 def write_case(source: str, target: Path, *, label: bool) -> None:
-    """Copy one NIfTI volume to ``target`` (.nii.gz) with its affine; labels as uint8 with values 0, 1, 2."""
+    """Copy one NIfTI volume to ``target`` (.nii.gz) with its affine; labels as uint8 with values 0, 1, 2. (The
+    export folder, not each file, is published atomically: see :func:`export_dataset`.)"""
     image = nib.load(source)
     data = np.asanyarray(image.dataobj)
     if label:
@@ -117,9 +118,7 @@ def write_case(source: str, target: Path, *, label: bool) -> None:
         if not values <= {0, 1, 2}:
             raise VesuviusError(f"{source}: label values {sorted(values)}; nnU-Net export expects 0, 1 and 2")
         data = data.astype(np.uint8)
-    tmp = target.with_name(target.name + ".tmp.nii.gz")
-    nib.save(nib.Nifti1Image(data, image.affine), tmp)
-    tmp.replace(target)
+    nib.save(nib.Nifti1Image(data, image.affine), target)
 
 
 def export_dataset(args: argparse.Namespace, fragments: list[dict]) -> Path:
@@ -239,10 +238,9 @@ def score_run(args: argparse.Namespace, seed: int, summary: dict, fragments: lis
             raise VesuviusError(f"{path}: shape {mask.shape}, label {frag['label']} {label.shape}")
         scores = compute_metrics(mask, label, METRICS, ignore_index=cfg.data.ignore_index,
                                  spacing=(1.0, 1.0, 1.0), weights=cfg.evaluate.leaderboard)  # as evaluate
-        keep = label != cfg.data.ignore_index
+        pred_c, label_c = mask_components(mask, label, cfg.data.ignore_index, connectivity)
         scored[frag["id"]] = {"family": info[frag["id"]]["family"], "generator": info[frag["id"]]["generator"],
-                              **scores, "pred_components": octant_components(mask & keep, connectivity=connectivity),
-                              "label_components": octant_components((label == 1) & keep, connectivity=connectivity)}
+                              **scores, "pred_components": pred_c, "label_components": label_c}
     return {"system": "nnunet", "seed": seed, "steps": summary["steps"], "scored_step": summary["steps"],
             **summary, "fragments": scored}
 

@@ -48,7 +48,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -57,6 +56,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
@@ -67,7 +67,7 @@ from vesuvius_monai.data.families import (FAMILIES, FAMILY_NAMES, SplitCounts, c
                                           write_families)
 from vesuvius_monai.data.readers import open_volume
 from vesuvius_monai.engine.evaluate import evaluate
-from vesuvius_monai.engine.infer import without_tta
+from vesuvius_monai.engine.infer import with_tta, without_tta
 from vesuvius_monai.engine.train import train
 from vesuvius_monai.engine.tune import TUNED_FILE, tune_postprocess
 from vesuvius_monai.errors import VesuviusError
@@ -214,18 +214,22 @@ def finished_run(cfg: Config) -> dict | None:
     return None
 
 
+def mask_components(mask: np.ndarray, label: np.ndarray, ignore_index: int, connectivity: int) -> tuple[int, int]:
+    """Octant component counts (prediction, label) of a bool mask and its label (z, y, x), ignore region set to
+    background in both, components ``connectivity``-connected (the scorer's Betti numbers' connectivity)."""
+    keep = label != ignore_index
+    return (octant_components(mask & keep, connectivity=connectivity),
+            octant_components((label == 1) & keep, connectivity=connectivity))
+
+
 def fragment_components(eval_dir: Path, frag_id: str, label_path: str, ignore_index: int,
                         connectivity: int) -> tuple[int, int]:
-    """Octant component counts (prediction, label) of one test fragment, ignore region set to background in both,
-    components ``connectivity``-connected (the scorer's Betti numbers' connectivity)."""
+    """:func:`mask_components` of one test fragment's mask written by ``evaluate`` into ``eval_dir``."""
     mask_path = eval_dir / "predictions" / f"{frag_id}_mask.nii.gz"
     if not mask_path.is_file():
         raise VesuviusError(f"{mask_path} not found: evaluate did not write the predicted mask")
-    label = open_volume(label_path).read()
-    keep = label != ignore_index
-    mask = open_volume(mask_path).read().astype(bool) & keep
-    return octant_components(mask, connectivity=connectivity), octant_components((label == 1) & keep,
-                                                                                connectivity=connectivity)
+    return mask_components(open_volume(mask_path).read().astype(bool), open_volume(label_path).read(),
+                           ignore_index, connectivity)
 
 
 def with_postprocess(cfg: Config, chosen: dict) -> Config:
@@ -265,8 +269,7 @@ def default_inference(args: argparse.Namespace, name: str, cfg: Config, run: Pat
     and ``<name>_tta_tuned`` (that TTA, post-processing tuned on the val fragments into ``<run>/tune_tta/``); and
     the seconds the tuning took (NaN when an earlier tuning there is reused)."""
     recipe = with_overrides(args.config, args.overrides).infer
-    tta = dataclasses.replace(cfg, infer=dataclasses.replace(cfg.infer, tta_flip_axes=list(recipe.tta_flip_axes),
-                                                             tta_rot90=recipe.tta_rot90))
+    tta = with_tta(cfg, recipe.tta_flip_axes, recipe.tta_rot90)
     tuned, seconds = tuned_config(tta, checkpoint, run / "tune_tta")
     return [(f"{name}_tta", tta, "eval_tta"), (f"{name}_tta_tuned", tuned, "eval_tta_tuned")], seconds
 

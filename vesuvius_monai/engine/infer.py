@@ -82,9 +82,16 @@ def make_predictor(model: nn.Module, cfg: InferConfig, device: torch.device, amp
     return predict
 
 
+def with_tta(cfg: Config, flip_axes: list[int], rot90: bool) -> Config:
+    """``cfg`` with the test-time augmentation ``infer.tta_flip_axes=flip_axes``, ``infer.tta_rot90=rot90``, every
+    other setting kept."""
+    return dataclasses.replace(cfg, infer=dataclasses.replace(cfg.infer, tta_flip_axes=list(flip_axes),
+                                                              tta_rot90=rot90))
+
+
 def without_tta(cfg: Config) -> Config:
     """``cfg`` with plain sliding-window inference: no test-time augmentation, every other setting kept."""
-    return dataclasses.replace(cfg, infer=dataclasses.replace(cfg.infer, tta_flip_axes=[], tta_rot90=False))
+    return with_tta(cfg, [], False)
 
 
 def volume_reader(reader: VolumeReader, window: tuple[float, float], roi: Region, grid: WindowGrid) -> Reader:
