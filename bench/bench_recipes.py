@@ -3,9 +3,9 @@ held-out test fragments of every family.
 
 Systems (``--systems``):
 
-    default     the recipe of ``--config`` as it is (configs/demo.yaml: resunet3d at half resolution behind a strided
-                stem, init_features 8, depth 3, 64^3 patches, Dice + BCE, mirrored test-time augmentation, ...), then
-                its post-processing chosen on the val fragments (``--tune``)
+    default     the recipe of ``--config`` as it is (by default the built-in recipe: resunet3d at half resolution
+                behind a strided stem, init_features 8, depth 3, 64^3 patches, Dice + BCE, mirrored test-time
+                augmentation, ...), then its post-processing chosen on the val fragments (``--tune``)
     <model>     a plain MONAI-pipeline recipe for a registered model (basicunet, segresnet, dynunet, unet, resunet3d):
                 the model's registry defaults (``model.kwargs={}``), 64^3 patches and windows, Dice + BCE, AdamW
                 lr 1e-3, weight decay 1e-5, plain sliding-window inference (no test-time augmentation); everything
@@ -62,14 +62,14 @@ import yaml
 
 from _common import (format_table, octant_components, read_train_log, run_main, spread, spread_text,
                      verdict_lines, verdict_rule, with_overrides, write_json)
-from vesuvius_monai.config import Config, config_from_raw, to_dict
+from vesuvius_monai.config import Config, build, config_from_raw, mapping_layer, to_dict
 from vesuvius_monai.data.families import (FAMILIES, FAMILY_NAMES, SplitCounts, check_families, read_family_info,
                                           write_families)
 from vesuvius_monai.data.readers import open_volume
 from vesuvius_monai.engine.evaluate import evaluate
 from vesuvius_monai.engine.infer import with_tta, without_tta
 from vesuvius_monai.engine.train import train
-from vesuvius_monai.engine.tune import TUNED_FILE, tune_postprocess
+from vesuvius_monai.engine.tune import TUNED_FILE, read_choice, tune_postprocess
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.atomic import write_text
 from vesuvius_monai.io.checkpoint import load_checkpoint
@@ -98,8 +98,8 @@ def system_names() -> list[str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", default="configs/demo.yaml", help="YAML config: the default recipe, and the "
-                        "settings the MONAI recipes inherit")
+    parser.add_argument("--config", help="YAML config: the default recipe, and the settings the MONAI recipes "
+                        "inherit (default: the built-in recipe)")
     parser.add_argument("--minutes", type=float, default=6.0, help="wall-clock training budget of every run "
                         "(train.max_minutes)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds (cfg.seed)")
@@ -232,11 +232,6 @@ def fragment_components(eval_dir: Path, frag_id: str, label_path: str, ignore_in
                            ignore_index, connectivity)
 
 
-def with_postprocess(cfg: Config, chosen: dict) -> Config:
-    """``cfg`` with the ``postprocess`` settings of ``chosen`` (a tune-postprocess choice)."""
-    return config_from_raw(to_dict(cfg), [f"postprocess.{k}={json.dumps(v)}" for k, v in chosen.items()])
-
-
 def scored_fragments(eval_dir: Path, payload: dict, cfg: Config, dataset: Path, info: dict[str, dict]) -> dict:
     """``{fragment id: figures}`` of one evaluation, with the octant component counts of its masks."""
     labels = {e["id"]: e["label"] for e in yaml.safe_load(dataset.read_text())["fragments"]}
@@ -259,7 +254,7 @@ def tuned_config(cfg: Config, checkpoint: Path, folder: Path) -> tuple[Config, f
         start = time.perf_counter()
         tune_postprocess(cfg, checkpoint, folder)
         seconds = time.perf_counter() - start
-    return with_postprocess(cfg, json.loads((folder / TUNED_FILE).read_text())["postprocess"]), seconds
+    return build([mapping_layer("", to_dict(cfg)), read_choice(folder / TUNED_FILE)]), seconds
 
 
 def default_inference(args: argparse.Namespace, name: str, cfg: Config, run: Path,

@@ -18,7 +18,7 @@ def test_shipped_configs_load(path):
 def test_defaults_and_overrides():
     cfg = load_config(None, ["train.steps=12", "model.kwargs.init_features=8", "transforms.patch_size=[32,32,32]"])
     assert cfg.train.steps == 12
-    assert cfg.model.kwargs == {"init_features": 8}
+    assert cfg.model.kwargs == {"init_features": 8, "depth": 3, "stem_stride": 2}  # a dotted key sets one keyword
     assert cfg.transforms.patch_size == (32, 32, 32)
 
 
@@ -113,3 +113,85 @@ def test_old_keys_in_stored_configs_are_upgraded():
     cfg = config_from_raw({"synth": {"shape": [24, 32, 40], "n_fragments": 2}}, ["train.steps=3"])
     assert cfg.synth.params.shape == (24, 32, 40)
     assert cfg.synth.n_fragments == 2 and cfg.train.steps == 3
+
+
+# --------------------------------------------------------------------------- one resolution, in one order
+
+
+def test_layers_resolve_in_one_order(tmp_path):
+    """built-in defaults < stored config < plan < postprocess.json < config file < overrides, key by key."""
+    from vesuvius_monai.config import dotted_layer, mapping_layer, resolve_config
+
+    stored = mapping_layer("ckpt", {"seed": 1, "train": {"steps": 11, "lr": 0.01, "batch_size": 3},
+                                    "postprocess": {"threshold": 0.1}})
+    plan = dotted_layer("plan", {"train.steps": 22, "train.val_every": 7, "train.lr": 0.02})
+    tuned = dotted_layer("tuned", {"postprocess.threshold": 0.4, "postprocess.min_size": 9})
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {lr: 0.03, warmup_steps: 5}\n")
+    cfg = resolve_config(path, ["train.warmup_steps=6"], base=stored, fills=[plan, tuned])
+    assert cfg.seed == 1 and cfg.train.batch_size == 3  # stored, nothing above
+    assert cfg.train.steps == 22 and cfg.train.val_every == 7  # plan over stored
+    assert (cfg.postprocess.threshold, cfg.postprocess.min_size) == (0.4, 9)  # postprocess.json over stored
+    assert cfg.train.lr == 0.03  # the config file sets it: the plan's does not fill it
+    assert cfg.train.warmup_steps == 6  # overrides last
+    assert cfg.train.schedule == "cosine" and cfg.infer.roi_size == (64, 64, 64)  # built-in defaults
+
+
+def test_fills_only_keys_the_user_leaves_out():
+    from vesuvius_monai.config import dotted_layer, resolve_config
+
+    plan = dotted_layer("plan", {"model.kwargs.init_features": 12, "model.kwargs.depth": 2, "train.steps": 5})
+    tuned = dotted_layer("tuned", {"postprocess.threshold": 0.4, "postprocess.min_size": 9})
+    cfg = resolve_config(None, ["model.kwargs.depth=3", "postprocess.threshold=0.6"], fills=[plan, tuned])
+    assert cfg.model.kwargs == {"init_features": 8, "depth": 3, "stem_stride": 2}  # one model keyword: none planned
+    assert cfg.train.steps == 5
+    assert (cfg.postprocess.threshold, cfg.postprocess.min_size) == (0.6, 9)
+    whole = resolve_config(None, ["postprocess={}"], fills=[tuned])  # the section given as a whole: nothing filled
+    assert (whole.postprocess.threshold, whole.postprocess.min_size) == (0.5, 0)
+
+
+def test_mappings_replace_whole_values_and_dotted_keys_set_one():
+    cfg = load_config(None, ["model.kwargs={init_features: 4, depth: 2}"])
+    assert cfg.model.kwargs == {"init_features": 4, "depth": 2}
+    cfg = load_config(None, ["model.kwargs={init_features: 4, depth: 2}", "model.kwargs.norm_groups=4"])
+    assert cfg.model.kwargs == {"init_features": 4, "depth": 2, "norm_groups": 4}
+    assert load_config(None, ["train.loss.cldice=0.5"]).train.loss.active() == {"dice": 1.0, "bce": 1.0, "cldice": 0.5}
+    assert load_config(None, ["train.loss={cldice: 0.5}"]).train.loss.active() == {"dice": 1.0, "cldice": 0.5}
+    assert load_config(None, ["transforms={patch_size: [32, 32, 32]}"]).transforms.pos_fraction == 0.5  # merged
+
+
+def test_another_network_starts_from_its_own_keywords(tmp_path):
+    from vesuvius_monai.config import ModelConfig, dotted_layer, resolve_config
+
+    assert load_config(None, ["model.name=unet"]).model.kwargs == {}
+    assert ModelConfig(name="unet").kwargs == {} and ModelConfig().kwargs == {"init_features": 8, "depth": 3,
+                                                                               "stem_stride": 2}
+    path = tmp_path / "unet.yaml"
+    path.write_text("model: {name: unet}\n")
+    plan = dotted_layer("plan", {"model.kwargs.channels": [4, 8], "model.kwargs.strides": [2]})
+    cfg = resolve_config(path, [], fills=[plan])  # a plan made for that network fills its keywords
+    assert cfg.model.kwargs == {"channels": [4, 8], "strides": [2]}
+
+
+def test_an_error_names_the_layer_that_set_the_key(tmp_path):
+    from vesuvius_monai.config import dotted_layer, resolve_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {steps: 0}\n")
+    with pytest.raises(VesuviusError, match=rf"^{path}: config key 'train.steps'"):
+        load_config(path)
+    with pytest.raises(VesuviusError, match=r"^config key 'train\.lr'"):  # the command line: no file named
+        load_config(path, ["train.steps=3", "train.lr=-1"])
+    with pytest.raises(VesuviusError, match=r"^runs/x/plan\.yaml: config key 'train\.val_every'"):
+        resolve_config(None, [], fills=[dotted_layer("runs/x/plan.yaml", {"train.val_every": 0})])
+    with pytest.raises(VesuviusError, match=r"config key 'train\.steps\.x': 'steps' is not a section"):
+        load_config(None, ["train.steps.x=3"])
+
+
+def test_the_built_in_defaults_are_the_recipe_and_demo_differs_only_in_data_and_budget():
+    defaults, demo = to_dict(Config()), to_dict(load_config(Path(__file__).parents[1] / "configs" / "demo.yaml"))
+    assert defaults["model"] == {"name": "resunet3d", "kwargs": {"init_features": 8, "depth": 3, "stem_stride": 2}}
+    assert defaults["infer"]["tta_flip_axes"] == [0, 1, 2] and defaults["train"]["loss"]["bce"] == 1.0
+    differ = {section for section in defaults if defaults[section] != demo[section]}
+    assert differ == {"output_dir", "synth", "data", "train"}
+    assert {k for k in defaults["train"] if defaults["train"][k] != demo["train"][k]} == {"max_minutes"}

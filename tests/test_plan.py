@@ -6,13 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from vesuvius_monai.config import load_config
+from vesuvius_monai.config import covered, explicit_keys, load_config, resolve_config
 from vesuvius_monai.data.dataset import find_fragments, split_fragments
 from vesuvius_monai.data.readers import open_volume
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.models import build_model, list_models, size_divisor
-from vesuvius_monai.plan import (Candidate, PlanRules, candidate_ladder, dataset_fingerprint, explicit_keys,
-                                 format_plan, load_plan, make_plan, model_kwargs, plan_from_measurements, save_plan)
+from vesuvius_monai.plan import (Candidate, PlanRules, candidate_ladder, dataset_fingerprint, format_plan, load_plan, make_plan, model_kwargs, plan_from_measurements, save_plan)
 
 FP = {"n_train": 12, "n_val": 6, "min_shape": [96, 96, 96], "val_voxels": 6 * 96**3, "foreground_fraction": 0.5,
       "ignore_fraction": 0.05, "spacing": [1.0, 1.0, 1.0]}
@@ -106,7 +105,7 @@ def test_explanations_name_each_key_and_the_plan_is_a_valid_config() -> None:
     for key in ("transforms.patch_size", "infer.roi_size", "model.kwargs.init_features", "model.kwargs.depth",
                 "train.batch_size", "train.steps", "train.val_every", "train.warmup_steps", "transforms.pos_fraction"):
         assert key in plan.values
-    planned = load_config(None, plan.overrides())  # every planned value is a valid config value
+    planned = resolve_config(fills=[plan.layer()])  # every planned value is a valid config value
     assert list(planned.transforms.patch_size) == plan.values["transforms.patch_size"]
     assert planned.model.kwargs["depth"] == plan.values["model.kwargs.depth"]
 
@@ -124,9 +123,9 @@ def test_user_keys_are_kept_and_planned_around() -> None:
     plan = plan_from_measurements(cfg, FP, lambda c: seen.append(c) or measure(c), keep=keep)
     assert all(c.patch == (48, 48, 48) and c.batch == 3 and c.width < 0 for c in seen)  # measured as the user set
     assert not any(k.startswith("model.") or k in ("train.batch_size", "transforms.patch_size") for k in plan.values)
-    assert "train.steps" in plan.values and all(not o.startswith("model.") for o in plan.overrides(keep))
+    assert "train.steps" in plan.values and all(not k.startswith("model.") for k in plan.values if not covered(k, keep))
     full = plan_from_measurements(load_config(None, ["train.max_minutes=30"]), FP, measure)
-    assert [o for o in full.overrides({"model.kwargs.depth"}) if o.startswith("model.")] == []
+    assert [k for k in full.values if k.startswith("model.") and not covered(k, {"model.kwargs.depth"})] == []
 
 
 def test_make_plan_measures_on_this_device(synthetic_root, tmp_path) -> None:

@@ -13,32 +13,29 @@ import shutil
 import sys
 from pathlib import Path
 
-from vesuvius_monai.config import Config, load_config
+from vesuvius_monai.config import Config, Layer, explicit_keys, mapping_layer, read_yaml_mapping, resolve_config
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.atomic import check_replaceable, publish_dir, work_dir_beside
 
 log = logging.getLogger("vesuvius_monai")
 
 
-def _config(args: argparse.Namespace) -> Config:
-    """The run config: ``--config`` (or the built-in defaults) + overrides."""
-    return load_config(args.config, args.overrides)
+def _config(args: argparse.Namespace, *, base: Layer | None = None, fills: list[Layer | None] = ()) -> Config:
+    """The run config of a command, resolved in one step (:func:`resolve_config`): built-in defaults < ``base`` <
+    ``fills`` (for keys the user leaves out) < ``--config`` < ``key=value`` overrides."""
+    return resolve_config(args.config, args.overrides, base=base, fills=[f for f in fills if f is not None])
 
 
 def _checkpoint_and_config(args: argparse.Namespace):
-    """The ``--checkpoint`` (read once) and the run config, with the post-processing that ``tune-postprocess`` chose
-    for the checkpoint's run wherever the user's config file and overrides leave ``postprocess`` keys out."""
-    from vesuvius_monai.engine.tune import tuned_overrides
+    """The ``--checkpoint`` (read once) and the run config: without ``--config``, the checkpoint's own config is the
+    base; the post-processing that ``tune-postprocess`` chose for the checkpoint's run fills the ``postprocess`` keys
+    the user's config file and overrides leave out."""
+    from vesuvius_monai.engine.tune import tuned_layer
     from vesuvius_monai.io.checkpoint import Checkpoint
-    from vesuvius_monai.plan import explicit_keys
 
     checkpoint = Checkpoint.load(args.checkpoint)
-    tuned = tuned_overrides(checkpoint, explicit_keys(_raw_config(args), args.overrides))
-    if args.config is None:
-        from vesuvius_monai.config import config_from_raw
-
-        return checkpoint, config_from_raw(checkpoint.payload["config"], [*tuned, *args.overrides])
-    return checkpoint, load_config(args.config, [*tuned, *args.overrides])
+    base = mapping_layer(str(checkpoint.path), checkpoint.payload["config"]) if args.config is None else None
+    return checkpoint, _config(args, base=base, fills=[tuned_layer(checkpoint)])
 
 
 SYNTH_KIND = "synthetic data"
@@ -76,19 +73,13 @@ def cmd_synth(args: argparse.Namespace) -> None:
 PLAN_FILE = "plan.yaml"
 
 
-def _raw_config(args: argparse.Namespace) -> dict:
-    """The mapping of the ``--config`` file as written (empty without one)."""
-    from vesuvius_monai.config import read_yaml_mapping
-
-    return read_yaml_mapping(args.config, "config file") if args.config is not None else {}
-
-
 def cmd_plan(args: argparse.Namespace) -> None:
     from vesuvius_monai.engine.train import start_run_dir
-    from vesuvius_monai.plan import explicit_keys, format_plan, make_plan, save_plan
+    from vesuvius_monai.plan import format_plan, make_plan, save_plan
 
     cfg = _config(args)
-    plan = make_plan(cfg, keep=explicit_keys(_raw_config(args), args.overrides))
+    raw = read_yaml_mapping(args.config, "config file") if args.config is not None else {}
+    plan = make_plan(cfg, keep=explicit_keys(raw, args.overrides))
     path = start_run_dir(cfg) / PLAN_FILE
     save_plan(plan, path)
     print(format_plan(plan))
@@ -96,27 +87,16 @@ def cmd_plan(args: argparse.Namespace) -> None:
           f"config does not set")
 
 
-def _planned_config(args: argparse.Namespace, cfg: Config) -> Config:
-    """``cfg`` with the plan of its run folder (from ``vesuvius-monai plan``) for every key the user did not set."""
-    from vesuvius_monai.config import config_from_raw
-    from vesuvius_monai.plan import explicit_keys, load_plan
-
-    path = Path(cfg.output_dir) / PLAN_FILE
-    if args.resume or not path.is_file():
-        return cfg
-    raw = _raw_config(args)
-    planned = load_plan(path).overrides(exclude=explicit_keys(raw, args.overrides))
-    log.info("using the plan %s for keys the config does not set: %s", path, " ".join(planned) or "none")
-    try:
-        return config_from_raw(raw, [*planned, *args.overrides])
-    except VesuviusError as err:
-        raise VesuviusError(f"{path}: {err}") from None
-
-
 def cmd_train(args: argparse.Namespace) -> None:
+    """Train; a new run uses the plan of its run folder (``vesuvius-monai plan``) for every key the user leaves out."""
     from vesuvius_monai.engine.train import train
+    from vesuvius_monai.plan import load_plan
 
-    train(_planned_config(args, _config(args)), resume=args.resume)
+    cfg = _config(args)
+    path = Path(cfg.output_dir) / PLAN_FILE
+    if path.is_file() and not args.resume:
+        cfg = _config(args, fills=[load_plan(path).layer(str(path))])
+    train(cfg, resume=args.resume)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:

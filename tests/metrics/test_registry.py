@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 
 from vesuvius_monai.errors import VesuviusError
+from vesuvius_monai.metrics.cldice import cldice
 from vesuvius_monai.metrics import (
     METRICS,
     LeaderboardWeights,
     betti_errors,
-    cldice,
     compute_metrics,
     dice,
     hausdorff95,

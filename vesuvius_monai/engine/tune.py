@@ -6,7 +6,7 @@ competition's leaderboard score; candidates that lose more than ``tune.max_dice_
 and the config's post-processing is kept unless a candidate is better on most fragments (a guard against fitting one
 fragment).
 The choice goes to ``<run>/postprocess.json``; ``evaluate``, ``predict`` and ``tune-postprocess`` with a checkpoint of
-that run use it for every ``postprocess`` key the user's config and overrides do not set (:func:`tuned_overrides`).
+that run use it for every ``postprocess`` key the user's config and overrides do not set (:func:`tuned_layer`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from vesuvius_monai.config import Config, to_dict
+from vesuvius_monai.config import Config, Layer, PostprocessConfig, dotted_layer, to_dict
 from vesuvius_monai.engine.evaluate import select_fragments
 from vesuvius_monai.engine.infer import infer_volume, resolve_device
 from vesuvius_monai.errors import VesuviusError
@@ -52,7 +52,8 @@ def tune_postprocess(cfg: Config, checkpoint: str | Path | Checkpoint, out_dir: 
         labels.append(fragment.label.read())
 
     def score(pred: np.ndarray, label: np.ndarray) -> float:
-        return leaderboard_score(pred, label, weights=cfg.evaluate.leaderboard, ignore_index=cfg.data.ignore_index)["score"]
+        weights = cfg.evaluate.leaderboard
+        return leaderboard_score(pred, label, weights=weights, ignore_index=cfg.data.ignore_index)["score"]
 
     def dice_of(pred: np.ndarray, label: np.ndarray) -> float:
         return dice(pred, label, ignore_index=cfg.data.ignore_index)
@@ -76,19 +77,19 @@ def check_replaceable_choice(path: Path) -> None:
         f"folder (nothing was written)")
 
 
-def tuned_overrides(checkpoint: Checkpoint, explicit: set[str]) -> list[str]:
-    """``postprocess.*=value`` overrides from the checkpoint's run folder (``postprocess.json``), leaving out the keys
-    in ``explicit`` (those the user's config file and overrides set); empty when the run has no choice recorded."""
+def tuned_layer(checkpoint: Checkpoint) -> Layer | None:
+    """The post-processing that ``tune-postprocess`` chose for the checkpoint's run (``<run>/postprocess.json``) as a
+    config layer (:func:`vesuvius_monai.config.resolve_config` fills with it only the ``postprocess`` keys the user's
+    config file and overrides leave out); None when the run has no choice recorded."""
     path = checkpoint.path.parent.parent / TUNED_FILE
-    if not path.is_file():
-        return []
+    return read_choice(path) if path.is_file() else None
+
+
+def read_choice(path: Path) -> Layer:
+    """The ``postprocess`` settings of a ``postprocess.json`` written by :func:`tune_postprocess`, as a config layer."""
     try:
         chosen = json.loads(path.read_text())["postprocess"]
+        keys = [f.name for f in dataclasses.fields(PostprocessConfig)]
+        return dotted_layer(str(path), {f"postprocess.{k}": chosen[k] for k in keys if k in chosen})
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise VesuviusError(f"{path}: not a post-processing choice written by tune-postprocess ({err})") from None
-    keys = [f.name for f in dataclasses.fields(Config().postprocess)]
-    overrides = [f"postprocess.{k}={chosen[k]}" for k in keys
-                 if k in chosen and "postprocess" not in explicit and f"postprocess.{k}" not in explicit]
-    if overrides:
-        log.info("post-processing from %s: %s (set postprocess.* to choose otherwise)", path, " ".join(overrides))
-    return overrides

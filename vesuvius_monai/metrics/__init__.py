@@ -1,125 +1,38 @@
 """Metrics of papyrus-surface predictions on NumPy volumes (z, y, x).
 
 Every metric takes ``pred`` (binary mask, bool or 0/1) and ``label`` (0 background, 1 surface,
-``ignore_index`` unlabeled; ignored voxels become background in both). :data:`METRICS` maps a name to a
-scalar metric ``f(pred, label, *, ignore_index=2, spacing=(1, 1, 1), weights=LeaderboardWeights())``;
-:func:`compute_metrics` computes several at once and shares their intermediate results.
+``ignore_index`` unlabeled; ignored voxels become background in both). :func:`compute_metrics` computes several
+scalar metrics of one pair at once (by name, :data:`METRIC_NAMES`) and shares their intermediate results.
 
 TopoScore matches features with exact Betti matching (the competition's library) by default; where that
 library cannot be loaded it falls back to a stand-in with a warning. :func:`topo_matching_used` names the
 matching that actually produces the figures, for reports.
+
+Importing this package loads nothing: each name below comes from its module on first use (PEP 562), so that
+:mod:`vesuvius_monai.metrics.names` stays a leaf that the config reads without loading SciPy or scikit-image.
+(``cldice``, a module's name too, is imported from :mod:`vesuvius_monai.metrics.cldice`.)
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import importlib
+from typing import Any
 
-import numpy as np
+_HOMES = {
+    "METRICS": "compute", "METRIC_NAMES": "names", "LeaderboardWeights": "leaderboard",
+    "MetricContext": "context", "betti_errors": "topology", "betti_numbers": "topology",
+    "check_metric_names": "compute", "cldice_parts": "cldice", "compute_metrics": "compute",
+    "dice": "overlap", "hausdorff95": "surface", "iou": "overlap", "leaderboard_score": "leaderboard",
+    "surface_dice": "surface", "topo_matching_used": "compute", "topo_score": "topology",
+    "variation_of_information": "voi", "voi_score": "voi",
+}
 
-from vesuvius_monai.errors import VesuviusError, did_you_mean
-from vesuvius_monai.config import LeaderboardWeights
-from vesuvius_monai.metrics.betti_matching import matching_used
-from vesuvius_monai.metrics.cldice import cldice, cldice_parts
-from vesuvius_monai.metrics.context import SCALAR_GETTERS, MetricContext
-from vesuvius_monai.metrics.leaderboard import leaderboard_score
-from vesuvius_monai.metrics.overlap import dice, iou
-from vesuvius_monai.metrics.surface import hausdorff95, surface_dice
-from vesuvius_monai.metrics.topology import betti_errors, betti_numbers, topo_score
-from vesuvius_monai.metrics.voi import variation_of_information, voi_score
-
-__all__ = [
-    "METRICS",
-    "METRIC_NAMES",
-    "LeaderboardWeights",
-    "MetricContext",
-    "betti_errors",
-    "betti_numbers",
-    "check_metric_names",
-    "cldice",
-    "cldice_parts",
-    "compute_metrics",
-    "dice",
-    "hausdorff95",
-    "iou",
-    "leaderboard_score",
-    "surface_dice",
-    "topo_matching_used",
-    "topo_score",
-    "variation_of_information",
-    "voi_score",
-]
+__all__ = sorted(_HOMES)
 
 
-METRIC_NAMES = tuple(SCALAR_GETTERS)
-
-
-def topo_matching_used(weights: LeaderboardWeights | str = LeaderboardWeights()) -> str:
-    """The matching that produces TopoScore and Betti-error figures for these settings, in this process.
-
-    Args:
-        weights: the leaderboard settings (their ``topo_matching``) or a matching name.
-
-    Returns:
-        "exact" (Betti matching, the competition's), or the stand-in in use: "persistence" (also where
-        "exact" was asked for but the library cannot be loaded; a warning says so once per process) or "betti".
-    """
-    return matching_used(weights if isinstance(weights, str) else weights.topo_matching)
-
-
-def check_metric_names(names: Sequence[str]) -> list[str]:
-    """Return ``names`` as a list, raising VesuviusError on an unknown name (with a did-you-mean hint)."""
-    if isinstance(names, str):
-        names = [names]
-    for name in names:
-        if name not in SCALAR_GETTERS:
-            hint = did_you_mean(name, SCALAR_GETTERS) or f"; known metrics: {', '.join(SCALAR_GETTERS)}"
-            raise VesuviusError(f"unknown metric {name!r}{hint}")
-    return list(names)
-
-
-def compute_metrics(
-    pred: np.ndarray,
-    label: np.ndarray,
-    names: Sequence[str],
-    *,
-    ignore_index: int | None = 2,
-    spacing: Sequence[float] = (1, 1, 1),
-    weights: LeaderboardWeights = LeaderboardWeights(),
-) -> dict[str, float]:
-    """Compute the named scalar metrics of one pair, sharing intermediate results.
-
-    Args:
-        pred: binary mask (z, y, x), bool or 0/1.
-        label: (z, y, x) with values 0, 1 and ``ignore_index``.
-        names: keys of :data:`METRICS`, e.g. ["dice", "surface_dice", "leaderboard"].
-        ignore_index: the unlabeled value, or None.
-        spacing: voxel size along (z, y, x) for the surface metrics.
-        weights: settings of the VOI, TopoScore, surface Dice and leaderboard (see LeaderboardWeights).
-
-    Returns:
-        {name: value} in the order of ``names``.
-    """
-    names = check_metric_names(names)
-    context = MetricContext(pred, label, ignore_index=ignore_index, spacing=spacing, weights=weights)
-    return {name: context.value(name) for name in names}
-
-
-def _registered(name: str) -> Callable[..., float]:
-    """A scalar metric function computing ``name`` through :func:`compute_metrics`."""
-
-    def metric(
-        pred: np.ndarray,
-        label: np.ndarray,
-        *,
-        ignore_index: int | None = 2,
-        spacing: Sequence[float] = (1, 1, 1),
-        weights: LeaderboardWeights = LeaderboardWeights(),
-    ) -> float:
-        return compute_metrics(pred, label, [name], ignore_index=ignore_index, spacing=spacing, weights=weights)[name]
-
-    metric.__name__ = name
-    metric.__doc__ = f"Scalar metric {name!r} of a binary pred (z, y, x) against a label; see compute_metrics."
-    return metric
-
-
-METRICS: dict[str, Callable[..., float]] = {name: _registered(name) for name in SCALAR_GETTERS}
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'vesuvius_monai.metrics' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"vesuvius_monai.metrics.{_HOMES[name]}"), name)
+    globals()[name] = value
+    return value

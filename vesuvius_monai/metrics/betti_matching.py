@@ -41,7 +41,7 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from vesuvius_monai.config import TOPO_MATCHINGS
+from vesuvius_monai.metrics.names import TOPO_MATCHINGS
 from vesuvius_monai.errors import VesuviusError
 
 logger = logging.getLogger(__name__)

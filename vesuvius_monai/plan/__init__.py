@@ -21,8 +21,8 @@ The result is a :class:`Plan`: dotted config keys -> values, with a one-line rea
 monotone and a bigger budget only raises the step time a candidate may take, a bigger budget never picks a smaller
 patch, width or batch from the same measurements (tested).
 
-For the CLI: ``cfg = load_config(path, plan.overrides(exclude=explicit_keys(raw, overrides)) + overrides)`` uses the
-plan for every key the user's config file and overrides do not set (see :func:`explicit_keys`).
+``train`` resolves its config with the plan as a layer (``resolve_config(path, overrides, fills=[plan.layer()])``),
+which fills every key the user's config file and overrides leave out (:func:`vesuvius_monai.config.explicit_keys`).
 
 The modules, by job: :mod:`~vesuvius_monai.plan.fingerprint` (what the data are),
 :mod:`~vesuvius_monai.plan.ladder` (the rules, the candidates and their measurement on the device),
@@ -34,8 +34,8 @@ from vesuvius_monai.plan.choice import Budget, budget_for, choose, free_memory, 
 from vesuvius_monai.plan.fingerprint import dataset_fingerprint
 from vesuvius_monai.plan.ladder import (Candidate, PlanRules, Triple, candidate_ladder, depth_for, measure_candidate,
                                         model_kwargs, patch_caps)
-from vesuvius_monai.plan.output import Plan, explicit_keys, format_plan, load_plan, save_plan
+from vesuvius_monai.plan.output import Plan, format_plan, load_plan, save_plan
 
 __all__ = ["Budget", "Candidate", "Plan", "PlanRules", "Triple", "budget_for", "candidate_ladder", "choose",
-           "dataset_fingerprint", "depth_for", "explicit_keys", "format_plan", "free_memory", "load_plan",
+           "dataset_fingerprint", "depth_for", "format_plan", "free_memory", "load_plan",
            "make_plan", "measure_candidate", "model_kwargs", "patch_caps", "plan_from_measurements", "save_plan"]

@@ -10,11 +10,11 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from vesuvius_monai.config import Config, to_dict
+from vesuvius_monai.config import Config, covered, to_dict
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.plan.fingerprint import dataset_fingerprint
 from vesuvius_monai.plan.ladder import Candidate, PlanRules, candidate_ladder, measure_candidate, model_kwargs
-from vesuvius_monai.plan.output import Plan, covered
+from vesuvius_monai.plan.output import Plan
 
 log = logging.getLogger(__name__)
 

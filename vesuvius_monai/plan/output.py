@@ -1,15 +1,15 @@
-"""The plan itself (:class:`Plan`: planned keys, reasons and what they came from), the keys a user set, and the
-plan as text and as a file."""
+"""The plan itself (:class:`Plan`: planned keys, reasons and what they came from), as a config layer, as text and as
+a file."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import yaml
 
-from vesuvius_monai.config import read_yaml_mapping, set_override, to_dict
+from vesuvius_monai.config import Layer, dotted_layer, read_yaml_mapping, to_dict
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.atomic import write_text
 
@@ -26,41 +26,10 @@ class Plan:
     device: str = "cpu"
     chosen: dict[str, Any] = field(default_factory=dict)  # the chosen candidate: patch, width, depth, batch
 
-    def overrides(self, exclude: Iterable[str] = ()) -> list[str]:
-        """``key=value`` strings (values in YAML flow style) of the planned keys, leaving out every key in
-        ``exclude``, under one of them (excluding ``model.kwargs`` drops ``model.kwargs.depth``) or above one
-        (excluding ``model.kwargs.depth`` drops every ``model.kwargs.*`` key, so the model stays as the user set it)."""
-        exclude = set(exclude)
-        return [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
-                for key, value in self.values.items() if not covered(key, exclude)]
-
-
-def covered(key: str, exclude: set[str]) -> bool:
-    """True when ``key`` or one of its parents is excluded, or a model keyword is (the model is then the user's)."""
-    parts = key.split(".")
-    if any(".".join(parts[:i]) in exclude for i in range(1, len(parts) + 1)):
-        return True
-    return key.startswith("model.kwargs.") and any(e.startswith("model.kwargs") for e in exclude)
-
-
-def explicit_keys(raw: dict, overrides: Sequence[str] = ()) -> set[str]:
-    """Dotted keys a raw config mapping (a YAML file) and ``key=value`` overrides set: every leaf, e.g.
-    {"train.steps", "model.kwargs.depth"}; an empty mapping counts as set itself (``model.kwargs={}``)."""
-    keys: set[str] = set()
-
-    def walk(node: Any, prefix: str) -> None:
-        for key, value in node.items():
-            if isinstance(value, dict) and value:
-                walk(value, f"{prefix}{key}.")
-            else:
-                keys.add(f"{prefix}{key}")
-
-    walk(raw, "")
-    for override in overrides:
-        single: dict = {}
-        set_override(single, override)
-        walk(single, "")
-    return keys
+    def layer(self, source: str = "plan") -> Layer:
+        """The planned values as a config layer (:func:`vesuvius_monai.config.resolve_config` fills with it only the
+        keys the user's config file and overrides leave out)."""
+        return dotted_layer(source, self.values)
 
 
 def format_plan(plan: Plan) -> str:

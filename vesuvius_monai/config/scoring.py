@@ -1,0 +1,125 @@
+"""The config's scoring sections: post-processing, its tuning, and evaluation (metrics, leaderboard settings)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vesuvius_monai.config.checks import check_fields, choice, finite, require
+from vesuvius_monai.metrics.names import DEFAULT_METRICS, METRIC_NAMES, TOPO_MATCHINGS
+
+Triple = tuple[int, int, int]
+
+@dataclass(frozen=True, kw_only=True)
+class PostprocessConfig:
+    """``postprocess``: threshold, then removal of small components, then filling of small cavities.
+
+    threshold: foreground is ``prob > threshold``, in [0, 1].
+    min_size: foreground components with fewer voxels are removed (0 keeps all).
+    fill_holes_max: enclosed background cavities of at most this many voxels are filled (0 fills none).
+    connectivity: neighbourhood of foreground components, 6, 18 or 26.
+    """
+
+    threshold: float = 0.5
+    min_size: int = 0
+    fill_holes_max: int = 0
+    connectivity: int = 26
+
+    def __post_init__(self) -> None:
+        check_fields(self, "postprocess")
+        finite("postprocess.threshold", self.threshold, 0.0, 1.0)
+        for key in ("min_size", "fill_holes_max"):
+            require(getattr(self, key) >= 0, f"postprocess.{key}", f"must be >= 0, got {getattr(self, key)}")
+        choice("postprocess.connectivity", self.connectivity, (6, 18, 26))
+
+
+@dataclass(frozen=True, kw_only=True)
+class TuneConfig:
+    """``tune``: what ``tune-postprocess`` tries on the validation fragments (scored by the leaderboard score).
+
+    thresholds: candidate thresholds, each in [0, 1] (tried first).
+    min_sizes: candidate small-component sizes, each > 0, tried 6- and 26-connected at the chosen threshold (empty:
+        thresholds only).
+    max_dice_drop: a candidate whose mean validation Dice is more than this below the config's post-processing's is
+        never chosen, so that the score is not bought with overlap (>= 0; 1 turns the rule off).
+    """
+
+    thresholds: tuple[float, ...] = tuple(round(0.3 + 0.05 * i, 2) for i in range(11))  # 0.30 .. 0.80
+    min_sizes: tuple[int, ...] = (64, 256, 1024)
+    max_dice_drop: float = 0.005
+
+    def __post_init__(self) -> None:
+        check_fields(self, "tune")
+        require(len(self.thresholds) > 0, "tune.thresholds", "must not be empty")
+        for value in self.thresholds:
+            finite("tune.thresholds", value, 0.0, 1.0)
+        require(all(m > 0 for m in self.min_sizes), "tune.min_sizes", f"must all be > 0, got {list(self.min_sizes)}")
+        finite("tune.max_dice_drop", self.max_dice_drop, 0.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LeaderboardWeights:
+    """``evaluate.leaderboard``: weights and settings of the leaderboard score.
+
+    topo, surface_dice, voi: weights of the three parts; clamped at >= 0 and renormalised (not all <= 0).
+    tolerance: surface Dice tolerance in spacing units (>= 0).
+    voi_alpha: alpha of VOI_score = 1 / (1 + alpha VOI) (>= 0).
+    betti_weights: TopoScore weights of dimensions 0, 1, 2 (>= 0, not all zero).
+    tiles: TopoScore tiles along (z, y, x).
+    connectivity: VOI component connectivity, 6, 18 or 26.
+    topo_matching: TopoScore feature matching: "exact" (default; Betti matching by the competition's library,
+        installed by scripts/setup_env.sh), or the stand-ins "persistence" (spatial matching through the union)
+        and "betti" (m_k = min(p_k, g_k), an upper bound). Where the library cannot be loaded, "exact" falls back
+        to "persistence" with a warning; ``vesuvius_monai.metrics.topo_matching_used(weights)`` names the
+        matching that produced a figure.
+    """
+
+    topo: float = 0.30
+    surface_dice: float = 0.35
+    voi: float = 0.35
+    tolerance: float = 2.0
+    voi_alpha: float = 0.3
+    betti_weights: tuple[float, float, float] = (0.34, 0.33, 0.33)
+    tiles: Triple = (2, 2, 2)
+    connectivity: int = 26
+    topo_matching: str = "exact"
+
+    def __post_init__(self) -> None:
+        key = "evaluate.leaderboard"
+        check_fields(self, key)
+        for name in ("topo", "surface_dice", "voi"):
+            finite(f"{key}.{name}", getattr(self, name))
+        require(max(self.topo, self.surface_dice, self.voi) > 0, key,
+                "weights topo, surface_dice and voi must not all be <= 0")
+        finite(f"{key}.tolerance", self.tolerance, 0.0)
+        finite(f"{key}.voi_alpha", self.voi_alpha, 0.0)
+        for value in self.betti_weights:
+            finite(f"{key}.betti_weights", value, 0.0)
+        require(sum(self.betti_weights) > 0, f"{key}.betti_weights", "must not all be zero")
+        require(min(self.tiles) >= 1, f"{key}.tiles", f"must be three integers >= 1, got {self.tiles}")
+        choice(f"{key}.connectivity", self.connectivity, (6, 18, 26))
+        choice(f"{key}.topo_matching", self.topo_matching, TOPO_MATCHINGS)
+
+    def part_weights(self) -> tuple[float, float, float]:
+        """(topo, surface_dice, voi) weights clamped at >= 0 and renormalised to sum to 1."""
+        clamped = [max(w, 0.0) for w in (self.topo, self.surface_dice, self.voi)]
+        total = sum(clamped)
+        return clamped[0] / total, clamped[1] / total, clamped[2] / total
+
+
+@dataclass(kw_only=True)
+class EvaluateConfig:
+    """``evaluate``: which fragments to score, which metrics, what to write."""
+
+    split: str = "test"  # test | val | all
+    metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))
+    save_probabilities: bool = True
+    save_masks: bool = True
+    leaderboard: LeaderboardWeights = field(default_factory=LeaderboardWeights)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "evaluate")
+        choice("evaluate.split", self.split, ("test", "val", "all"))
+        for name in self.metrics:
+            choice("evaluate.metrics", name, METRIC_NAMES)
+
+
