@@ -73,7 +73,7 @@ from vesuvius_monai.engine.tune import TUNED_FILE, tune_postprocess
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.atomic import write_text
 from vesuvius_monai.io.checkpoint import load_checkpoint
-from vesuvius_monai.metrics.topology import betti_connectivity
+from vesuvius_monai.metrics.betti import betti_connectivity
 from vesuvius_monai.models import list_models
 
 log = logging.getLogger("bench_recipes")

@@ -25,7 +25,7 @@ from vesuvius_monai.data.readers import open_volume
 from vesuvius_monai.data.synthetic import make_fragment
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.nifti import write_nifti
-from vesuvius_monai.metrics.topology import tile_betti
+from vesuvius_monai.metrics.betti import tile_betti
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"

@@ -1,9 +1,8 @@
 """Metrics of papyrus-surface predictions on NumPy volumes (z, y, x).
 
 Every metric takes ``pred`` (binary mask, bool or 0/1) and ``label`` (0 background, 1 surface,
-``ignore_index`` unlabeled; ignored voxels become background in both). :data:`METRICS` maps a name to a
-scalar metric ``f(pred, label, *, ignore_index=2, spacing=(1, 1, 1), weights=LeaderboardWeights())``;
-:func:`compute_metrics` computes several at once and shares their intermediate results.
+``ignore_index`` unlabeled; ignored voxels become background in both). :func:`compute_metrics` computes the
+scalar metrics named in :data:`METRIC_NAMES`, several at once, sharing their intermediate results.
 
 TopoScore matches features with exact Betti matching (the competition's library) by default; where that
 library cannot be loaded it falls back to a stand-in with a warning. :func:`topo_matching_used` names the
@@ -12,25 +11,24 @@ matching that actually produces the figures, for reports.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from vesuvius_monai.errors import VesuviusError, did_you_mean
 from vesuvius_monai.config import LeaderboardWeights
+from vesuvius_monai.errors import VesuviusError, did_you_mean
+from vesuvius_monai.metrics.betti import betti_numbers
 from vesuvius_monai.metrics.betti_matching import matching_used
 from vesuvius_monai.metrics.cldice import cldice, cldice_parts
 from vesuvius_monai.metrics.context import SCALAR_GETTERS, MetricContext
 from vesuvius_monai.metrics.leaderboard import leaderboard_score
 from vesuvius_monai.metrics.overlap import dice, iou
 from vesuvius_monai.metrics.surface import hausdorff95, surface_dice
-from vesuvius_monai.metrics.topology import betti_errors, betti_numbers, topo_score
+from vesuvius_monai.metrics.topology import betti_errors, topo_score
 from vesuvius_monai.metrics.voi import variation_of_information, voi_score
 
 __all__ = [
-    "METRICS",
     "METRIC_NAMES",
-    "LeaderboardWeights",
     "MetricContext",
     "betti_errors",
     "betti_numbers",
@@ -91,7 +89,7 @@ def compute_metrics(
     Args:
         pred: binary mask (z, y, x), bool or 0/1.
         label: (z, y, x) with values 0, 1 and ``ignore_index``.
-        names: keys of :data:`METRICS`, e.g. ["dice", "surface_dice", "leaderboard"].
+        names: of :data:`METRIC_NAMES`, e.g. ["dice", "surface_dice", "leaderboard"].
         ignore_index: the unlabeled value, or None.
         spacing: voxel size along (z, y, x) for the surface metrics.
         weights: settings of the VOI, TopoScore, surface Dice and leaderboard (see LeaderboardWeights).
@@ -103,23 +101,3 @@ def compute_metrics(
     context = MetricContext(pred, label, ignore_index=ignore_index, spacing=spacing, weights=weights)
     return {name: context.value(name) for name in names}
 
-
-def _registered(name: str) -> Callable[..., float]:
-    """A scalar metric function computing ``name`` through :func:`compute_metrics`."""
-
-    def metric(
-        pred: np.ndarray,
-        label: np.ndarray,
-        *,
-        ignore_index: int | None = 2,
-        spacing: Sequence[float] = (1, 1, 1),
-        weights: LeaderboardWeights = LeaderboardWeights(),
-    ) -> float:
-        return compute_metrics(pred, label, [name], ignore_index=ignore_index, spacing=spacing, weights=weights)[name]
-
-    metric.__name__ = name
-    metric.__doc__ = f"Scalar metric {name!r} of a binary pred (z, y, x) against a label; see compute_metrics."
-    return metric
-
-
-METRICS: dict[str, Callable[..., float]] = {name: _registered(name) for name in SCALAR_GETTERS}
