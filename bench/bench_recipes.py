@@ -13,7 +13,7 @@ Systems (``--systems``):
                 post-processing) from ``--config``. ``--default-inference unet`` also scores the same checkpoints
                 with the default's inference (its TTA, then post-processing tuned on the val fragments).
 
-Every system trains on the train split of the families (``vesuvius_monai.data.families``; the train split mixes
+Every system trains on the train split of the families (``bench/families.py``; the train split mixes
 all families, the val split picks the checkpoint, ``--checkpoint best`` by default) for ``--minutes`` of wall-clock
 time (``train.max_minutes``; ``train.steps`` is only a cap, ``--step-cap``, and the learning-rate schedule runs on
 the time budget, with the warm-up scaled to keep the recipe's warmup_steps / steps share of it), one system after
@@ -62,9 +62,8 @@ import yaml
 
 from _common import (format_table, octant_components, read_train_log, run_main, spread, spread_text,
                      verdict_lines, verdict_rule, with_overrides, write_json)
+from families import FAMILIES, FAMILY_NAMES, SplitCounts, check_families, read_family_info, write_families
 from vesuvius_monai.config import Config, config_from_raw, to_dict
-from vesuvius_monai.data.families import (FAMILIES, FAMILY_NAMES, SplitCounts, check_families, read_family_info,
-                                          write_families)
 from vesuvius_monai.data.readers import open_volume
 from vesuvius_monai.engine.evaluate import evaluate
 from vesuvius_monai.engine.infer import with_tta, without_tta
