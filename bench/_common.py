@@ -288,18 +288,11 @@ def spread_text(stats: dict[str, float], spec: str = ".4f") -> str:
 
 def octant_components(mask: np.ndarray, tiles: Sequence[int] = (2, 2, 2), connectivity: int = 26) -> int:
     """Connected components of a bool volume (z, y, x) summed over the scorer's tiles (2 x 2 x 2 octants, split like
-    ``np.array_split``), each tile labelled on its own with scipy.ndimage (26-connected by default)."""
-    from scipy import ndimage
+    ``np.array_split``), each tile labelled on its own as the metrics label (26-connected by default)."""
+    from vesuvius_monai.metrics._common import tile_slices
+    from vesuvius_monai.metrics.components import label_components
 
-    rank = {6: 1, 18: 2, 26: 3}[connectivity]
-    structure = ndimage.generate_binary_structure(3, rank)
-    total = 0
-    for z in np.array_split(np.arange(mask.shape[0]), tiles[0]):
-        for y in np.array_split(np.arange(mask.shape[1]), tiles[1]):
-            for x in np.array_split(np.arange(mask.shape[2]), tiles[2]):
-                tile = mask[z[0]:z[-1] + 1, y[0]:y[-1] + 1, x[0]:x[-1] + 1]
-                total += int(ndimage.label(tile, structure=structure)[1])
-    return total
+    return sum(label_components(mask[s], connectivity)[1] for s in tile_slices(mask.shape, tiles))
 
 
 def read_train_log(run: Path) -> dict[str, float]:

@@ -34,10 +34,11 @@ from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
 from _common import format_table, run_main, write_json
-from vesuvius_monai.metrics import METRICS, MetricContext, check_metric_names, topo_matching_used
+from vesuvius_monai.config import LeaderboardWeights
+from vesuvius_monai.metrics import METRIC_NAMES, MetricContext, check_metric_names, topo_matching_used
 from vesuvius_monai.metrics import betti_matching as bm
-from vesuvius_monai.metrics._common import label_components, prepare_pair, tile_slices
-from vesuvius_monai.metrics.leaderboard import LeaderboardWeights
+from vesuvius_monai.metrics._common import prepare_pair, tile_slices
+from vesuvius_monai.metrics.components import label_components
 
 
 def sheet_heights(size: int, n_sheets: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -246,7 +247,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=320, help="edge of the cubic volume in voxels")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--noise", type=float, default=0.0, help="fraction of prediction voxels flipped")
-    parser.add_argument("--metrics", nargs="*", default=list(METRICS), help="metric names (default: all)")
+    parser.add_argument("--metrics", nargs="*", default=list(METRIC_NAMES), help="metric names (default: all)")
     parser.add_argument("--matching", default="exact", choices=["exact", "persistence", "betti"])
     parser.add_argument("--compare-libraries", action="store_true",
                         help="time library functions next to hand-written code")

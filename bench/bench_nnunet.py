@@ -48,7 +48,7 @@ from vesuvius_monai.data.readers import open_volume
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.atomic import write_text
 from vesuvius_monai.metrics import compute_metrics
-from vesuvius_monai.metrics.topology import betti_connectivity
+from vesuvius_monai.metrics.betti import betti_connectivity
 
 log = logging.getLogger("bench_nnunet")
 

@@ -13,7 +13,7 @@ Systems (``--systems``):
                 post-processing) from ``--config``. ``--default-inference unet`` also scores the same checkpoints
                 with the default's inference (its TTA, then post-processing tuned on the val fragments).
 
-Every system trains on the train split of the families (``vesuvius_monai.data.families``; the train split mixes
+Every system trains on the train split of the families (``bench/families.py``; the train split mixes
 all families, the val split picks the checkpoint, ``--checkpoint best`` by default) for ``--minutes`` of wall-clock
 time (``train.max_minutes``; ``train.steps`` is only a cap, ``--step-cap``, and the learning-rate schedule runs on
 the time budget, with the warm-up scaled to keep the recipe's warmup_steps / steps share of it), one system after
@@ -62,9 +62,8 @@ import yaml
 
 from _common import (format_table, octant_components, read_train_log, run_main, spread, spread_text,
                      verdict_lines, verdict_rule, with_overrides, write_json)
+from families import FAMILIES, FAMILY_NAMES, SplitCounts, check_families, read_family_info, write_families
 from vesuvius_monai.config import Config, build, config_from_raw, mapping_layer, to_dict
-from vesuvius_monai.data.families import (FAMILIES, FAMILY_NAMES, SplitCounts, check_families, read_family_info,
-                                          write_families)
 from vesuvius_monai.data.readers import open_volume
 from vesuvius_monai.engine.evaluate import evaluate
 from vesuvius_monai.engine.infer import with_tta, without_tta
@@ -73,7 +72,7 @@ from vesuvius_monai.engine.tune import TUNED_FILE, read_choice, tune_postprocess
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.atomic import write_text
 from vesuvius_monai.io.checkpoint import load_checkpoint
-from vesuvius_monai.metrics.topology import betti_connectivity
+from vesuvius_monai.metrics.betti import betti_connectivity
 from vesuvius_monai.models import list_models
 
 log = logging.getLogger("bench_recipes")

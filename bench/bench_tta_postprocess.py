@@ -151,9 +151,10 @@ def leaderboard_fn(cfg: Config) -> Callable[[np.ndarray, np.ndarray], float]:
     return score
 
 
-def tune_postprocess(probs: list[np.ndarray], val: Split, cfg: Config, min_sizes: list[int], fills: list[int]
-                     ) -> tuple[PostprocessConfig, list[dict]]:
-    """Best PostprocessConfig on the validation fragments, and one row per (min_size, fill) tried."""
+def grid_search_postprocess(probs: list[np.ndarray], val: Split, cfg: Config, min_sizes: list[int],
+                            fills: list[int]) -> tuple[PostprocessConfig, list[dict]]:
+    """Best PostprocessConfig on the validation fragments, and one row per (min_size, fill) tried (this bench's grid
+    search; ``tune-postprocess`` is ``vesuvius_monai.engine.tune.tune_postprocess``)."""
     score, rows = leaderboard_fn(cfg), []
     for min_size in min_sizes:
         for fill in fills:
@@ -188,7 +189,7 @@ def run_setting(setting: Setting, predicted: dict, val: Split, test: Split, cfg:
     tuning = None
     pp = PostprocessConfig()  # threshold 0.5, nothing else
     if setting.tuned:
-        pp, tuning = tune_postprocess(predicted[setting.mode]["val"], val, cfg, args.min_sizes, args.fill_holes)
+        pp, tuning = grid_search_postprocess(predicted[setting.mode]["val"], val, cfg, args.min_sizes, args.fill_holes)
     per_fragment, pp_seconds = score_split(predicted[setting.mode]["test"], test, pp, cfg)
     mean, std = mean_and_std(per_fragment)
     axes, rot90 = INFERENCE_MODES[setting.mode]

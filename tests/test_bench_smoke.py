@@ -25,7 +25,7 @@ from vesuvius_monai.data.readers import open_volume
 from vesuvius_monai.data.synthetic import make_fragment
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.nifti import write_nifti
-from vesuvius_monai.metrics.topology import tile_betti
+from vesuvius_monai.metrics.betti import tile_betti
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
@@ -148,18 +148,25 @@ def test_model_speed_compares_channels_last_side_by_side(tiny_results) -> None:
 # --------------------------------------------------------------------------- shared helpers
 
 
-@pytest.mark.parametrize("connectivity, sk_connectivity", [(26, 3), (6, 1)])
-def test_octant_components_match_the_scorer_and_skimage(bench, connectivity: int, sk_connectivity: int) -> None:
+def skimage_octant_components(mask: np.ndarray, connectivity: int) -> int:
+    """Components of a bool volume (z, y, x) summed over its 2 x 2 x 2 octants (split like ``np.array_split``),
+    counted by skimage (26-connected: its connectivity 3, 6-connected: 1), independently of the bench's code."""
+    total = 0
+    for z in np.array_split(np.arange(mask.shape[0]), 2):
+        for y in np.array_split(np.arange(mask.shape[1]), 2):
+            for x in np.array_split(np.arange(mask.shape[2]), 2):
+                total += sk_label(mask[np.ix_(z, y, x)], connectivity={26: 3, 6: 1}[connectivity]).max()
+    return int(total)
+
+
+@pytest.mark.parametrize("connectivity", [26, 6])
+def test_octant_components_match_the_scorer_and_skimage(bench, connectivity: int) -> None:
     _, common = bench
     rng = np.random.default_rng(connectivity)
     for _ in range(30):
         shape = tuple(int(v) for v in rng.integers(2, 17, size=3))
         mask = rng.uniform(size=shape) < rng.uniform(0.05, 0.6)
-        expected = 0
-        for z in np.array_split(np.arange(shape[0]), 2):
-            for y in np.array_split(np.arange(shape[1]), 2):
-                for x in np.array_split(np.arange(shape[2]), 2):
-                    expected += sk_label(mask[np.ix_(z, y, x)], connectivity=sk_connectivity).max()
+        expected = skimage_octant_components(mask, connectivity)
         scorer = tile_betti(mask, connectivity=connectivity)[:, 0].sum()
         assert common.octant_components(mask, connectivity=connectivity) == expected == scorer
 
@@ -223,6 +230,12 @@ def test_synthetic_zarr_tiles_synth_fragments(bench, tmp_path) -> None:
 # --------------------------------------------------------------------------- bench_recipes
 
 
+# the folder each row of the first tiny run was evaluated into (bench_recipes.run_system: a fresh run's first
+# evaluation goes to eval/)
+EVAL_FOLDER = {"default": "eval", "default_untuned": "eval_untuned", "default_plain": "eval_plain",
+               "basicunet": "eval", "basicunet_tta": "eval_tta", "basicunet_tta_tuned": "eval_tta_tuned"}
+
+
 def test_bench_recipes_smoke(tiny_results) -> None:
     (done, again), folder = tiny_results["bench_recipes.py"]
     assert done.returncode == again.returncode == 0, done.stderr[-3000:] + again.stderr[-3000:]
@@ -258,10 +271,18 @@ def test_bench_recipes_smoke(tiny_results) -> None:
         assert r["steps"] >= 1 and r["model"] == ("basicunet" if r["system"].startswith("basicunet") else "resunet3d")
         assert r["config"]["train"]["max_minutes"] == 0.005 and r["config"]["transforms"]["patch_size"] == [32] * 3
         assert r["config"]["train"]["warmup_steps"] == 5000  # configs/demo.yaml: 100 of 2000 steps, of the 100000 cap
-        (frag,) = r["fragments"].values()
+        ((frag_id, frag),) = r["fragments"].items()
         assert frag["family"] == "thin" and 0 <= frag["dice"] <= 1 and 0 <= frag["leaderboard"] <= 1
-        assert frag["label_components"] >= 1 and frag["pred_components"] >= 0
         assert r["component_connectivity"] in (6, 26)
+        # the component counts are those of the saved mask and the label, counted again here by skimage
+        mask = open_volume(Path(r["run"]) / EVAL_FOLDER[r["system"]] / "predictions" / f"{frag_id}_mask.nii.gz")
+        (label_path,) = folder.glob(f"data/*/labels/{frag_id}.nii*")
+        label = open_volume(label_path).read()
+        keep = label != 2
+        assert frag["label_components"] >= 1
+        assert frag["label_components"] == skimage_octant_components((label == 1) & keep, r["component_connectivity"])
+        assert frag["pred_components"] == skimage_octant_components(mask.read().astype(bool) & keep,
+                                                                    r["component_connectivity"])
         assert r["summary"]["thin"]["dice"]["n"] == 1
     assert first["runs"][0]["config"]["model"]["kwargs"] == {"init_features": 4, "depth": 2}
     assert monai["config"]["model"]["kwargs"] == {}
@@ -297,7 +318,7 @@ def nnunet(monkeypatch):
 
 def family_fragments(tmp: Path) -> list[dict]:
     """The 'ignore' family (labels 0, 1 and 2) at 16^3, one fragment per split, as bench_recipes lists them."""
-    from vesuvius_monai.data.families import SplitCounts, write_families
+    from families import SplitCounts, write_families
 
     dataset = write_families(tmp / "data", ["ignore"], shape=(16, 16, 16), counts=SplitCounts(train=1, val=1, test=1))
     return [dict(e, image=str(dataset.parent / e["image"]), label=str(dataset.parent / e["label"]))

@@ -22,7 +22,7 @@ from scipy import ndimage
 from skimage.morphology import skeletonize
 from torch import Tensor, nn
 
-from vesuvius_monai.config import LossWeights, from_dict
+from vesuvius_monai.config import LossWeights, choice, from_dict
 from vesuvius_monai.errors import VesuviusError
 
 logger = logging.getLogger(__name__)
@@ -31,36 +31,18 @@ SMOOTH = 1e-5
 SKELETON_MODES = ("slices", "3d")
 
 
-# ---------------------------------------------------------------- soft skeleton (clDice)
-
-
-def soft_skeleton(x: Tensor, iters: int) -> Tensor:
-    """Soft skeleton (Shit et al. 2021) of (B, C, Z, Y, X) values in [0, 1]; same shape, values in [0, 1].
-
-    MONAI's ``soft_skel`` (soft erosion = minimum over the 6 face neighbours, dilation = 3x3x3 maximum);
-    ``iters`` erosions are applied, so structures up to about ``2 * iters + 1`` voxels thick are thinned.
-    """
-    return soft_skel(x, iters)
-
-
 # ---------------------------------------------------------------- skeleton of the target (Skeleton Recall)
 
 
-def skeleton_target(
-    label: np.ndarray, *, ignore_index: int = 2, dilate: bool = True, mode: str = "slices"
-) -> np.ndarray:
+def skeleton_target(label: np.ndarray, *, dilate: bool = True, mode: str = "slices") -> np.ndarray:
     """Skeleton of the surface voxels (label == 1) of a (Z, Y, X) label volume; bool (Z, Y, X).
 
-    ``mode="3d"`` uses skimage's 3D thinning (Lee 1994), as in Kirchhoff et al. 2024; it thins to curves,
-    so a thin sheet can collapse to a few voxels or vanish. ``mode="slices"`` (default) is the union of the
-    2D skeletons of every slice along z, y and x: for a sheet this contains its medial surface.
-    ``dilate`` grows the skeleton by one voxel (6-neighbourhood); the result is always restricted to the
+    ``mode`` is one of :data:`SKELETON_MODES` (checked by :class:`SurfaceLoss`). ``mode="3d"`` uses skimage's 3D
+    thinning (Lee 1994), as in Kirchhoff et al. 2024; it thins to curves, so a thin sheet can collapse to a few
+    voxels or vanish. ``mode="slices"`` (default) is the union of the 2D skeletons of every slice along z, y and
+    x: for a sheet this contains its medial surface. ``dilate`` grows the skeleton by one voxel (6-neighbourhood); the result is always restricted to the
     surface voxels, so the ignore region and the background are never part of it.
     """
-    if mode not in SKELETON_MODES:
-        raise VesuviusError(f"skeleton mode must be one of {', '.join(SKELETON_MODES)}, got {mode!r}")
-    if label.ndim != 3:
-        raise VesuviusError(f"skeleton label must be a (Z, Y, X) volume, got shape {label.shape}")
     surface = label == 1
     if not surface.any():
         return np.zeros(label.shape, dtype=bool)
@@ -83,13 +65,10 @@ def _skeleton_of_slices(surface: np.ndarray) -> np.ndarray:
     return skel
 
 
-def skeleton_batch(target: Tensor, *, ignore_index: int = 2, dilate: bool = True, mode: str = "slices") -> Tensor:
+def skeleton_batch(target: Tensor, *, dilate: bool = True, mode: str = "slices") -> Tensor:
     """Skeletons of a (B, 1, Z, Y, X) target, computed on the CPU; float (B, 1, Z, Y, X) on target's device."""
     labels = target.detach().cpu().numpy()
-    skels = [
-        skeleton_target(labels[b, 0], ignore_index=ignore_index, dilate=dilate, mode=mode)
-        for b in range(labels.shape[0])
-    ]
+    skels = [skeleton_target(labels[b, 0], dilate=dilate, mode=mode) for b in range(labels.shape[0])]
     return torch.from_numpy(np.stack(skels)[:, None].astype(np.float32)).to(target.device)
 
 
@@ -104,9 +83,13 @@ def masked_bce(logits: Tensor, target: Tensor, mask: Tensor) -> Tensor:
 
 
 def soft_cldice(prob: Tensor, target: Tensor, iters: int) -> Tensor:
-    """Soft clDice loss 1 - clDice of masked probabilities and masked target, both (B, 1, Z, Y, X) in [0, 1]."""
-    skel_prob = soft_skeleton(prob, iters)
-    skel_target = soft_skeleton(target, iters)
+    """Soft clDice loss 1 - clDice of masked probabilities and masked target, both (B, 1, Z, Y, X) in [0, 1].
+
+    Soft skeletons (Shit et al. 2021) by MONAI's ``soft_skel`` (soft erosion = minimum over the 6 face neighbours,
+    dilation = 3x3x3 maximum); ``iters`` erosions, so structures up to about ``2 * iters + 1`` voxels thick thin.
+    """
+    skel_prob = soft_skel(prob, iters)
+    skel_target = soft_skel(target, iters)
     precision = ((skel_prob * target).sum() + SMOOTH) / (skel_prob.sum() + SMOOTH)
     sensitivity = ((skel_target * prob).sum() + SMOOTH) / (skel_target.sum() + SMOOTH)
     return 1.0 - 2.0 * precision * sensitivity / (precision + sensitivity)
@@ -139,8 +122,7 @@ class SurfaceLoss(nn.Module):
     ``forward(logits, target)`` takes logits (B, 1, Z, Y, X) and a target of the same shape with values
     {0, 1, ignore_index} and returns a scalar tensor. After each call ``last_parts`` holds the unweighted value
     of each active component as a detached scalar tensor on the input's device (reading them as floats is left
-    to the caller, so a training step does not wait for the GPU); ``last_components`` gives them and the
-    weighted ``total`` as floats.
+    to the caller, so a training step does not wait for the GPU).
     """
 
     def __init__(
@@ -157,8 +139,7 @@ class SurfaceLoss(nn.Module):
             raise VesuviusError(f"ignore_index must be an integer other than 0 and 1, got {ignore_index!r}")
         if isinstance(cldice_iters, bool) or not isinstance(cldice_iters, int) or cldice_iters < 1:
             raise VesuviusError(f"cldice_iters must be an integer >= 1, got {cldice_iters!r}")
-        if skel_mode not in SKELETON_MODES:
-            raise VesuviusError(f"skel_mode must be one of {', '.join(SKELETON_MODES)}, got {skel_mode!r}")
+        choice("skel_mode", skel_mode, SKELETON_MODES)
         self.weights = weights
         self.ignore_index = ignore_index
         self.cldice_iters = cldice_iters
@@ -166,7 +147,6 @@ class SurfaceLoss(nn.Module):
         self.skel_dilate = skel_dilate
         self.dice = DiceLoss(sigmoid=False, smooth_nr=SMOOTH, smooth_dr=SMOOTH, batch=True)
         self.last_parts: dict[str, Tensor] = {}
-        self._last_total: Tensor | None = None
 
     def components(self, logits: Tensor, target: Tensor) -> dict[str, Tensor]:
         """Return the unweighted scalar loss of each active component, keyed by its LossWeights name."""
@@ -184,9 +164,7 @@ class SurfaceLoss(nn.Module):
         if "cldice" in active:
             parts["cldice"] = soft_cldice(prob, surface, self.cldice_iters)
         if "skel_recall" in active:
-            skel = skeleton_batch(
-                target, ignore_index=self.ignore_index, dilate=self.skel_dilate, mode=self.skel_mode
-            )
+            skel = skeleton_batch(target, dilate=self.skel_dilate, mode=self.skel_mode)
             parts["skel_recall"] = skeleton_recall(prob, skel)
         return parts
 
@@ -196,16 +174,7 @@ class SurfaceLoss(nn.Module):
         active = self.weights.active()
         total = sum(active[name] * value for name, value in parts.items())
         self.last_parts = {name: value.detach() for name, value in parts.items()}
-        self._last_total = total.detach()
         return total
-
-    @property
-    def last_components(self) -> dict[str, float]:
-        """The last call's unweighted components and weighted ``total`` as floats (waits for the device)."""
-        values = {name: float(value) for name, value in self.last_parts.items()}
-        if self._last_total is not None:
-            values["total"] = float(self._last_total)
-        return values
 
 
 def build_loss(

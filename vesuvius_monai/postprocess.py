@@ -1,7 +1,9 @@
 """Post-processing of surface probabilities: threshold, drop small components, fill small cavities.
 
-Also :func:`pick_threshold`, which picks the threshold that maximises a score over validation fragments, and
-:func:`pick_postprocess`, which picks threshold and small-component removal with a guard against over-fitting.
+Also :func:`pick_postprocess` (``tune-postprocess``), which picks threshold and small-component removal on validation
+fragments with a guard against over-fitting, and :func:`pick_threshold` (``bench/bench_tta_postprocess.py``'s grid
+search), which picks the threshold of best mean score without a guard. Connected components come from
+:mod:`vesuvius_monai.metrics.components`, the labelling the metrics use.
 """
 
 from __future__ import annotations
@@ -12,16 +14,15 @@ import math
 from typing import Callable, Sequence
 
 import numpy as np
-from scipy import ndimage
 from skimage.morphology import remove_small_objects
 from tqdm import tqdm
 
 from vesuvius_monai.config import PostprocessConfig, TuneConfig
 from vesuvius_monai.errors import VesuviusError
+from vesuvius_monai.metrics.components import CONNECTIVITY_RANK, cavity_labels
 
 logger = logging.getLogger(__name__)
 
-CONNECTIVITY_RANK = {6: 1, 18: 2, 26: 3}  # neighbours -> rank for ndimage.generate_binary_structure(3, rank)
 DEFAULT_CANDIDATES = np.linspace(0.2, 0.8, 13)
 Scorer = Callable[[np.ndarray, np.ndarray], float]  # (bool pred (Z, Y, X), label (Z, Y, X)) -> score, higher is better
 
@@ -37,7 +38,10 @@ def _check_prob(prob: np.ndarray) -> None:
 
 
 def remove_small_components(mask: np.ndarray, min_size: int, connectivity: int = 26) -> np.ndarray:
-    """Drop foreground components of a bool (Z, Y, X) mask with fewer than ``min_size`` voxels; new bool array."""
+    """Drop foreground components of a bool (Z, Y, X) mask with fewer than ``min_size`` voxels; new bool array.
+
+    ``connectivity``: 6, 18 or 26 (``skimage.morphology.remove_small_objects`` with the matching rank).
+    """
     if min_size <= 0:
         return mask.copy()
     return remove_small_objects(mask, max_size=min_size - 1, connectivity=CONNECTIVITY_RANK[connectivity])
@@ -51,26 +55,32 @@ def fill_small_holes(mask: np.ndarray, max_size: int) -> np.ndarray:
     """
     if max_size <= 0:
         return mask.copy()
-    labels, _ = ndimage.label(~mask, structure=ndimage.generate_binary_structure(3, 1))
-    sizes = np.bincount(labels.ravel())
-    fill = sizes <= max_size
-    fill[0] = False
-    fill[_border_labels(labels)] = False
+    labels, is_cavity = cavity_labels(mask, 6)
+    fill = is_cavity & (np.bincount(labels.ravel()) <= max_size)
     return mask | fill[labels]
 
 
-def _border_labels(labels: np.ndarray) -> np.ndarray:
-    """Unique label values on the six faces of a (Z, Y, X) label volume."""
-    faces = [labels[0], labels[-1], labels[:, 0], labels[:, -1], labels[:, :, 0], labels[:, :, -1]]
-    return np.unique(np.concatenate([face.ravel() for face in faces]))
-
-
 def postprocess(prob: np.ndarray, cfg: PostprocessConfig) -> np.ndarray:
-    """Threshold (Z, Y, X) probabilities, remove small components, fill small cavities; bool (Z, Y, X)."""
+    """Threshold (Z, Y, X) probabilities in [0, 1], remove small components, fill small cavities; bool (Z, Y, X)."""
     _check_prob(prob)
+    return _apply(prob, cfg)
+
+
+def _apply(prob: np.ndarray, cfg: PostprocessConfig) -> np.ndarray:
+    """:func:`postprocess` of a checked ``prob``."""
     mask = prob > cfg.threshold
     mask = remove_small_components(mask, cfg.min_size, cfg.connectivity)
     return fill_small_holes(mask, cfg.fill_holes_max)
+
+
+def _check_fragments(probs: list[np.ndarray], labels: list[np.ndarray], who: str) -> None:
+    """Raise unless there are equally many probs and labels (> 0), each prob checked, each pair of one shape."""
+    if len(probs) == 0 or len(probs) != len(labels):
+        raise VesuviusError(f"{who} needs equally many probs and labels (> 0), got {len(probs)} and {len(labels)}")
+    for i, (prob, label) in enumerate(zip(probs, labels)):
+        _check_prob(prob)
+        if prob.shape != label.shape:
+            raise VesuviusError(f"{who} fragment {i}: prob shape {prob.shape} != label shape {label.shape}")
 
 
 def pick_threshold(
@@ -87,20 +97,16 @@ def pick_threshold(
     higher is better. ``pred`` is ``postprocess(prob, base with that threshold)``; ``base`` defaults to plain
     thresholding. Ties go to the candidate closest to 0.5. Returns (best threshold, {threshold: mean score}).
     """
-    if len(probs) == 0 or len(probs) != len(labels):
-        raise VesuviusError(
-            f"pick_threshold needs equally many probs and labels (> 0), got {len(probs)} and {len(labels)}"
-        )
-    for i, (prob, label) in enumerate(zip(probs, labels)):
-        if prob.shape != label.shape:
-            raise VesuviusError(f"pick_threshold fragment {i}: prob shape {prob.shape} != label shape {label.shape}")
+    _check_fragments(probs, labels, "pick_threshold")
     thresholds = [float(t) for t in candidates]
     if not thresholds:
         raise VesuviusError("pick_threshold 'candidates' is empty")
     base = base or PostprocessConfig()
     scores = {}
     for t in tqdm(thresholds, desc="thresholds", leave=False):
-        scores[t] = _mean_score(probs, labels, score_fn, dataclasses.replace(base, threshold=t))
+        cfg = dataclasses.replace(base, threshold=t)
+        masks = [_apply(prob, cfg) for prob in probs]
+        scores[t] = float(np.mean(_checked(score_fn, masks, labels, "score_fn", describe(cfg))))
     best_score = max(scores.values())
     best = min((t for t, s in scores.items() if s == best_score), key=lambda t: abs(t - 0.5))
     logger.info("best threshold %.3f with mean score %.4f", best, best_score)
@@ -145,9 +151,7 @@ def pick_postprocess(
     ``base`` on a strict majority of the fragments, at least two: a setting chosen on one fragment, or carried by one,
     over-fits it. Ties of the mean go to the candidate closer to ``base``.
     """
-    if len(probs) == 0 or len(probs) != len(labels):
-        raise VesuviusError(f"pick_postprocess needs equally many probs and labels (> 0), got {len(probs)} and "
-                            f"{len(labels)}")
+    _check_fragments(probs, labels, "pick_postprocess")
     search = _Search(probs, labels, score_fn, dice_fn, base, tune.max_dice_drop)
     best_t = search.best([base, *(dataclasses.replace(base, threshold=float(t)) for t in tune.thresholds)])
     by_size = [dataclasses.replace(best_t, min_size=int(m), connectivity=int(c)) for m in tune.min_sizes
@@ -171,7 +175,7 @@ class _Search:
         name = describe(cfg)
         if name in self.scores:
             return
-        masks = [postprocess(prob, cfg) for prob in self.probs]
+        masks = [_apply(prob, cfg) for prob in self.probs]
         self.scores[name] = _checked(self.score_fn, masks, self.labels, "score_fn", name)
         if self.dice_fn is not None:
             self.dices[name] = _checked(self.dice_fn, masks, self.labels, "dice_fn", name)
@@ -229,14 +233,4 @@ def _checked(fn: Scorer, masks: list[np.ndarray], labels: list[np.ndarray], what
             raise VesuviusError(f"post-processing {what} gave {value} for fragment {i} with {name}")
         values.append(value)
     return values
-
-
-def _scores(probs: list[np.ndarray], labels: list[np.ndarray], score_fn: Scorer, cfg: PostprocessConfig) -> list[float]:
-    """score_fn(postprocess(prob, cfg), label) per fragment; raises on a non-finite score."""
-    return _checked(score_fn, [postprocess(prob, cfg) for prob in probs], labels, "score_fn", describe(cfg))
-
-
-def _mean_score(probs: list[np.ndarray], labels: list[np.ndarray], score_fn: Scorer, cfg: PostprocessConfig) -> float:
-    """Mean of score_fn(postprocess(prob, cfg), label) over the fragments; raises on a non-finite score."""
-    return float(np.mean(_scores(probs, labels, score_fn, cfg)))
 

@@ -13,10 +13,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from scipy import ndimage  # noqa: E402
 
 from vesuvius_monai.io.atomic import atomic_path, write_text  # noqa: E402
-from vesuvius_monai.postprocess import CONNECTIVITY_RANK  # noqa: E402
+from vesuvius_monai.metrics.components import label_components  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +96,8 @@ def save_slices_png(image: np.ndarray, pred: np.ndarray, png_path: Path, *, labe
 
 
 def component_sizes(mask: np.ndarray, connectivity: int = 26) -> np.ndarray:
-    """Voxel counts of the connected components of a binary (Z, Y, X) mask."""
-    rank = CONNECTIVITY_RANK[connectivity]
-    labels, n = ndimage.label(mask, structure=ndimage.generate_binary_structure(3, rank))
+    """Voxel counts of the connected components of a binary (Z, Y, X) mask (``connectivity`` 6, 18 or 26)."""
+    labels, n = label_components(mask, connectivity)
     return np.bincount(labels.ravel())[1:] if n else np.zeros(0, dtype=np.int64)
 
 

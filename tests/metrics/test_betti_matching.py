@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
+from vesuvius_monai.config import LeaderboardWeights
 from vesuvius_monai.metrics import (
-    LeaderboardWeights,
     MetricContext,
     compute_metrics,
     leaderboard_score,
@@ -17,7 +17,8 @@ from vesuvius_monai.metrics import (
     topo_score,
 )
 from vesuvius_monai.metrics import betti_matching as bm
-from vesuvius_monai.metrics.topology import betti_errors, betti_numbers, topo_counts
+from vesuvius_monai.metrics.betti import betti_numbers
+from vesuvius_monai.metrics.topology import betti_errors, topo_counts
 
 needs_extension = pytest.mark.skipif(
     bm.extension() is None, reason=f"exact Betti matching cannot be loaded here: {bm.extension_status()}"

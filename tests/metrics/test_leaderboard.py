@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
+from vesuvius_monai.config import LeaderboardWeights
 from vesuvius_monai.errors import VesuviusError
-from vesuvius_monai.metrics.leaderboard import LeaderboardWeights, leaderboard_score
+from vesuvius_monai.metrics.leaderboard import leaderboard_score
 from vesuvius_monai.metrics.surface import surface_dice
 from vesuvius_monai.metrics.topology import topo_score
 from vesuvius_monai.metrics.voi import variation_of_information

@@ -7,14 +7,9 @@ from skimage.measure import euler_number
 
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.metrics._common import tile_slices
-from vesuvius_monai.metrics.topology import (
-    betti_errors,
-    betti_numbers,
-    euler_characteristic,
-    matched_features,
-    topo_score,
-    topo_score_from_counts,
-)
+from vesuvius_monai.metrics.betti import betti_numbers, euler_characteristic
+from vesuvius_monai.metrics.fallback import matched_features
+from vesuvius_monai.metrics.topology import betti_errors, topo_score, topo_score_from_counts
 
 N = 32
 Z, Y, X = np.mgrid[:N, :N, :N]

@@ -1,8 +1,8 @@
 """Metrics of papyrus-surface predictions on NumPy volumes (z, y, x).
 
 Every metric takes ``pred`` (binary mask, bool or 0/1) and ``label`` (0 background, 1 surface,
-``ignore_index`` unlabeled; ignored voxels become background in both). :func:`compute_metrics` computes several
-scalar metrics of one pair at once (by name, :data:`METRIC_NAMES`) and shares their intermediate results.
+``ignore_index`` unlabeled; ignored voxels become background in both). :func:`compute_metrics` computes the
+scalar metrics named in :data:`METRIC_NAMES`, several at once, sharing their intermediate results.
 
 TopoScore matches features with exact Betti matching (the competition's library) by default; where that
 library cannot be loaded it falls back to a stand-in with a warning. :func:`topo_matching_used` names the
@@ -19,12 +19,11 @@ import importlib
 from typing import Any
 
 _HOMES = {
-    "METRICS": "compute", "METRIC_NAMES": "names", "LeaderboardWeights": "leaderboard",
-    "MetricContext": "context", "betti_errors": "topology", "betti_numbers": "topology",
-    "check_metric_names": "compute", "cldice_parts": "cldice", "compute_metrics": "compute",
-    "dice": "overlap", "hausdorff95": "surface", "iou": "overlap", "leaderboard_score": "leaderboard",
-    "surface_dice": "surface", "topo_matching_used": "compute", "topo_score": "topology",
-    "variation_of_information": "voi", "voi_score": "voi",
+    "METRIC_NAMES": "names", "MetricContext": "context", "betti_errors": "topology", "betti_numbers": "betti",
+    "check_metric_names": "compute", "cldice_parts": "cldice", "compute_metrics": "compute", "dice": "overlap",
+    "hausdorff95": "surface", "iou": "overlap", "leaderboard_score": "leaderboard", "surface_dice": "surface",
+    "topo_matching_used": "compute", "topo_score": "topology", "variation_of_information": "voi",
+    "voi_score": "voi",
 }
 
 __all__ = sorted(_HOMES)

@@ -11,11 +11,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-from scipy import ndimage as ndi
 
 from vesuvius_monai.errors import VesuviusError
-
-_STRUCTURES = {6: 1, 18: 2, 26: 3}
 
 
 def _as_volume(array: np.ndarray, name: str) -> np.ndarray:
@@ -52,23 +49,17 @@ def binary_mask(mask: np.ndarray, name: str = "mask") -> np.ndarray:
     return mask != 0
 
 
-def check_ignore_index(ignore_index: int | None) -> None:
-    """Raise unless ``ignore_index`` is None or an integer other than 0 and 1."""
-    if ignore_index is None:
-        return
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)) or ignore_index in (0, 1):
-        raise VesuviusError(f"ignore_index must be None or an integer other than 0 and 1, got {ignore_index!r}")
-
-
 def prepare_pair(
     pred: np.ndarray, label: np.ndarray, ignore_index: int | None = 2
 ) -> tuple[np.ndarray, np.ndarray]:
     """Check a prediction/label pair and return boolean (pred, label) masks, both shape (z, y, x).
 
-    ``label`` values must lie in {0, 1, ignore_index}. Voxels where ``label == ignore_index`` become
-    background in both returned masks. The inputs are not modified.
+    ``label`` values must lie in {0, 1, ignore_index}; ``ignore_index`` is None or an integer other than 0 and 1.
+    Voxels where ``label == ignore_index`` become background in both returned masks. The inputs are not modified.
     """
-    check_ignore_index(ignore_index)
+    integer = isinstance(ignore_index, (int, np.integer)) and not isinstance(ignore_index, bool)
+    if ignore_index is not None and (not integer or ignore_index in (0, 1)):
+        raise VesuviusError(f"ignore_index must be None or an integer other than 0 and 1, got {ignore_index!r}")
     pred_bool = binary_mask(pred, "pred")
     label = _as_volume(label, "label")
     if pred_bool.shape != label.shape:
@@ -99,24 +90,6 @@ def check_spacing(spacing: Sequence[float]) -> tuple[float, float, float]:
     return values  # type: ignore[return-value]
 
 
-def check_connectivity(connectivity: int) -> int:
-    """Raise unless ``connectivity`` is 6, 18 or 26 (voxel neighbours counted as connected)."""
-    if connectivity not in _STRUCTURES:
-        raise VesuviusError(f"connectivity must be 6, 18 or 26, got {connectivity!r}")
-    return int(connectivity)
-
-
-def structure(connectivity: int) -> np.ndarray:
-    """3x3x3 boolean structuring element: 6 = faces, 18 = faces + edges, 26 = full cube."""
-    return ndi.generate_binary_structure(3, _STRUCTURES[check_connectivity(connectivity)])
-
-
-def label_components(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray, int]:
-    """Connected components of a boolean volume (z, y, x): (int32 labels, 0 = background; count)."""
-    labels, count = ndi.label(mask, structure=structure(connectivity))
-    return labels, int(count)
-
-
 def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
     """Smallest slices (z, y, x) holding every True voxel of ``mask``; None if it has none."""
     boxes = []
@@ -145,9 +118,9 @@ def check_tiles(tiles: Sequence[int], shape: tuple[int, ...]) -> tuple[int, int,
 def tile_slices(shape: tuple[int, ...], tiles: Sequence[int]) -> list[tuple[slice, ...]]:
     """Cut a volume of ``shape`` (z, y, x) into ``tiles`` pieces per axis, sizes differing by at most one.
 
-    Pieces follow ``np.array_split``: the first ``n % t`` pieces along an axis get the extra voxel.
+    Pieces follow ``np.array_split``: the first ``n % t`` pieces along an axis get the extra voxel. ``tiles`` are
+    three integers from 1 to the size of their axis (see :func:`check_tiles`).
     """
-    tiles = check_tiles(tiles, shape)
     per_axis = []
     for size, count in zip(shape, tiles):
         edges = np.cumsum([0] + [len(part) for part in np.array_split(np.arange(size), count)])

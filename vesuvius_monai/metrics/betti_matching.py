@@ -17,12 +17,11 @@ Where the extension cannot be loaded (another platform or Python version), TopoS
 "persistence" stand-in of :mod:`vesuvius_monai.metrics.topology`; a warning says so once per process, and
 :func:`matching_used` names the matching that actually produces the figures.
 
-Speed: the eight 160^3 octants of a noisy 320^3 pair take 45 s one after another (2 cores of an idle machine),
-about 5 GB of memory per matching. They are matched in a pool of worker processes, as many as there are cores
-and memory for: with 2 cores 26 s, against 29 s for the extension's list overload (its std::async threads do
-use both cores) and 45 s in sequence (``bench/bench_metrics.py --compare-parallel``; on the shared 2-core
-development machine 105 s, 144 s and 121 s). Scripts that score large volumes need the usual
-``if __name__ == "__main__":`` guard, as for any ``multiprocessing`` spawn pool.
+Speed: one matching of a 160^3 tile takes seconds and about 5 GB of memory. The tiles are matched in a pool of
+worker processes, as many as there are cores and memory for, which measured faster than matching them one after
+another and than the extension's own threaded list overload (``bench/bench_metrics.py --compare-parallel``; the
+figures are in the README). Scripts that score large volumes need the usual ``if __name__ == "__main__":``
+guard, as for any ``multiprocessing`` spawn pool.
 """
 
 from __future__ import annotations
@@ -41,6 +40,7 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
+from vesuvius_monai.config.checks import choice
 from vesuvius_monai.metrics.names import TOPO_MATCHINGS
 from vesuvius_monai.errors import VesuviusError
 
@@ -99,21 +99,14 @@ def extension_status() -> str:
     return _load()[1]
 
 
-def check_matching(matching: str) -> str:
-    """Raise VesuviusError unless ``matching`` is "exact", "persistence" or "betti"."""
-    if matching not in TOPO_MATCHINGS:
-        raise VesuviusError(f"matching must be one of {TOPO_MATCHINGS}, got {matching!r}")
-    return matching
-
-
 def matching_used(matching: str) -> str:
     """The matching that produces TopoScore figures when ``matching`` is asked for, in this process.
 
     "exact" stays "exact" where the extension loads; elsewhere it becomes the "persistence" stand-in and a
-    warning says so (once per process). The stand-ins are returned as they are.
+    warning says so (once per process). The stand-ins are returned as they are; another name raises.
     """
     global _warned
-    check_matching(matching)
+    choice("matching", matching, TOPO_MATCHINGS)
     if matching != "exact" or extension() is not None:
         return matching
     if not _warned:

@@ -18,7 +18,8 @@ from __future__ import annotations
 import numpy as np
 from skimage.morphology import skeletonize
 
-from vesuvius_monai.metrics._common import bounding_box, label_components, prepare_pair
+from vesuvius_monai.metrics._common import bounding_box, prepare_pair
+from vesuvius_monai.metrics.components import label_components
 
 
 def skeleton(mask: np.ndarray) -> np.ndarray:

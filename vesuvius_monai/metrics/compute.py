@@ -3,7 +3,7 @@ in use (:func:`topo_matching_used`)."""
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -54,7 +54,7 @@ def compute_metrics(
     Args:
         pred: binary mask (z, y, x), bool or 0/1.
         label: (z, y, x) with values 0, 1 and ``ignore_index``.
-        names: keys of :data:`METRICS`, e.g. ["dice", "surface_dice", "leaderboard"].
+        names: of :data:`METRIC_NAMES`, e.g. ["dice", "surface_dice", "leaderboard"].
         ignore_index: the unlabeled value, or None.
         spacing: voxel size along (z, y, x) for the surface metrics.
         weights: settings of the VOI, TopoScore, surface Dice and leaderboard (see LeaderboardWeights).
@@ -66,23 +66,3 @@ def compute_metrics(
     context = MetricContext(pred, label, ignore_index=ignore_index, spacing=spacing, weights=weights)
     return {name: context.value(name) for name in names}
 
-
-def _registered(name: str) -> Callable[..., float]:
-    """A scalar metric function computing ``name`` through :func:`compute_metrics`."""
-
-    def metric(
-        pred: np.ndarray,
-        label: np.ndarray,
-        *,
-        ignore_index: int | None = 2,
-        spacing: Sequence[float] = (1, 1, 1),
-        weights: LeaderboardWeights = LeaderboardWeights(),
-    ) -> float:
-        return compute_metrics(pred, label, [name], ignore_index=ignore_index, spacing=spacing, weights=weights)[name]
-
-    metric.__name__ = name
-    metric.__doc__ = f"Scalar metric {name!r} of a binary pred (z, y, x) against a label; see compute_metrics."
-    return metric
-
-
-METRICS: dict[str, Callable[..., float]] = {name: _registered(name) for name in SCALAR_GETTERS}

@@ -12,13 +12,15 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from vesuvius_monai.config import LeaderboardWeights
 from vesuvius_monai.metrics._common import check_spacing, check_tiles, prepare_pair
+from vesuvius_monai.metrics.betti import betti_connectivity, tile_betti
 from vesuvius_monai.metrics.betti_matching import matching_used
 from vesuvius_monai.metrics.cldice import cldice_from_skeletons, skeleton
-from vesuvius_monai.metrics.leaderboard import LeaderboardWeights, combine_parts
+from vesuvius_monai.metrics.leaderboard import combine_parts
 from vesuvius_monai.metrics.overlap import dice_masks, iou_masks
 from vesuvius_monai.metrics.surface import hausdorff_masks, surface_dice_masks
-from vesuvius_monai.metrics.topology import TopoCounts, betti_connectivity, tile_betti, topo_counts
+from vesuvius_monai.metrics.topology import TopoCounts, topo_counts
 from vesuvius_monai.metrics.voi import voi_masks, voi_score
 
 

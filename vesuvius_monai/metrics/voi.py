@@ -19,8 +19,10 @@ from __future__ import annotations
 import numpy as np
 from skimage.metrics import variation_of_information as _skimage_voi
 
+from vesuvius_monai.config import choice
 from vesuvius_monai.errors import VesuviusError
-from vesuvius_monai.metrics._common import check_connectivity, label_components, prepare_pair
+from vesuvius_monai.metrics._common import prepare_pair
+from vesuvius_monai.metrics.components import CONNECTIVITIES, label_components
 
 
 def voi_from_components(gt_cc: np.ndarray, pr_cc: np.ndarray) -> tuple[float, float]:
@@ -76,7 +78,7 @@ def variation_of_information(
         (split, merge) = (H(PR|GT), H(GT|PR)) over the union of both foregrounds, each >= 0;
         (0.0, 0.0) when both foregrounds are empty. VOI is their sum.
     """
-    check_connectivity(connectivity)
+    choice("connectivity", connectivity, CONNECTIVITIES)
     pred_mask, label_mask = prepare_pair(pred, label, ignore_index)
     return voi_masks(pred_mask, label_mask, connectivity)
 

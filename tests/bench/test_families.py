@@ -1,4 +1,4 @@
-"""Tests for vesuvius_monai.data.families: determinism, label values, each family's defining property, writing."""
+"""Tests for bench/families.py: determinism, label values, each family's defining property, writing."""
 
 from __future__ import annotations
 
@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 import yaml
 
+from families import (FAMILIES, FAMILY_NAMES, GENERATORS, SplitCounts, check_families, make_family_fragment,
+                      measure_fragment, merged_fraction, read_family_info, ridge_widths, write_families)
 from vesuvius_monai.config import DataConfig, SynthParams
 from vesuvius_monai.data.dataset import load_splits
-from vesuvius_monai.data.families import (FAMILIES, FAMILY_NAMES, GENERATORS, FoldedParams, SplitCounts,
-                                          check_families, make_family_fragment, make_folded_fragment,
-                                          measure_fragment, merged_fraction, read_family_info, ridge_widths,
-                                          write_families)
+from vesuvius_monai.data.folded import FoldedParams, make_folded_fragment
 from vesuvius_monai.data.synthetic import make_fragment
 from vesuvius_monai.errors import VesuviusError
 
@@ -43,24 +42,6 @@ def test_label_values_dtype_and_shape(family: str) -> None:
         assert image.shape == label.shape == (20, 28, 36) and label.dtype == np.uint8
         assert set(np.unique(label)) <= {0, 1, 2} and (label == 1).any() and (label == 0).any()
         assert image.dtype == (np.uint8 if generator == "spiral" else np.uint16)
-
-
-def test_folded_geometry_flat_stack_has_the_set_thickness_and_gap() -> None:
-    """Without folds, squeeze, jitter, holes or ends, the labelled share is thickness / (thickness + gap)."""
-    flat = FoldedParams(shape=(40, 40, 40), fold_amplitude=0, fold_height=0, squeeze=0, gap_jitter=0,
-                        thickness_jitter=0, hole_fraction=0, end_probability=0, ignore_blob_fraction=0)
-    for thickness, gap in ((5.0, 3.0), (3.0, 5.0)):
-        params = FoldedParams(**{**flat.__dict__, "sheet_thickness": thickness, "sheet_gap": gap})
-        _, label = make_folded_fragment(3, params)
-        assert abs((label == 1).mean() - thickness / (thickness + gap)) < 0.03
-
-
-def test_folded_ignore_sheets_cover_whole_sheets() -> None:
-    params = FoldedParams(shape=(40, 40, 40), ignore_sheet_fraction=1.0, ignore_blob_fraction=0.0)
-    _, label = make_folded_fragment(0, params)
-    assert (label == 2).all()
-    with pytest.raises(VesuviusError, match="folded.squeeze"):
-        FoldedParams(squeeze=1.5)
 
 
 @pytest.mark.parametrize("width", [1, 2, 3, 4, 5, 6, 7])
