@@ -10,7 +10,6 @@ does. Arrays are (z, y, x); the network sees (B, 1, z, y, x). AMP is used on CUD
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
@@ -28,41 +27,12 @@ from vesuvius_monai.data.readers import VolumeReader, sample_percentiles
 from vesuvius_monai.data.regions import Region, Triple, region_shape, relative, shift_region
 from vesuvius_monai.data.transforms import read_normalized
 from vesuvius_monai.engine.blockwise import ArraySink, MemorySpills, Reader, RunStats, Sink, Spills, run_blocks
+from vesuvius_monai.engine.device import CHANNELS_LAST, autocast, channels_last_state
 from vesuvius_monai.engine.tta import tta_predict
 from vesuvius_monai.engine.windows import WindowGrid
 from vesuvius_monai.engine.zarr_output import checked_roi, predict_to_zarr, run_meta
-from vesuvius_monai.errors import VesuviusError
 
 log = logging.getLogger(__name__)
-
-CHANNELS_LAST = torch.channels_last_3d
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise VesuviusError("device is 'cuda' (train.device / infer.device) but no CUDA device is available")
-    return torch.device(name)
-
-
-def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """bf16 (or fp16 on older GPUs) autocast on CUDA; a no-op on CPU, where half precision is slow."""
-    if enabled and device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
-
-
-def channels_last_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's parameters and buffers, 5-D ones as channels-last-3D copies (the model itself is not changed).
-
-    Convolutions run about twice as fast in that layout on the CPU (bench/bench_predict.py).
-    """
-    state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    return {k: v.detach().contiguous(memory_format=CHANNELS_LAST) if v.dim() == 5 else v for k, v in state.items()}
-
 
 def make_predictor(model: nn.Module, cfg: InferConfig, device: torch.device, amp: bool = True) -> Callable:
     """(B, 1, z, y, x) tensor -> probabilities of the same shape, float32, averaged over the TTA set.
