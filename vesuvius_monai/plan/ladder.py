@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from vesuvius_monai.config import Config, InferConfig
-from vesuvius_monai.engine.device import autocast, sync
+from vesuvius_monai.engine.device import sync
 from vesuvius_monai.errors import VesuviusError
 
 Triple = tuple[int, int, int]
@@ -165,9 +165,9 @@ def measure_candidate(cfg: Config, cand: Candidate, device: torch.device, repeat
     """Time candidate ``cand`` on ``device``: ``step_s`` (median of ``repeats`` optimiser steps after a warm-up: the
     trainer's own step, :func:`~vesuvius_monai.engine.trainer.train_step`, with the run's model set-up, loss, AdamW,
     channels-last, autocast, clipping and grad scaler, on random data), ``infer_vox_s`` (voxels per second of one
-    no-grad forward of ``infer.sw_batch_size`` windows), ``read_s`` (reading one patch of image and label from the
-    first training fragment, when ``reader_pair`` is given) and ``peak_bytes`` (CUDA peak memory of a step; 0 on a
-    CPU).
+    batch of ``infer.sw_batch_size`` windows through the validation's predictor: no TTA), ``read_s`` (reading one
+    patch of image and label from the first training fragment, when ``reader_pair`` is given) and ``peak_bytes``
+    (CUDA peak memory of a step; 0 on a CPU).
     """
     from vesuvius_monai.engine.trainer import build_state, train_step
     from vesuvius_monai.losses import build_loss
@@ -195,14 +195,18 @@ def measure_candidate(cfg: Config, cand: Candidate, device: torch.device, repeat
 
 
 def _infer_speed(model: nn.Module, cfg: InferConfig, window: Triple, device: torch.device) -> float:
-    """Window voxels per second of one no-grad forward of ``infer.sw_batch_size`` windows of ``window``."""
-    model.eval()
-    windows = torch.rand((cfg.sw_batch_size, 1, *window), device=device)
-    with torch.no_grad(), autocast(device, cfg.amp):
-        model(windows)  # warm-up
+    """Window voxels per second of ``model`` on one batch of ``infer.sw_batch_size`` windows of ``window`` (the
+    plan sets ``infer.roi_size`` to the patch), predicted as validation predicts them (the engine's predictor, no
+    TTA), timed after one warm-up batch."""
+    from vesuvius_monai.engine.infer import evaluating
+
+    icfg = dataclasses.replace(cfg, tta_flip_axes=[], tta_rot90=False)
+    windows = torch.rand((icfg.sw_batch_size, 1, *window), device=device)
+    with evaluating(model, icfg, device) as predictor, torch.inference_mode():
+        predictor(windows)  # warm-up
         sync(device)
         start = time.perf_counter()
-        model(windows)
+        predictor(windows)
         sync(device)
     return float(windows.numel() / max(time.perf_counter() - start, 1e-9))
 
