@@ -1,8 +1,8 @@
 """Benchmark the block machinery of inference (read, normalise, blend, spill, write) with a tiny network.
 
 For each size N it writes an N^3 uint16 Zarr of synthetic scroll fragments (``_common.synthetic_zarr``: tiles of
-``vesuvius-monai synth``, chunks 128^3), then predicts it into a Zarr store with ``infer_volume`` and a
-3-convolution network (4 channels) in a fresh subprocess, and prints a table of:
+``vesuvius-monai synth``, chunks 128^3), then predicts it into a Zarr store through ``predict``'s own driver
+(``predict_zarr``) with a 3-convolution network (4 channels) in a fresh subprocess, and prints a table of:
 
 * peak resident memory of the prediction process (VmHWM), which must stay < 3 GiB and not grow with N;
 * output voxels per second of the whole run;
@@ -83,7 +83,8 @@ def predict(args: argparse.Namespace) -> dict:
     """Predict ``args.zarr`` into a Zarr store and measure time, network time and peak memory."""
     from vesuvius_monai.config import load_config
     from vesuvius_monai.data.readers import open_volume
-    from vesuvius_monai.engine.infer import infer_volume
+    from vesuvius_monai.engine.networks import ModuleNetwork
+    from vesuvius_monai.engine.predict import predict_zarr
     from vesuvius_monai.engine.windows import WindowGrid
 
     torch.set_num_threads(args.threads)
@@ -95,7 +96,8 @@ def predict(args: argparse.Namespace) -> dict:
         net(torch.zeros(args.batch, 1, *cfg.infer.roi_size, device=args.device))  # warm-up
     net.seconds = 0.0
     start = time.perf_counter()
-    out = infer_volume(net, reader, cfg, output=Path(args.zarr).with_name("probs.zarr"))
+    out = Path(args.zarr).with_name("probs.zarr")
+    predict_zarr(cfg, ModuleNetwork(net), [(Path(args.zarr), out)], None)
     total = time.perf_counter() - start
     grid = WindowGrid(reader.shape, cfg.infer.roi_size, cfg.infer.overlap, cfg.infer.block_size)
     return {"size": reader.shape[0], "voxels": int(np.prod(reader.shape)), "seconds": total,

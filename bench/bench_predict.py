@@ -36,7 +36,8 @@ import torch
 from _common import (format_table, load_average, run_main, synthetic_zarr, timed_call, verdict_rule, verdict_text,
                      vm_hwm_kib, write_json)
 from vesuvius_monai.config import load_config
-from vesuvius_monai.engine.infer import make_predictor, resolve_device
+from vesuvius_monai.engine.device import resolve_device
+from vesuvius_monai.engine.infer import make_predictor
 from vesuvius_monai.engine.windows import WindowGrid
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.checkpoint import save_checkpoint

@@ -40,7 +40,8 @@ from _common import (ALL_METRICS, VERDICT_RULE, format_table, mean_and_std, run_
 from vesuvius_monai.config import Config, to_dict
 from vesuvius_monai.data.dataset import Fragment, load_splits
 from vesuvius_monai.data.readers import VolumeReader
-from vesuvius_monai.engine.infer import infer_volume, resolve_device
+from vesuvius_monai.engine.device import resolve_device
+from vesuvius_monai.engine.infer import infer_volume
 from vesuvius_monai.engine.train import train
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.checkpoint import model_from_checkpoint

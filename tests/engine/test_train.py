@@ -8,8 +8,8 @@ import torch
 
 import vesuvius_monai.engine.trainer as trainer
 from vesuvius_monai.config import TrainConfig
-from vesuvius_monai.engine.train import RUN_MARKER, lr_factor, prepare_run_dir, train
-from vesuvius_monai.engine.trainer import LR_FLOOR, RunClock
+from vesuvius_monai.engine.schedule import LR_FLOOR, RunClock, lr_factor
+from vesuvius_monai.engine.train import RUN_MARKER, prepare_run_dir, train
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.checkpoint import load_checkpoint, model_from_checkpoint
 

@@ -107,43 +107,60 @@ class ArraySink:
         self.array[region] = probs
 
 
-def window_sums(grid: WindowGrid, region: Region, image: np.ndarray, batches: list[list[Triple]],
-                predictor: Predictor, weight: torch.Tensor, device: torch.device,
+@dataclass(frozen=True)
+class BlockJob:
+    """What the engine computes and how: MONAI's window ``grid`` over a volume in blocks, the reader of its
+    normalised input (padded coordinates), the ``predictor``, windows per network call (``batch``), the blending
+    (``blend`` "gaussian" or "constant", ``sigma_scale``) and the ``device`` where the sums are accumulated."""
+
+    grid: WindowGrid
+    read: Reader
+    predictor: Predictor
+    batch: int
+    blend: str
+    sigma_scale: float
+    device: torch.device
+
+    def weight(self) -> torch.Tensor:
+        """MONAI's importance map of one window on the device (float32, window shape)."""
+        return torch.from_numpy(importance(self.grid.window, self.blend, float(self.sigma_scale))).to(self.device)
+
+
+def window_sums(job: BlockJob, region: Region, image: np.ndarray, batches: list[list[Triple]],
                 on_batch: Callable[[int], None]) -> np.ndarray:
     """Sum of ``weight * probability`` of the windows in ``batches`` over ``region``; float32 (region shape).
 
     ``image``: the normalised input over ``region`` (padded coordinates), which holds every window of ``batches``.
     """
-    origin = tuple(s.start for s in region)
+    origin, device, weight = tuple(s.start for s in region), job.device, job.weight()
     x = torch.from_numpy(image).to(device)
     if device.type == "cpu":  # numpy memory, like every other buffer of the engine (visible to tracemalloc)
         total = torch.from_numpy(np.zeros(x.shape, dtype=np.float32))
     else:
         total = torch.zeros(x.shape, dtype=torch.float32, device=device)
     for starts in batches:
-        windows = [tuple(slice(t - o, t - o + w) for t, o, w in zip(s, origin, grid.window)) for s in starts]
-        probs = predictor(torch.stack([x[w] for w in windows])[:, None])[:, 0].float()
+        windows = [tuple(slice(t - o, t - o + w) for t, o, w in zip(s, origin, job.grid.window)) for s in starts]
+        probs = job.predictor(torch.stack([x[w] for w in windows])[:, None])[:, 0].float()
         for w, p in zip(windows, probs):
             total[w].addcmul_(weight, p)
         on_batch(len(windows))
     return total.cpu().numpy()
 
 
-def block_sums(grid: WindowGrid, index: Triple, image: np.ndarray | None, predictor: Predictor, batch: int,
-               weight: torch.Tensor, device: torch.device, on_batch: Callable[[int], None]) -> np.ndarray:
+def block_sums(job: BlockJob, index: Triple, image: np.ndarray | None, on_batch: Callable[[int], None]) -> np.ndarray:
     """Sum of ``weight * probability`` of the block's own windows over its extent; float32 (extent shape).
 
     ``image``: the normalised input over the extent (None when the block owns no window).
     """
-    extent = grid.extent(index)
+    extent = job.grid.extent(index)
     if image is None:
         return np.zeros(region_shape(extent), dtype=np.float32)
-    return window_sums(grid, extent, image, grid.window_batches(index, batch), predictor, weight, device, on_batch)
+    return window_sums(job, extent, image, job.grid.window_batches(index, job.batch), on_batch)
 
 
-def finish_block(grid: WindowGrid, index: Triple, sums: np.ndarray, spills: Spills, sink: Sink, blend: str,
-                 sigma_scale: float) -> None:
+def finish_block(job: BlockJob, index: Triple, sums: np.ndarray, spills: Spills, sink: Sink) -> None:
     """Add the predecessors' spills, store this block's spills, write sum / weight to the sink, drop used spills."""
+    grid = job.grid
     extent, block = grid.extent(index), grid.block_region(index)
     total = np.array(sums[relative(block, extent)], dtype=np.float32)
     preds = grid.predecessors(index)
@@ -152,7 +169,7 @@ def finish_block(grid: WindowGrid, index: Triple, sums: np.ndarray, spills: Spil
         total[relative(part, block)] += spills.take((pred, index))
     for succ, part in grid.successors(index):
         spills.put((index, succ), sums[relative(part, extent)])
-    total /= grid.weights(index, blend, sigma_scale)
+    total /= grid.weights(index, job.blend, job.sigma_scale)
     region, crop = grid.output_region(index)
     sink.write_block(index, region, total[crop])
     for pred in preds:
@@ -202,14 +219,16 @@ def schedule(grid: WindowGrid, blocks: list[Triple], done: set[Triple]) -> list[
     return tasks
 
 
-def run_blocks(grid: WindowGrid, read: Reader, predictor: Predictor, sink: Sink, spills: Spills, *, batch: int,
-               blend: str, sigma_scale: float, device: torch.device, progress: bool = False,
-               blocks: list[Triple] | None = None) -> RunStats:
-    """Predict ``blocks`` (default: every block the sink has not done yet; see the module docstring).
+@torch.inference_mode()
+def run_blocks(job: BlockJob, sink: Sink, spills: Spills, *, blocks: list[Triple] | None = None,
+               progress: bool = False) -> RunStats:
+    """Predict ``blocks`` of ``job`` (default: every block the sink has not done yet; see the module docstring).
 
     With ``blocks``, the other blocks not done yet belong to other processes: a spill one of them owes ``blocks``
-    and has not stored yet is recomputed here (:class:`Recompute`).
+    and has not stored yet is recomputed here (:class:`Recompute`). The network runs in inference mode, in this
+    thread.
     """
+    grid = job.grid
     done = sink.done_blocks()
     for key in spills.keys():
         if key[1] in done:  # consumed, but the run stopped before dropping it
@@ -219,7 +238,6 @@ def run_blocks(grid: WindowGrid, read: Reader, predictor: Predictor, sink: Sink,
     tasks = schedule(grid, todo, done)
     logger.info("%d blocks of %s (%d windows of %s in the grid), %d to predict", len(grid.blocks()),
                 grid.block_size, grid.n_windows, grid.window, len(todo))
-    weight = torch.from_numpy(importance(grid.window, blend, float(sigma_scale))).to(device)
     stats = RunStats(blocks=len(todo), windows=sum(grid.n_own_windows(i) for i in todo))
     at_most = stats.windows + sum(_n_windows(grid, t) for t in tasks if isinstance(t, Recompute))
     initial = grid.n_windows - stats.windows if blocks is None else 0
@@ -229,23 +247,23 @@ def run_blocks(grid: WindowGrid, read: Reader, predictor: Predictor, sink: Sink,
     def load(task: Triple | Recompute) -> np.ndarray | None:
         if isinstance(task, Recompute):  # its owner may have stored the spills meanwhile
             missing = not all(spills.has((task.source, t)) for t in task.targets)
-            return read(grid.planes_region(task.source, task.planes)) if missing else None
-        return read(grid.extent(task)) if grid.n_own_windows(task) else None
+            return job.read(grid.planes_region(task.source, task.planes)) if missing else None
+        return job.read(grid.extent(task)) if grid.n_own_windows(task) else None
 
     def compute(task: Triple | Recompute, image: np.ndarray | None) -> np.ndarray | None:
         if not isinstance(task, Recompute):
-            return block_sums(grid, task, image, predictor, batch, weight, device, bar.update)
+            return block_sums(job, task, image, bar.update)
         if image is None:
             return None
         region = grid.planes_region(task.source, task.planes)
-        batches = [b for b in grid.window_batches(task.source, batch) if b[0][0] in task.planes]
+        batches = [b for b in grid.window_batches(task.source, job.batch) if b[0][0] in task.planes]
         stats.recomputed += sum(len(b) for b in batches)
         stats.recomputed_blocks += 1
-        return window_sums(grid, region, image, batches, predictor, weight, device, bar.update)
+        return window_sums(job, region, image, batches, bar.update)
 
     def finish(task: Triple | Recompute, sums: np.ndarray | None) -> None:
         if not isinstance(task, Recompute):
-            finish_block(grid, task, sums, spills, sink, blend, sigma_scale)  # type: ignore[arg-type]
+            finish_block(job, task, sums, spills, sink)  # type: ignore[arg-type]
         elif sums is not None:
             region, parts = grid.planes_region(task.source, task.planes), dict(grid.successors(task.source))
             for target in task.targets:

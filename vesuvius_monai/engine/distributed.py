@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from vesuvius_monai.engine.infer import resolve_device
+from vesuvius_monai.engine.device import resolve_device
 from vesuvius_monai.errors import VesuviusError
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 
 from vesuvius_monai.config import Config, to_dict
 from vesuvius_monai.data.dataset import Fragment, load_splits
-from vesuvius_monai.engine.infer import infer_volume, load_normalized, resolve_device
+from vesuvius_monai.engine.device import resolve_device
+from vesuvius_monai.engine.infer import infer_volume, load_normalized
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.atomic import check_replaceable, publish_dir, work_dir_beside, write_text
 from vesuvius_monai.io.checkpoint import Checkpoint, as_checkpoint

@@ -1,8 +1,10 @@
 """Prediction of unlabeled volumes of any size, in one process or spread over the processes of ``torchrun``.
 
-``.zarr`` outputs are written block by block (bounded memory, resumable); NIfTI outputs are predicted in
-memory when the volume (or region of interest) fits, carrying the input's affine and spacing. A folder output (a
-name without suffix) gets one ``<id>.zarr`` per input volume; the inputs are volumes and folders of volumes.
+``.zarr`` outputs are written block by block (bounded memory, resumable) by :func:`predict_zarr`, the one path of
+every Zarr output (the command's, the tests' and the benchmarks'), which runs any source of the network (see
+:mod:`vesuvius_monai.engine.networks`). NIfTI outputs are predicted in memory when the volume (or region of
+interest) fits, carrying the input's affine and spacing. A folder output (a name without suffix) gets one
+``<id>.zarr`` per input volume; the inputs are volumes and folders of volumes.
 
 Under torchrun (see :mod:`vesuvius_monai.engine.distributed`) the blocks of every Zarr output are split between the
 ranks. Rank 0 checks every output and creates (or resumes) the stores while the others wait; the unfinished
@@ -23,18 +25,18 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from torch import nn
 
-from vesuvius_monai.config import Config
+from vesuvius_monai.config import Config, to_dict
 from vesuvius_monai.data.dataset import VOLUME_SUFFIXES, volume_id
-from vesuvius_monai.data.readers import ZARR_MARKERS, Region, format_region, open_volume, region_shape
+from vesuvius_monai.data.readers import ZARR_MARKERS, Region, VolumeReader, format_region, open_volume, region_shape
 from vesuvius_monai.data.regions import Triple
-from vesuvius_monai.engine.blockwise import RunStats
+from vesuvius_monai.engine.blockwise import RunStats, run_blocks
 from vesuvius_monai.engine.distributed import (DistContext, gather_results, init_distributed, make_wait_group,
                                                on_main, split_contiguous)
-from vesuvius_monai.engine.infer import infer_volume, make_predictor, output_meta, run_job, volume_job, window_grid
+from vesuvius_monai.engine.infer import infer_volume, volume_job, window_grid
+from vesuvius_monai.engine.networks import CheckpointNetwork, NetworkSource
 from vesuvius_monai.engine.zarr_output import (check_output_store, checked_roi, export_nifti, open_work_store,
-                                               publish_store, roi_affine, work_path)
+                                               publish_store, roi_affine, run_meta, work_path)
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.checkpoint import Checkpoint, as_checkpoint
 from vesuvius_monai.io.nifti import PREDICTION_MARK, check_replaceable_nifti, is_nifti_path, write_nifti
@@ -60,10 +62,9 @@ def parse_roi(text: str | None) -> Region | None:
         raise VesuviusError(f"--roi '{text}': bounds must be integers") from None
 
 
-def _run_info(checkpoint: str | Path) -> dict:
-    """What a resumed block-wise run must share with the interrupted one, beyond geometry and settings."""
-    path = Path(checkpoint).resolve()
-    return {"checkpoint": str(path), "checkpoint_mtime_ns": path.stat().st_mtime_ns}
+def _open(path: Path, cfg: Config) -> VolumeReader:
+    """The volume at ``path`` as ``data`` says to read it (spacing, Zarr level and key)."""
+    return open_volume(path, spacing=cfg.data.spacing, level=cfg.data.zarr_level, key=cfg.data.zarr_key)
 
 
 def _check_outputs(inputs: Sequence[Path], outputs: dict[str, Path | None]) -> None:
@@ -165,7 +166,7 @@ def predict(cfg: Config, checkpoint: str | Path | Checkpoint, input_path: str | 
         if mask_output or nifti_output:
             raise VesuviusError("--mask and --nifti go with one volume; a folder --output holds one <id>.zarr per "
                                 "input volume")
-        predict_zarr(cfg, ckpt, folder_targets(inputs, output), roi)
+        predict_zarr(cfg, CheckpointNetwork(ckpt), folder_targets(inputs, output), roi)
         return output
     if len(inputs) != 1:
         raise VesuviusError(f"{len(inputs)} --input volumes need a folder --output (a name without suffix, one "
@@ -175,14 +176,14 @@ def predict(cfg: Config, checkpoint: str | Path | Checkpoint, input_path: str | 
         raise VesuviusError(f"--input {input_path} is a folder of volumes, not a volume (no TIFF slices in it): give "
                             f"a folder --output (a name without suffix) for one <id>.zarr per volume")
     _check_outputs(inputs, {"--output": output, "--mask": mask_output, "--nifti": nifti_output})
-    reader = open_volume(input_path, spacing=cfg.data.spacing, level=cfg.data.zarr_level, key=cfg.data.zarr_key)
+    reader = _open(input_path, cfg)
     region = checked_roi(reader, roi)
     _check_kind(output, region, input_path, mask_output, nifti_output)
     for flag, path in (("--output", output), ("--mask", mask_output), ("--nifti", nifti_output)):
         if path is not None and is_nifti_path(Path(path)):
             check_replaceable_nifti(path, flag)
     if output.suffix == ".zarr":
-        predict_zarr(cfg, ckpt, [(input_path, output)], roi, nifti_output=nifti_output)
+        predict_zarr(cfg, CheckpointNetwork(ckpt), [(input_path, output)], roi, nifti_output=nifti_output)
         return output
     ctx, device = init_distributed(cfg.infer.device)
     if ctx.active:
@@ -243,18 +244,26 @@ def split_work(units: list[tuple[int, list[Triple]]], costs: list[float], world:
     return shares
 
 
-def plan_outputs(cfg: Config, ckpt: Checkpoint, targets: list[tuple[Path, Path]], roi: Region | None,
-                 world: int) -> Plan:
+def output_meta(reader: VolumeReader, region: Region, cfg: Config, run_info: dict) -> dict:
+    """What a Zarr output's resumed run must share with the interrupted one (see ``run_meta``): the geometry, the
+    ``infer`` settings, the normalisation and the network's ``run_info``."""
+    extra = {"percentiles": list(cfg.transforms.percentiles), "infer": to_dict(cfg.infer), **run_info}
+    return run_meta(reader, region, window_grid(region, cfg.infer).block_size, cfg.infer.out_dtype, extra)
+
+
+def plan_outputs(cfg: Config, network: NetworkSource, targets: list[tuple[Path, Path]], roi: Region | None,
+                 world: int, resume: bool = True) -> Plan:
     """Check every output (before creating any), create or resume their stores, and split the blocks not done yet.
 
-    Run by one process (rank 0) while the others wait. The cost of a block is its own windows plus one.
+    Run by one process (rank 0) while the others wait. The cost of a block is its own windows plus one. The stores
+    record ``network.run_info()``; with ``resume`` False every output is predicted afresh.
     """
-    opened = []
+    opened, run_info = [], network.run_info()
     for input_path, out in targets:
-        reader = open_volume(input_path, spacing=cfg.data.spacing, level=cfg.data.zarr_level, key=cfg.data.zarr_key)
+        reader = _open(input_path, cfg)
         region = checked_roi(reader, roi)
-        meta = output_meta(reader, region, cfg, _run_info(ckpt.path))
-        opened.append((reader, region, meta, check_output_store(out, cfg.infer.out_dtype, meta)))
+        meta = output_meta(reader, region, cfg, run_info)
+        opened.append((reader, region, meta, check_output_store(out, cfg.infer.out_dtype, meta, resume)))
     volumes, units, costs = [], [], []
     for v, ((input_path, out), (reader, region, meta, state)) in enumerate(zip(targets, opened)):
         grid = window_grid(region, cfg.infer)
@@ -262,7 +271,7 @@ def plan_outputs(cfg: Config, ckpt: Checkpoint, targets: list[tuple[Path, Path]]
         if state == "complete":
             log.info("%s: already complete, nothing to do", out)
             continue
-        store = open_work_store(out, reader, region, grid.block_size, cfg.infer.out_dtype, meta)
+        store = open_work_store(out, reader, region, grid.block_size, cfg.infer.out_dtype, meta, resume)
         done = set(grid.blocks()) if store.meta.get("complete") else store.done_blocks()  # type: ignore[union-attr]
         planes: dict[int, list[Triple]] = {}  # the blocks not done yet, by z-plane, in the grid's order
         for block in grid.blocks():
@@ -274,16 +283,22 @@ def plan_outputs(cfg: Config, ckpt: Checkpoint, targets: list[tuple[Path, Path]]
     return Plan(volumes, split_work(units, costs, world))
 
 
-def predict_zarr(cfg: Config, ckpt: Checkpoint, targets: list[tuple[Path, Path]], roi: Region | None, *,
-                 nifti_output: str | Path | None = None) -> None:
-    """Predict every (input, ``.zarr`` output) of ``targets`` in this process, or shared by torchrun's ranks."""
+def predict_zarr(cfg: Config, network: NetworkSource, targets: list[tuple[Path, Path]], roi: Region | None, *,
+                 nifti_output: str | Path | None = None, resume: bool = True) -> None:
+    """Predict every (input, ``.zarr`` output) of ``targets`` with ``network`` on ``infer.device``, in this process
+    or shared by torchrun's ranks: the one path of every Zarr output.
+
+    ``roi`` applies to each input. An output already complete from the same settings and network is kept as it is;
+    an unfinished one is resumed (with ``resume`` False: predicted afresh). ``nifti_output``: also export the first
+    output as NIfTI.
+    """
     ctx, device = init_distributed(cfg.infer.device)
     make_wait_group(ctx)
-    plan = on_main(ctx, plan_outputs, cfg, ckpt, targets, roi, ctx.world_size)
+    plan = on_main(ctx, plan_outputs, cfg, network, targets, roi, ctx.world_size, resume)
     error, stats = None, RunStats()
     try:
         if plan.shares[ctx.rank]:
-            stats = _run_share(ckpt.model(device), cfg, plan, ctx, device)
+            stats = _run_share(network, cfg, plan, ctx, device)
     except Exception as err:
         if not ctx.active:
             raise
@@ -299,22 +314,21 @@ def predict_zarr(cfg: Config, ckpt: Checkpoint, targets: list[tuple[Path, Path]]
     on_main(ctx, _publish, plan, nifti_output)
 
 
-def _run_share(model: nn.Module, cfg: Config, plan: Plan, ctx: DistContext, device) -> RunStats:
+def _run_share(network: NetworkSource, cfg: Config, plan: Plan, ctx: DistContext, device) -> RunStats:
     """Predict this rank's blocks of every volume of ``plan`` into their stores."""
-    predictor = make_predictor(model, cfg.infer, device, cfg.infer.amp)
     stats = RunStats()
-    for v, blocks in plan.shares[ctx.rank]:
-        volume = plan.volumes[v]
-        reader = open_volume(volume.input, spacing=cfg.data.spacing, level=cfg.data.zarr_level,
-                             key=cfg.data.zarr_key)
-        store = PredictionStore.open(work_path(volume.output))
-        if len(plan.volumes) > 1 or ctx.active:
-            log.info("%s -> %s: %d of its %d blocks in this process", volume.input, volume.output, len(blocks),
-                     volume.n_blocks)
-        stats += run_job(model, volume_job(reader, cfg, volume.region), cfg, predictor, store, store.spills(),
-                         device=device, blocks=blocks if ctx.active else None, progress=ctx.is_main)
-        if not ctx.active:  # one process: publish each volume when done (under torchrun: after every rank is)
-            publish_store(store, volume.output, blocks=volume.n_blocks)
+    with network.predictor(cfg.infer, device) as predictor:
+        for v, blocks in plan.shares[ctx.rank]:
+            volume = plan.volumes[v]
+            store = PredictionStore.open(work_path(volume.output))
+            if len(plan.volumes) > 1 or ctx.active:
+                log.info("%s -> %s: %d of its %d blocks in this process", volume.input, volume.output, len(blocks),
+                         volume.n_blocks)
+            job = volume_job(_open(volume.input, cfg), cfg, predictor, device, volume.region)
+            stats += run_blocks(job, store, store.spills(), blocks=blocks if ctx.active else None,
+                                progress=ctx.is_main)
+            if not ctx.active:  # one process: publish each volume when done (under torchrun: after every rank is)
+                publish_store(store, volume.output, blocks=volume.n_blocks)
     return stats
 
 

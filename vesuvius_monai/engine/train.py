@@ -36,17 +36,9 @@ from vesuvius_monai.data.dataset import Fragment, load_splits
 from vesuvius_monai.data.patches import PatchDataset, PatchSource, prepare_sources, rank_items
 from vesuvius_monai.engine.distributed import DistContext, init_distributed, on_main
 from vesuvius_monai.engine.infer import infer_volume, without_tta
-from vesuvius_monai.engine.trainer import (  # noqa: F401  (lr_factor: re-exported)
-    NullLog,
-    RunClock,
-    RunLog,
-    Trainer,
-    TrainState,
-    build_state,
-    log_fields,
-    lr_factor,
-    restore_state,
-)
+from vesuvius_monai.engine.runlog import NullLog, RunLog, log_fields
+from vesuvius_monai.engine.schedule import RunClock
+from vesuvius_monai.engine.trainer import Trainer, TrainState, build_state, restore_state
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.atomic import write_text
 from vesuvius_monai.io.checkpoint import load_checkpoint

@@ -1,29 +1,23 @@
-"""The training loop of one run: optimiser steps, learning-rate schedule, time budget, loss logging,
-periodic validation and checkpoints.
+"""The training loop of one run: its state, the optimiser step, and the loop around it (periodic logs, validation
+and checkpoints, the time budget).
 
-:class:`Trainer` holds what the loop needs (state, loss, validation, logs, clock) so each method does one job:
-``fit`` runs steps until the run's end, ``_step`` is one optimiser step, ``_after_step`` decides what the step
-is followed by (a log row, a checkpoint, the end), ``_checkpoint`` validates and saves. The run folder, data
-and resume checks are set up by :func:`vesuvius_monai.engine.train.train`.
+:func:`train_step` is one optimiser step (channels-last, autocast, loss, gradient clipping, grad scaler): the
+trainer's, and the one the planner times (:func:`vesuvius_monai.plan.ladder.measure_candidate`). :class:`Trainer`
+holds what the loop needs (state, loss, validation, logs, clock) so each method does one job: ``fit`` runs steps
+until the run's end, ``_step`` sets the learning rate and takes a step, ``_after_step`` decides what the step is
+followed by (a log row, a checkpoint, the end), ``_checkpoint`` validates and saves. The learning-rate schedule and
+the run's clock are in :mod:`vesuvius_monai.engine.schedule`, the logs in :mod:`vesuvius_monai.engine.runlog`; the
+run folder, data and resume checks are set up by :func:`vesuvius_monai.engine.train.train`.
 
 Under torchrun (see :mod:`vesuvius_monai.engine.distributed`) every rank runs the same loop on its own patches
 through a DistributedDataParallel wrapper; rank 0 alone validates, saves and writes the logs while the others
 wait, and rank 0's clock decides the learning rate and the stop of a time-budgeted run for all ranks.
-
-Learning-rate schedule: linear warm-up, then cosine or poly decay to 1 % of ``train.lr`` (or constant), as a
-function of a *position* measured in steps. Without a time budget the position is the step. With
-``train.max_minutes`` the position is the training time mapped onto the steps (the budget's end, less the time
-kept for the final validation and save, is step ``train.steps``), or the step when that is further along: a
-6-minute and a 6-hour run both end annealed, and ``train.steps`` only caps.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
-import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -33,118 +27,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vesuvius_monai.config import Config, TrainConfig
-from vesuvius_monai.engine.distributed import DistContext, all_reduce_sum, barrier, broadcast_floats, wrap_model
-from vesuvius_monai.engine.infer import autocast
+from vesuvius_monai.engine.device import CHANNELS_LAST, autocast, channels_last
+from vesuvius_monai.engine.distributed import DistContext, barrier, broadcast_floats, wrap_model
+from vesuvius_monai.engine.runlog import LossMeter, NullLog, RunLog
+from vesuvius_monai.engine.schedule import RunClock, describe_schedule, lr_factor
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.checkpoint import save_checkpoint
 from vesuvius_monai.models import build_model
 
 log = logging.getLogger(__name__)
 
-LR_FLOOR = 0.01  # the cosine and poly schedules end at this fraction of train.lr
-RESERVE_FACTOR = 1.5  # the final validation + save is given this many times its longest measured duration
-RESERVE_MARGIN_S = 1.0  # plus this, for closing the logs and drawing the learning curve
 
-
-# --------------------------------------------------------------------------- schedule and clock
-
-
-def lr_factor(cfg: TrainConfig) -> Callable[[float], float]:
-    """Multiplier of ``train.lr`` at a schedule position (in steps, may be fractional): linear warm-up over
-    ``warmup_steps``, then cosine or poly decay to ``LR_FLOOR`` at ``steps`` (or constant)."""
-
-    def factor(position: float) -> float:
-        if position < cfg.warmup_steps:
-            return (position + 1) / cfg.warmup_steps
-        progress = (position - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
-        progress = min(progress, 1.0)
-        if cfg.schedule == "cosine":
-            return LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * progress))
-        if cfg.schedule == "poly":
-            return max((1 - progress) ** 0.9, LR_FLOOR)
-        return 1.0
-
-    return factor
-
-
-@dataclass
-class RunClock:
-    """Run time in seconds (the wall time of every session of the run, carried over resumes) and the time budget.
-
-    ``budget_s`` 0 means no budget. ``train_start_s`` is the run time of the first step; ``val_s`` and ``save_s``
-    the longest measured validation and checkpoint save, from which the time kept for the final ones is set.
-    """
-
-    budget_s: float = 0.0
-    carried_s: float = 0.0  # run time of earlier sessions (from last.pt)
-    train_start_s: float | None = None
-    val_s: float | None = None
-    save_s: float | None = None
-    timer: Callable[[], float] = time.perf_counter  # seconds, monotonic (tests pass a fake one)
-    started: float | None = None  # timer reading at the start of this session
-    recent_steps: deque = field(default_factory=lambda: deque(maxlen=10))
-
-    def __post_init__(self) -> None:
-        if self.started is None:
-            self.started = self.timer()
-
-    def now(self) -> float:
-        """Run time so far."""
-        return self.carried_s + self.timer() - self.started
-
-    def measured(self) -> bool:
-        return self.val_s is not None and self.save_s is not None
-
-    def reserve(self) -> float:
-        """Seconds kept at the end of the budget for the final validation, the saves of best.pt and last.pt,
-        and closing the run."""
-        return RESERVE_FACTOR * ((self.val_s or 0.0) + 2 * (self.save_s or 0.0)) + RESERVE_MARGIN_S
-
-    def step_estimate(self) -> float:
-        """The longest of the last few steps (data loading included): what the next one may take."""
-        return max(self.recent_steps, default=0.0)
-
-    def position(self, step: int, steps: int) -> float:
-        """Schedule position (in steps) of the step about to run: the step, or with a budget the training time
-        mapped onto ``steps`` when that is further along; at most ``steps``."""
-        if not self.budget_s or self.train_start_s is None:
-            return float(step)
-        window = self.budget_s - self.reserve() - self.train_start_s
-        by_time = steps * (self.now() - self.train_start_s) / window if window > 0 else float(steps)
-        return min(max(float(step), by_time), float(steps))
-
-    def out_of_time(self, checkpoint_due: bool) -> bool:
-        """True when the next step (after the checkpoint now due, if any) and the final validation + save would
-        not fit in the budget."""
-        if not self.budget_s:
-            return False
-        checkpoint = (self.val_s or 0.0) + 2 * (self.save_s or 0.0) if checkpoint_due else 0.0
-        return self.now() + checkpoint + self.step_estimate() + self.reserve() > self.budget_s
-
-    def state_dict(self) -> dict:
-        return {"elapsed_s": self.now(), "train_start_s": self.train_start_s, "val_s": self.val_s,
-                "save_s": self.save_s}
-
-    def load_state_dict(self, saved: dict) -> None:
-        """Continue from a checkpoint's clock: its run time, first-step time and measured durations."""
-        self.carried_s = float(saved["elapsed_s"])
-        self.started = self.timer()
-        self.train_start_s, self.val_s, self.save_s = saved["train_start_s"], saved["val_s"], saved["save_s"]
-
-
-def describe_schedule(cfg: TrainConfig, clock: RunClock) -> str:
-    """One line naming the clock that drives the learning-rate schedule."""
-    decay = f"{cfg.schedule} decay" if cfg.schedule != "constant" else "constant rate"
-    if not clock.budget_s:
-        return (f"learning-rate schedule on steps: warm-up over {cfg.warmup_steps} steps, {decay} to step "
-                f"{cfg.steps}")
-    return (f"learning-rate schedule on elapsed time: warm-up over the first {cfg.warmup_steps}/{cfg.steps} of the "
-            f"{cfg.max_minutes:g}-minute budget, {decay} to its end less {clock.reserve():.0f} s kept for the final "
-            f"validation and save; train.steps={cfg.steps} caps the run and drives the schedule instead while the "
-            f"steps run ahead of the time")
-
-
-# --------------------------------------------------------------------------- state and logs
+# --------------------------------------------------------------------------- state
 
 
 @dataclass
@@ -164,7 +58,7 @@ def build_state(cfg: Config, device: torch.device) -> TrainState:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model.name, **cfg.model.kwargs).to(device)
     if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last_3d)
+        model = model.to(memory_format=CHANNELS_LAST)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     fp16 = device.type == "cuda" and cfg.train.amp and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=fp16)
@@ -192,93 +86,32 @@ def save_state(path: Path, cfg: Config, state: TrainState, clock: RunClock, worl
                     clock=clock.state_dict(), world_size=world_size)
 
 
-def log_fields(terms: Iterable[str]) -> list[str]:
-    """Columns of train_log.csv: the loss, each active loss term, the gradient norm (before clipping), learning
-    rate, time, speed, validation Dice."""
-    return ["step", "loss", *(f"loss_{t}" for t in terms), "grad_norm", "lr", "seconds", "steps_per_s", "val_dice"]
+def train_step(state: TrainState, net: nn.Module, loss_fn: nn.Module, batch: dict, cfg: TrainConfig,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step of ``net`` on a batch {"image", "label"} of (B, 1, Z, Y, X), at the optimiser's learning
+    rate: the batch moved to ``device`` (channels-last with ``train.channels_last``), forward under autocast
+    (``train.amp``, CUDA only), the loss in float32, backward through the grad scaler, the gradient norm clipped to
+    ``train.grad_clip`` (0: not clipped).
 
-
-@dataclass
-class RunLog:
-    """Appends rows to ``train_log.csv`` and scalars to TensorBoard."""
-
-    run: Path
-    fields: list[str]
-    purge_step: int | None = None  # TensorBoard drops events logged at or after this step (a resumed run's replay)
-    writer: object = field(init=False, default=None)
-
-    def __post_init__(self) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(str(self.run / "tensorboard"), purge_step=self.purge_step)
-        self.path = self.run / "train_log.csv"
-
-    def write(self, row: dict) -> None:
-        new = not self.path.exists()
-        with self.path.open("a", newline="") as handle:
-            out = csv.DictWriter(handle, fieldnames=self.fields, extrasaction="ignore")
-            if new:
-                out.writeheader()
-            out.writerow({k: row.get(k, "") for k in self.fields})
-        for key, value in row.items():
-            if key != "step" and isinstance(value, (int, float)):
-                self.writer.add_scalar(key, value, row["step"])
-
-    def truncate_after(self, step: int) -> None:
-        """Keep only the rows up to ``step`` (a resumed run logs the later ones again; a restarted one all)."""
-        if not self.path.exists():
-            return
-        with self.path.open(newline="") as handle:
-            rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= step]
-        with self.path.open("w", newline="") as handle:
-            out = csv.DictWriter(handle, fieldnames=self.fields, extrasaction="ignore", restval="")
-            out.writeheader()
-            out.writerows(rows)
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-class NullLog:
-    """The log of ranks other than 0: they write nothing."""
-
-    def write(self, row: dict) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class LossMeter:
-    """Sums of the loss, its terms and the gradient norm over a logging interval, kept on the device: reading them
-    is the only point where a step waits for the GPU."""
-
-    def __init__(self, terms: Iterable[str]) -> None:
-        self.terms = list(terms)
-        self.names = ["loss", *(f"loss_{t}" for t in self.terms), "grad_norm"]
-        self.sums: torch.Tensor | None = None
-        self.count = 0
-        self.first_step = 0
-
-    def add(self, step: int, total: torch.Tensor, parts: dict[str, torch.Tensor], grad_norm: torch.Tensor) -> None:
-        values = torch.stack([total.detach().float(), *(parts[t].float() for t in self.terms),
-                              grad_norm.detach().float().to(total.device)])
-        if self.sums is None:
-            self.sums, self.first_step = values, step
-        else:
-            self.sums = self.sums + values
-        self.count += 1
-
-    def read(self, ctx: DistContext) -> dict[str, float]:
-        """Means over the interval and over all ranks (empty when no step was added), and a new interval.
-
-        Every rank must call it at the same steps (a collective under torchrun)."""
-        if self.sums is None:
-            return {}
-        sums = all_reduce_sum(ctx, self.sums)
-        means = dict(zip(self.names, (sums / (self.count * ctx.world_size)).tolist()))
-        self.sums, self.count = None, 0
-        return means
+    ``net`` is ``state.model`` or its DistributedDataParallel wrapper. Returns the loss and the gradient norm before
+    clipping (0-d tensors on the device: reading them waits for the step).
+    """
+    image = batch["image"].to(device, non_blocking=True)
+    label = batch["label"].to(device, non_blocking=True)
+    if cfg.channels_last:
+        image = channels_last(image)
+    state.model.train()
+    state.optimizer.zero_grad(set_to_none=True)
+    with autocast(device, cfg.amp):
+        logits = net(image)
+    loss = loss_fn(logits.float(), label)
+    state.scaler.scale(loss).backward()
+    state.scaler.unscale_(state.optimizer)  # no-op unless fp16 AMP scales the loss
+    clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+    grad_norm = nn.utils.clip_grad_norm_(state.model.parameters(), clip)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    return loss, grad_norm
 
 
 # --------------------------------------------------------------------------- loop
@@ -332,27 +165,15 @@ class Trainer:
         self._log_end(stop)
 
     def _step(self, batch: dict) -> None:
-        """One optimiser step on a batch {"image", "label"} of (B, 1, Z, Y, X), at the schedule's learning rate."""
-        state, tc = self.state, self.tc
-        self.lr = tc.lr * self.factor(self._position())
+        """One optimiser step (:func:`train_step`) on a batch {"image", "label"} of (B, 1, Z, Y, X), at the
+        schedule's learning rate; counts the step and its patches, and adds its loss to the meter."""
+        state = self.state
+        self.lr = self.tc.lr * self.factor(self._position())
         for group in state.optimizer.param_groups:
             group["lr"] = self.lr
-        image = batch["image"].to(self.device, non_blocking=True)
-        label = batch["label"].to(self.device, non_blocking=True)
-        if tc.channels_last:
-            image = image.contiguous(memory_format=torch.channels_last_3d)
-        state.model.train()
-        state.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device, tc.amp):
-            logits = self.net(image)
-        loss = self.loss_fn(logits.float(), label)
-        state.scaler.scale(loss).backward()
-        state.scaler.unscale_(state.optimizer)  # no-op unless fp16 AMP scales the loss
-        grad_norm = nn.utils.clip_grad_norm_(state.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
-        state.scaler.step(state.optimizer)
-        state.scaler.update()
+        loss, grad_norm = train_step(state, self.net, self.loss_fn, batch, self.tc, self.device)
         state.step += 1
-        state.items += image.shape[0] * self.ctx.world_size
+        state.items += batch["image"].shape[0] * self.ctx.world_size
         self.meter.add(state.step, loss, self.loss_fn.last_parts, grad_norm)
 
     def _after_step(self, stop: int, bar: tqdm) -> bool:

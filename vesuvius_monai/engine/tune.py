@@ -20,8 +20,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from vesuvius_monai.config import Config, Layer, PostprocessConfig, dotted_layer, to_dict
+from vesuvius_monai.engine.device import resolve_device
 from vesuvius_monai.engine.evaluate import select_fragments
-from vesuvius_monai.engine.infer import infer_volume, resolve_device
+from vesuvius_monai.engine.infer import infer_volume
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.atomic import check_replaceable_file, write_text
 from vesuvius_monai.io.checkpoint import Checkpoint, as_checkpoint

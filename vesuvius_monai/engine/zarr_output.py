@@ -3,9 +3,9 @@
 The store is built at ``<out>.partial`` (with a done-marker per block and the spills between blocks) and renamed
 to ``<out>`` once every block is written, so ``<out>`` only ever exists complete. Running the same command
 again resumes ``<out>.partial``; a run with other settings stops with an error naming the settings that differ.
-Several processes may fill one store (:mod:`vesuvius_monai.engine.predict`): one of them checks and creates it
-(:func:`check_output_store`, :func:`open_work_store`) before the others open it, and publishes it
-(:func:`publish_store`) once all of them have finished.
+The driver (:func:`vesuvius_monai.engine.predict.predict_zarr`) lets one process check and create every store
+(:func:`check_output_store`, :func:`open_work_store`) before it (or several processes, under torchrun) fills them,
+and publishes each (:func:`publish_store`) once every process writing into it has finished.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -66,22 +65,6 @@ def settings_diff(stored: dict, wanted: dict) -> list[str]:
     """``["infer.overlap 0.25 -> 0.5", ...]`` for every setting of ``wanted`` that ``stored`` has otherwise."""
     old, new = _flat(stored), _flat(wanted)
     return [f"{key} {old.get(key, '(unset)')} -> {value}" for key, value in new.items() if old.get(key) != value]
-
-
-def predict_to_zarr(out: str | os.PathLike, reader: VolumeReader, roi: Region, block: Triple, dtype: str,
-                    meta: dict, run: Callable[[PredictionStore], None], resume: bool = True) -> Path:
-    """Build the store for ``out`` (resuming ``<out>.partial`` when ``resume``), fill it with ``run``, publish it.
-
-    ``run(store)`` predicts every block the store has not marked done. ``meta`` (see :func:`run_meta`) must match
-    a store being resumed. An existing complete ``out`` from the same settings is kept as it is (nothing to do).
-    """
-    out = Path(out)
-    store = open_work_store(out, reader, roi, block, dtype, meta, resume)
-    if store is None:
-        return out
-    if not store.meta.get("complete"):  # (complete: stopped between marking it so and the rename)
-        run(store)
-    return publish_store(store, out)
 
 
 def work_path(out: Path) -> Path:

@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from vesuvius_monai.config import Config, covered, to_dict
+from vesuvius_monai.engine.device import resolve_device
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.plan.fingerprint import dataset_fingerprint
 from vesuvius_monai.plan.ladder import Candidate, PlanRules, candidate_ladder, measure_candidate, model_kwargs
@@ -91,7 +92,7 @@ def make_plan(cfg: Config, *, rules: PlanRules = PlanRules(), keep: Iterable[str
 
     if cfg.train.max_minutes <= 0:
         raise VesuviusError("config key 'train.max_minutes': a plan needs a time budget (minutes > 0)")
-    device = _device(cfg.train.device)
+    device = resolve_device(cfg.train.device)
     fingerprint = fingerprint or dataset_fingerprint(cfg.data)
     first = split_fragments(find_fragments(cfg.data), cfg.data)["train"][0]
     opened = open_fragment(first, cfg.data, check_labels=False)
@@ -143,14 +144,6 @@ def plan_from_measurements(cfg: Config, fingerprint: dict, measure: Callable[[Ca
     plan.values = {k: v for k, v in plan.values.items() if not covered(k, keep)}
     plan.reasons = {k: plan.reasons[k] for k in plan.values}
     return plan
-
-
-def _device(name: str) -> torch.device:
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise VesuviusError("config key 'train.device': cuda was asked for but no CUDA device is available")
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 def _plan_values(cfg: Config, cand: Candidate, timing: dict, budget: Budget, fp: dict, rules: PlanRules,

@@ -10,8 +10,10 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
-from vesuvius_monai.config import Config
+from vesuvius_monai.config import Config, InferConfig
+from vesuvius_monai.engine.device import sync
 from vesuvius_monai.errors import VesuviusError
 
 Triple = tuple[int, int, int]
@@ -158,65 +160,55 @@ def candidate_ladder(name: str, min_shape: Sequence[int], rules: PlanRules = Pla
 # --------------------------------------------------------------------------- measurement
 
 
-def _autocast(device: torch.device, enabled: bool):
-    """bf16 (or fp16) autocast on CUDA when enabled; never on a CPU (bf16 there is far slower)."""
-    if device.type != "cuda" or not enabled:
-        return torch.autocast("cpu", enabled=False)
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure_candidate(cfg: Config, cand: Candidate, device: torch.device, repeats: int = 2,
                       reader_pair: tuple | None = None) -> dict[str, float]:
-    """Time candidate ``cand`` on ``device``: ``step_s`` (median of ``repeats`` optimiser steps after a warm-up, the
-    run's loss and AdamW, random data), ``infer_vox_s`` (voxels per second of one no-grad forward of
-    ``infer.sw_batch_size`` windows), ``read_s`` (reading one patch of image and label from the first training
-    fragment, when ``reader_pair`` is given) and ``peak_bytes`` (CUDA peak memory of a step; 0 on a CPU).
+    """Time candidate ``cand`` on ``device``: ``step_s`` (median of ``repeats`` optimiser steps after a warm-up: the
+    trainer's own step, :func:`~vesuvius_monai.engine.trainer.train_step`, with the run's model set-up, loss, AdamW,
+    channels-last, autocast, clipping and grad scaler, on random data), ``infer_vox_s`` (voxels per second of one
+    batch of ``infer.sw_batch_size`` windows through the validation's predictor: no TTA), ``read_s`` (reading one
+    patch of image and label from the first training fragment, when ``reader_pair`` is given) and ``peak_bytes``
+    (CUDA peak memory of a step; 0 on a CPU).
     """
+    from vesuvius_monai.engine.trainer import build_state, train_step
     from vesuvius_monai.losses import build_loss
-    from vesuvius_monai.models import build_model
 
-    torch.manual_seed(0)
-    kwargs = {**model_kwargs(cfg.model.name, cand.width, cand.depth)} if cand.width > 0 else dict(cfg.model.kwargs)
-    model = build_model(cfg.model.name, **kwargs).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
+    kwargs = model_kwargs(cfg.model.name, cand.width, cand.depth) if cand.width > 0 else dict(cfg.model.kwargs)
+    run = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, kwargs=kwargs))
+    state = build_state(run, device)
     loss_fn = build_loss(cfg.train.loss, ignore_index=cfg.data.ignore_index)
     shape = (cand.batch, 1, *cand.patch)
-    image = torch.rand(shape, device=device)
-    label = (torch.rand(shape, device=device) > 0.5).float()
-    amp = cfg.train.amp and device.type == "cuda"
+    batch = {"image": torch.rand(shape, device=device), "label": (torch.rand(shape, device=device) > 0.5).float()}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
-    model.train()
     for _ in range(repeats + 1):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        with _autocast(device, amp):
-            logits = model(image)
-        loss_fn(logits.float(), label).backward()
-        optimizer.step()
-        _sync(device)
+        train_step(state, state.model, loss_fn, batch, run.train, device)
+        sync(device)
         times.append(time.perf_counter() - start)
     peak = float(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else 0.0
-    model.eval()
-    windows = torch.rand((cfg.infer.sw_batch_size, 1, *cand.patch), device=device)
-    with torch.no_grad(), _autocast(device, cfg.infer.amp and device.type == "cuda"):
-        model(windows)  # warm-up
-        _sync(device)
-        start = time.perf_counter()
-        model(windows)
-        _sync(device)
-    infer_vox_s = windows.numel() / max(time.perf_counter() - start, 1e-9)
+    infer_vox_s = _infer_speed(state.model, cfg.infer, cand.patch, device)
     read_s = _read_seconds(reader_pair, cand.patch) * cand.batch if reader_pair else 0.0
-    return {"step_s": float(np.median(times[1:])), "infer_vox_s": float(infer_vox_s), "read_s": float(read_s),
+    return {"step_s": float(np.median(times[1:])), "infer_vox_s": infer_vox_s, "read_s": float(read_s),
             "peak_bytes": peak}
+
+
+def _infer_speed(model: nn.Module, cfg: InferConfig, window: Triple, device: torch.device) -> float:
+    """Window voxels per second of ``model`` on one batch of ``infer.sw_batch_size`` windows of ``window`` (the
+    plan sets ``infer.roi_size`` to the patch), predicted as validation predicts them (the engine's predictor, no
+    TTA), timed after one warm-up batch."""
+    from vesuvius_monai.engine.infer import evaluating
+
+    icfg = dataclasses.replace(cfg, tta_flip_axes=[], tta_rot90=False)
+    windows = torch.rand((icfg.sw_batch_size, 1, *window), device=device)
+    with evaluating(model, icfg, device) as predictor, torch.inference_mode():
+        predictor(windows)  # warm-up
+        sync(device)
+        start = time.perf_counter()
+        predictor(windows)
+        sync(device)
+    return float(windows.numel() / max(time.perf_counter() - start, 1e-9))
 
 
 def _read_seconds(reader_pair: tuple, patch: Triple) -> float:
