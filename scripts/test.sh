@@ -1,4 +1,9 @@
 #!/usr/bin/env bash
 # Run the test suite (sets up .venv and the requirements first if needed). Extra arguments go to pytest.
+# --quick leaves out the tests marked slow (subprocesses, torchrun, training; see tests/conftest.py).
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
-exec python -m pytest -q "$@"
+args=()
+for arg in "$@"; do
+  if [[ "$arg" == "--quick" ]]; then args+=(-m "not slow"); else args+=("$arg"); fi
+done
+exec python -m pytest -q "${args[@]}"

@@ -1,4 +1,8 @@
-"""Shared fixtures: a tiny synthetic dataset and a config that trains on it in seconds."""
+"""Shared fixtures: a tiny synthetic dataset, a config that trains on it in seconds, and one run trained on it.
+
+Tests marked ``slow`` (subprocesses, torchrun, training, anything over about a second) are left out by
+``bash scripts/test.sh --quick``; ``bash scripts/test.sh`` runs everything.
+"""
 
 from __future__ import annotations
 
@@ -31,6 +35,20 @@ def tiny_overrides(root: Path, out: Path) -> list[str]:
         # the built-in defaults these tests were written against (the recipe's are TTA, Dice + BCE, lr 3e-3)
         "infer.tta_flip_axes=[]", "train.loss={dice: 1.0}", "train.lr=0.002",
     ]
+
+
+@pytest.fixture(scope="session")
+def trained_run(synthetic_root, tmp_path_factory) -> Path:
+    """The tiny run (:func:`tiny_overrides`) trained once per session through the command line.
+
+    Its folder holds checkpoints/last.pt and best.pt, config.yaml, the logs. Shared: read it, never write into it;
+    a test that writes into a run folder (evaluate, tune-postprocess) copies it into its own tmp_path first.
+    """
+    from vesuvius_monai.cli import main
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    assert main(["train", *tiny_overrides(synthetic_root, out)]) == 0
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -121,6 +121,7 @@ def test_every_bench_script_has_a_tiny_run(tmp_path) -> None:
     assert {p.name for p in BENCH.glob("bench_*.py")} - OWN_ENVIRONMENT == set(tiny_runs(tmp_path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", sorted(tiny_runs(Path("."))))
 def test_bench_script_tiny_run(tiny_results, script: str) -> None:
     done, folder = tiny_results[script]
@@ -135,6 +136,7 @@ def test_bench_script_tiny_run(tiny_results, script: str) -> None:
             assert isinstance(json.loads(Path(arg).read_text()), dict)
 
 
+@pytest.mark.slow
 def test_model_speed_compares_channels_last_side_by_side(tiny_results) -> None:
     (done,), folder = tiny_results["bench_model_speed.py"]
     full, strided = json.loads((folder / "model_speed.json").read_text())["settings"].values()
@@ -236,6 +238,7 @@ EVAL_FOLDER = {"default": "eval", "default_untuned": "eval_untuned", "default_pl
                "basicunet": "eval", "basicunet_tta": "eval_tta", "basicunet_tta_tuned": "eval_tta_tuned"}
 
 
+@pytest.mark.slow
 def test_bench_recipes_smoke(tiny_results) -> None:
     (done, again), folder = tiny_results["bench_recipes.py"]
     assert done.returncode == again.returncode == 0, done.stderr[-3000:] + again.stderr[-3000:]
@@ -408,6 +411,7 @@ def test_bench_nnunet_scores_masks_as_the_metrics_do(nnunet, tmp_path) -> None:
         nnunet.score_run(args, 0, {"steps": 3}, fragments, info, cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not NNUNET_PYTHON.is_file(), reason="nnU-Net's environment is not set up (bash bench/setup_nnunet.sh)")
 def test_bench_nnunet_tiny_run(tiny_results, tmp_path) -> None:
     """nnU-Net planned, trained for a fraction of a second and predicting, on the tiny bench_recipes run's data."""

@@ -13,12 +13,11 @@ from vesuvius_monai.io.nifti import write_nifti
 
 
 @pytest.fixture
-def trained(synthetic_root, tmp_path_factory, tiny_args):
-    """A run trained by the CLI on the tiny synthetic set: (overrides, run folder)."""
+def trained(trained_run, synthetic_root, tmp_path_factory, tiny_args):
+    """A copy of the run the CLI trained on the tiny synthetic set (the tests write into it): (overrides, run folder)."""
     out = tmp_path_factory.mktemp("cli") / "run"
-    args = tiny_args(synthetic_root, out)
-    assert main(["train", *args]) == 0
-    return args, out
+    shutil.copytree(trained_run, out)
+    return tiny_args(synthetic_root, out), out
 
 
 def _error_line(capsys) -> str:
@@ -124,6 +123,7 @@ def test_predict_errors_leave_existing_output(trained, tmp_path, capsys):
     assert "bad.pt" in _error_line(capsys)
 
 
+@pytest.mark.slow
 def test_tune_postprocess_then_evaluate_uses_the_choice(trained, capsys):
     args, run = trained
     ckpt = str(run / "checkpoints/best.pt")
@@ -187,6 +187,7 @@ def test_evaluate_never_replaces_a_foreign_folder(trained, tmp_path, capsys):
     assert "did not write" in _error_line(capsys)  # one line, no traceback for '.'
 
 
+@pytest.mark.slow
 def test_evaluate_rerun_replaces_only_its_own_folder(trained, capsys):
     args, run = trained
     ckpt = str(run / "checkpoints/best.pt")
@@ -250,6 +251,7 @@ def test_checkpoint_with_code_objects_is_refused_as_unsafe(tmp_path, capsys):
     assert "evil.pt" in line and "not allowed to load" in line
 
 
+@pytest.mark.slow
 def test_plan_then_train_uses_the_plan_for_keys_the_config_leaves_out(synthetic_root, tmp_path, capsys, tiny_args):
     import yaml
 

@@ -77,6 +77,7 @@ def test_every_ladder_size_fits_the_model(name: str) -> None:
             assert all(p <= max(n, 16) for p, n in zip(cand.patch, min_shape)) and cand.patch[1] == cand.patch[2]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resunet3d", "basicunet", "segresnet", "dynunet", "unet"])
 def test_planned_models_build_and_run_at_the_planned_size(name: str) -> None:
     for width in (4, 12):  # 12: not a multiple of the usual 8 normalisation groups
@@ -128,6 +129,7 @@ def test_user_keys_are_kept_and_planned_around() -> None:
     assert [k for k in full.values if k.startswith("model.") and not covered(k, {"model.kwargs.depth"})] == []
 
 
+@pytest.mark.slow
 def test_make_plan_measures_on_this_device(synthetic_root, tmp_path) -> None:
     cfg = load_config(None, [f"data.root={synthetic_root}", "data.val_fragments=[frag_003]",
                              "data.test_fragments=[frag_004]", "train.max_minutes=0.02", "train.device=cpu"])

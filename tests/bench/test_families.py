@@ -87,6 +87,7 @@ CHECKS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 @pytest.mark.parametrize("generator", GENERATORS)
 def test_each_family_has_its_defining_property(measured, family: str, generator: str) -> None:

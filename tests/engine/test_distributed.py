@@ -100,6 +100,7 @@ def one(clean_root, tmp_path_factory) -> Path:
     return train(load_config(None, overrides(clean_root, tmp_path_factory.mktemp("single") / "one", 2)))
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_process_of_twice_the_batch(runs, one):
     assert_same_weights(weights(runs / "two"), weights(one))
     two_rows = list(csv.DictReader((runs / "two" / "train_log.csv").open()))
@@ -116,6 +117,7 @@ def test_two_ranks_equal_one_process_of_twice_the_batch(runs, one):
     assert load_checkpoint(runs / "two" / "checkpoints" / "last.pt")["items"] == 6
 
 
+@pytest.mark.slow
 def test_two_rank_checkpoint_resumes_on_one_process(runs, one, clean_root):
     broken = runs / "two_broken"
     assert load_checkpoint(broken / "checkpoints" / "last.pt")["step"] == 2
@@ -126,6 +128,7 @@ def test_two_rank_checkpoint_resumes_on_one_process(runs, one, clean_root):
     assert [r["step"] for r in rows] == ["1", "2", "3"]
 
 
+@pytest.mark.slow
 def test_time_budget_stops_every_rank_at_the_same_step(runs):
     """Had the ranks stopped at different steps, the launch would have hung in a gradient all-reduce."""
     run = runs / "two_budget"
@@ -151,6 +154,7 @@ def test_without_torchrun_nothing_is_distributed(monkeypatch):
         on_main(ctx, lambda: (_ for _ in ()).throw(VesuviusError("boom")))
 
 
+@pytest.mark.slow
 def test_python_dash_m_is_the_command():
     done = subprocess.run([sys.executable, "-m", "vesuvius_monai", "train", "--config", "no/such.yaml"],
                           capture_output=True, text=True, timeout=120)

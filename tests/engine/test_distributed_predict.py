@@ -154,6 +154,7 @@ def returned(events: list[dict], command: int) -> list[dict]:
     return [e for e in events if e["kind"] == "returned" and e["command"] == command]
 
 
+@pytest.mark.slow
 def test_two_ranks_write_what_one_process_writes(setup, references, launch):
     done, events = launch
     np.testing.assert_array_equal(probabilities(setup / "one.zarr"), references["a"])
@@ -169,6 +170,7 @@ def test_two_ranks_write_what_one_process_writes(setup, references, launch):
     assert counts and int(counts[0][0]) == 6 * 3 * 3 and int(counts[0][1]) <= 3 * 3, done.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_a_folder_of_volumes_is_shared_too(setup, references, launch):
     _, events = launch
     for name in SHAPES:
@@ -178,6 +180,7 @@ def test_a_folder_of_volumes_is_shared_too(setup, references, launch):
     assert sorted(p.name for p in (setup / "many").iterdir()) == [f"{n}.zarr" for n in SHAPES]
 
 
+@pytest.mark.slow
 def test_stores_are_published_once_after_every_rank_is_done(launch):
     """Rank 0 alone publishes each store, once, after the last block of either rank; every rank returns after that
     and sees the finished store (never a half-renamed one)."""
@@ -195,6 +198,7 @@ def test_stores_are_published_once_after_every_rank_is_done(launch):
         assert max(e["t"] for e in published if e["store"] in stores) < min(e["t"] for e in ends)
 
 
+@pytest.mark.slow
 def test_an_error_on_one_rank_stops_every_rank_and_the_rerun_finishes(setup, references, launch):
     done, events = launch
     assert [e["code"] for e in returned(events, 2)] == [2, 2]  # both ranks, without waiting for a timeout
@@ -204,6 +208,7 @@ def test_an_error_on_one_rank_stops_every_rank_and_the_rerun_finishes(setup, ref
     np.testing.assert_array_equal(probabilities(setup / "failed.zarr"), references["a"])
 
 
+@pytest.mark.slow
 def test_a_killed_rank_is_finished_by_one_process(setup, references, caplog):
     """Rank 1 is SIGKILLed after its first block; the launch fails, nothing is published, and the same command in
     one process (no torchrun) predicts only the blocks not written, ending bit for bit like an uninterrupted run."""

@@ -22,7 +22,7 @@ from vesuvius_monai.data.synthetic import SynthParams, make_fragment
 from vesuvius_monai.engine.evaluate import evaluate_fragment
 from vesuvius_monai.engine.infer import infer_volume, load_normalized, make_predictor
 from vesuvius_monai.engine.predict import parse_roi, predict
-from vesuvius_monai.engine.train import train, validate
+from vesuvius_monai.engine.train import validate
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.checkpoint import Checkpoint, load_checkpoint, model_from_checkpoint
 from vesuvius_monai.io.zarr_store import PredictionStore
@@ -32,11 +32,8 @@ BLOCKS = ["infer.block_size=[16,16,16]", "infer.out_dtype=float32"]  # window 16
 
 
 @pytest.fixture(scope="module")
-def checkpoint(synthetic_root, tmp_path_factory, tiny_args):
-    from vesuvius_monai.config import load_config
-
-    run = train(load_config(None, tiny_args(synthetic_root, tmp_path_factory.mktemp("predict") / "run")))
-    return run / "checkpoints" / "last.pt"
+def checkpoint(trained_run):
+    return trained_run / "checkpoints" / "last.pt"
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +110,7 @@ def _predict_cmd(checkpoint, volume, out, overrides):
             str(volume), "--output", str(out), *overrides]
 
 
+@pytest.mark.slow
 def test_killed_prediction_resumes_to_the_same_result(checkpoint, volume, tmp_path, caplog):
     """A real process killed mid-run; the rerun computes only the unfinished blocks and ends bit-identical."""
     overrides = [*BLOCKS, "infer.tta_flip_axes=[0]"]  # 2 views: slow enough to be killed mid-run

@@ -24,8 +24,8 @@ def test_lr_schedule_warms_up_then_decays():
     assert poly(50) == pytest.approx(0.5**0.9)
 
 
-def test_train_writes_a_complete_run(tiny_config):
-    run = train(tiny_config)
+def test_train_writes_a_complete_run(trained_run, tiny_config):
+    run = trained_run  # the session's tiny run, trained through the command line with tiny_config's overrides
     for name in ("config.yaml", "train_log.csv", "learning_curve.png", "checkpoints/last.pt", "checkpoints/best.pt"):
         assert (run / name).is_file(), name
     assert any((run / "tensorboard").iterdir())
@@ -44,12 +44,14 @@ def test_train_writes_a_complete_run(tiny_config):
     assert model(torch.zeros(1, 1, 16, 16, 16)).shape == (1, 1, 16, 16, 16)
 
 
+@pytest.mark.slow
 def test_refuses_to_overwrite_a_run(tiny_config):
     train(tiny_config)
     with pytest.raises(VesuviusError, match="already holds a run"):
         train(tiny_config)
 
 
+@pytest.mark.slow
 def test_resume_is_exact(make_tiny_config, tmp_path):
     straight, broken = make_tiny_config("straight"), make_tiny_config("broken")
     train(straight)
@@ -71,21 +73,23 @@ def test_patch_size_must_fit_the_model(make_tiny_config):
         train(cfg)
 
 
+@pytest.mark.slow
 def test_resume_with_another_config_is_refused(make_tiny_config):
     train(make_tiny_config("r"), stop_at_step=2)
     with pytest.raises(VesuviusError, match=r"cannot resume.*train.lr"):
         train(make_tiny_config("r", "train.lr=0.5"), resume=True)
 
 
-def test_splits_are_recorded(tiny_config):
+def test_splits_are_recorded(trained_run):
     import json
 
-    run = train(tiny_config)
+    run = trained_run
     splits = json.loads((run / "splits.json").read_text())
     assert splits == {"train": ["frag_000", "frag_001", "frag_002"], "val": ["frag_003"], "test": ["frag_004"]}
     assert load_checkpoint(run / "checkpoints" / "best.pt")["splits"] == splits
 
 
+@pytest.mark.slow
 def test_log_holds_each_loss_term(make_tiny_config):
     run = train(make_tiny_config("r", "train.loss={dice: 1, bce: 0.5}", "train.log_every=2", "train.val_every=4"))
     rows = list(csv.DictReader((run / "train_log.csv").open()))
@@ -124,6 +128,7 @@ class FakeTime:
         monkeypatch.setattr(trainer.Trainer, "_step", timed(trainer.Trainer._step, self.step_s))
 
 
+@pytest.mark.slow
 def test_time_budgeted_run_ends_annealed_inside_the_budget(make_tiny_config, monkeypatch):
     """6 s budget, steps of 0.05 s, validation 0.5 s, saves 0.2 s (a fake clock: the machine is too noisy for a
     test on real time): the run stops on time, its last step at the schedule's floor, its final validation and
@@ -145,6 +150,7 @@ def test_time_budgeted_run_ends_annealed_inside_the_budget(make_tiny_config, mon
     assert max(lrs) > 0.9 * cfg.train.lr and lrs.index(max(lrs)) < len(lrs) // 2  # warm-up, then decay
 
 
+@pytest.mark.slow
 def test_real_time_budget_is_kept(make_tiny_config):
     """The same on the real clock, with generous tolerance: stopped by the budget, on time, annealing."""
     cfg = make_tiny_config("r", "train.max_minutes=0.1", "train.steps=100000", "train.val_every=100000",
@@ -212,6 +218,7 @@ def test_refuses_a_folder_that_is_not_a_run_and_leaves_it_intact(make_tiny_confi
     assert sorted(p.name for p in mine.iterdir()) == ["config.yaml", "notes", "train_log.csv"]
 
 
+@pytest.mark.slow
 def test_run_stopped_before_its_first_checkpoint_starts_again(make_tiny_config, tmp_path):
     cfg = make_tiny_config("r")
     prepare_run_dir(cfg, resume=False)  # what a run killed during set-up leaves: marker, config.yaml
@@ -223,11 +230,13 @@ def test_run_stopped_before_its_first_checkpoint_starts_again(make_tiny_config, 
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_empty_folder_is_fine(make_tiny_config, tmp_path):
     (tmp_path / "r").mkdir()
     assert load_checkpoint(train(make_tiny_config("r")) / "checkpoints" / "last.pt")["step"] == 4
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_split(make_tiny_config, synthetic_root, tmp_path):
     root = tmp_path / "data"
     shutil.copytree(synthetic_root, root)
@@ -242,6 +251,7 @@ def test_resume_refuses_a_changed_split(make_tiny_config, synthetic_root, tmp_pa
     assert (tmp_path / "r" / "splits.json").read_text() == splits_before
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_before_any_save(make_tiny_config, monkeypatch):
     real_forward = trainer.Trainer._step
 
