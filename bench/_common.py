@@ -299,7 +299,9 @@ def read_train_log(run: Path) -> dict[str, float]:
     """Last row of ``run/train_log.csv``: steps done, training loop seconds and steps/s."""
     import csv
 
-    path = Path(run) / "train_log.csv"
+    from vesuvius_monai.io.run_dir import RunDir
+
+    path = RunDir(run).train_log
     if not path.is_file():
         raise VesuviusError(f"{path} not found: the run did not log a single step")
     with path.open(newline="") as handle:

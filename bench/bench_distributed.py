@@ -27,7 +27,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import re
 import statistics
@@ -38,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from _common import read_train_log
 from vesuvius_monai.data.synthetic import SynthParams, write_synthetic_dataset
 
 
@@ -117,9 +117,8 @@ def interleaved(args: argparse.Namespace, modes: dict[int, str], run_one: Callab
 def run_training(args: argparse.Namespace, data: Path, out: Path, nproc: int) -> dict:
     """One run of ``args.steps`` steps with ``nproc`` processes; its logged speed and wall time."""
     _, wall = run_command(nproc, ["train", *overrides(args, data, out, nproc)], "training")
-    with (out / "train_log.csv").open(newline="") as handle:
-        last = list(csv.DictReader(handle))[-1]
-    return {"steps": int(last["step"]), "steps_per_s": float(last["steps_per_s"]), "wall_s": wall}
+    logged = read_train_log(out)
+    return {"steps": logged["steps"], "steps_per_s": logged["steps_per_s"], "wall_s": wall}
 
 
 def bench_training(args: argparse.Namespace, work: Path) -> None:
@@ -163,12 +162,12 @@ def write_model(path: Path, args: argparse.Namespace) -> None:
     import torch
 
     from vesuvius_monai.config import load_config
-    from vesuvius_monai.io.checkpoint import save_checkpoint
+    from vesuvius_monai.io.checkpoint import Checkpoint
     from vesuvius_monai.models import build_model
 
     cfg = load_config(None, [f"model.kwargs={{init_features: {args.features}}}"])
     torch.manual_seed(0)
-    save_checkpoint(path, cfg=cfg, model=build_model(cfg.model.name, **cfg.model.kwargs), step=0)
+    Checkpoint.of(cfg, build_model(cfg.model.name, **cfg.model.kwargs), 0).save(path)
 
 
 def predict_overrides(args: argparse.Namespace) -> list[str]:

@@ -37,6 +37,7 @@ from vesuvius_monai.config import Config, to_dict
 from vesuvius_monai.engine.evaluate import evaluate
 from vesuvius_monai.engine.train import train
 from vesuvius_monai.errors import VesuviusError
+from vesuvius_monai.io.run_dir import RunDir
 
 log = logging.getLogger("bench_losses")
 
@@ -77,9 +78,10 @@ def run_loss(args: argparse.Namespace, name: str, data_root: str) -> dict:
     """Train and evaluate one loss weighting; returns its timings, loss weights and metrics."""
     cfg = loss_config(args, name, data_root)
     log.info("loss %s %s: training %d steps into %s", name, LOSSES[name], cfg.train.steps, cfg.output_dir)
-    run = train(cfg)
+    run_dir = RunDir(train(cfg))
     start = time.perf_counter()
-    payload = evaluate(cfg, run / "checkpoints" / f"{args.checkpoint}.pt", run / "eval")
+    payload = evaluate(cfg, run_dir.checkpoint(args.checkpoint), run_dir.eval)
+    run = run_dir.path
     eval_seconds = time.perf_counter() - start
     per_fragment = {i: {m: s[m] for m in ALL_METRICS} for i, s in payload["fragments"].items()}
     mean, std = mean_and_std(per_fragment)

@@ -40,7 +40,7 @@ from vesuvius_monai.engine.device import resolve_device
 from vesuvius_monai.engine.infer import make_predictor
 from vesuvius_monai.engine.windows import WindowGrid
 from vesuvius_monai.errors import VesuviusError
-from vesuvius_monai.io.checkpoint import save_checkpoint
+from vesuvius_monai.io.checkpoint import Checkpoint
 from vesuvius_monai.models import build_model
 
 BEFORE = "61bbcb3"  # last commit with the halo engine (block-wise halos, a separate in-memory path)
@@ -196,10 +196,10 @@ def old_checkpoint(tree: Path, path: Path, overrides: list[str]) -> dict:
     """Save the bench model with the old code (its own config format); returns the env that runs the old CLI."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
     script = ("import sys, torch; from vesuvius_monai.config import load_config; "
-              "from vesuvius_monai.io.checkpoint import save_checkpoint; from vesuvius_monai.models import build_model; "
+              "from vesuvius_monai.io.checkpoint import Checkpoint; from vesuvius_monai.models import build_model; "
               "import vesuvius_monai; assert vesuvius_monai.__file__.startswith(sys.argv[2]), vesuvius_monai.__file__; "
               "cfg = load_config(None, sys.argv[3:]); torch.manual_seed(0); "
-              "save_checkpoint(sys.argv[1], cfg=cfg, model=build_model(cfg.model.name, **cfg.model.kwargs), step=0)")
+              "Checkpoint.of(cfg, build_model(cfg.model.name, **cfg.model.kwargs), 0).save(sys.argv[1])")
     subprocess.run([sys.executable, "-c", script, str(path), str(tree), *overrides], check=True, env=env, cwd=tree)
     return env
 
@@ -241,7 +241,7 @@ def run(args: argparse.Namespace) -> None:
         tmp = Path(tmp)
         ckpt = tmp / "model.pt"
         torch.manual_seed(0)
-        save_checkpoint(ckpt, cfg=cfg, model=build_model(cfg.model.name, **cfg.model.kwargs), step=0)
+        Checkpoint.of(cfg, build_model(cfg.model.name, **cfg.model.kwargs), 0).save(ckpt)
         tree = None if args.no_before else old_tree(tmp)
         old_env = None if tree is None else old_checkpoint(tree, tmp / "old.pt", overrides)
         for size in args.sizes:

@@ -68,10 +68,11 @@ from vesuvius_monai.data.readers import open_volume
 from vesuvius_monai.engine.evaluate import evaluate
 from vesuvius_monai.engine.infer import with_tta, without_tta
 from vesuvius_monai.engine.train import train
-from vesuvius_monai.engine.tune import TUNED_FILE, read_choice, tune_postprocess
+from vesuvius_monai.engine.tune import read_choice, tune_postprocess
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.atomic import write_text
-from vesuvius_monai.io.checkpoint import load_checkpoint
+from vesuvius_monai.io.checkpoint import Checkpoint
+from vesuvius_monai.io.run_dir import POSTPROCESS_FILE, RunDir
 from vesuvius_monai.metrics.betti import betti_connectivity
 from vesuvius_monai.models import list_models
 
@@ -205,8 +206,8 @@ def system_config(args: argparse.Namespace, name: str, extra: list[str], dataset
 def finished_run(cfg: Config) -> dict | None:
     """The metrics.json of a finished run of exactly this config in ``output_dir``, else None (the saved config is
     resolved first, so that sections added since it was saved compare at their defaults)."""
-    run = Path(cfg.output_dir)
-    metrics, saved = run / "eval" / "metrics.json", run / "config.yaml"
+    run = RunDir(cfg.output_dir)
+    metrics, saved = run.eval / "metrics.json", run.config
     if metrics.is_file() and saved.is_file() and to_dict(config_from_raw(yaml.safe_load(saved.read_text()), [])) \
             == to_dict(cfg):
         return json.loads(metrics.read_text())
@@ -249,11 +250,11 @@ def tuned_config(cfg: Config, checkpoint: Path, folder: Path) -> tuple[Config, f
     """``cfg`` with the post-processing chosen on the val fragments into ``folder/postprocess.json`` (tuned now unless
     an earlier choice is there) and the seconds the tuning took (NaN when reused)."""
     seconds = float("nan")
-    if not (folder / TUNED_FILE).is_file():
+    if not (folder / POSTPROCESS_FILE).is_file():
         start = time.perf_counter()
         tune_postprocess(cfg, checkpoint, folder)
         seconds = time.perf_counter() - start
-    return build([mapping_layer("", to_dict(cfg)), read_choice(folder / TUNED_FILE)]), seconds
+    return build([mapping_layer("", to_dict(cfg)), read_choice(folder / POSTPROCESS_FILE)]), seconds
 
 
 def default_inference(args: argparse.Namespace, name: str, cfg: Config, run: Path,
@@ -301,8 +302,8 @@ def run_system(args: argparse.Namespace, name: str, extra: list[str], dataset: P
     ``eval_tta_tuned/``.
     """
     cfg = system_config(args, name, extra, dataset, seed)
-    run = Path(cfg.output_dir)
-    checkpoint = run / "checkpoints" / f"{args.checkpoint}.pt"
+    run_dir = RunDir(cfg.output_dir)
+    run, checkpoint = run_dir.path, run_dir.checkpoint(args.checkpoint)
     load_before = os.getloadavg()
     reused = finished_run(cfg) is not None
     if not reused:
@@ -320,17 +321,17 @@ def run_system(args: argparse.Namespace, name: str, extra: list[str], dataset: P
     if name in args.default_inference:
         tta_variants, tune_times[f"{name}_tta_tuned"] = default_inference(args, name, cfg, run, checkpoint)
         variants += tta_variants
-    first = json.loads((run / "eval" / "metrics.json").read_text()) if reused else None
+    first = json.loads((run_dir.eval / "metrics.json").read_text()) if reused else None
     common = {"seed": seed, "run": str(run), "reused": reused, "model": cfg.model.name,
               "model_kwargs": cfg.model.kwargs, "patch_size": list(cfg.transforms.patch_size),
               "component_connectivity": betti_connectivity(cfg.evaluate.leaderboard.topo_matching),
-              "checkpoint": args.checkpoint, "scored_step": int(load_checkpoint(checkpoint)["step"]),
+              "checkpoint": args.checkpoint, "scored_step": Checkpoint.load(checkpoint).step,
               **read_train_log(run), "tune_seconds": tune_seconds, "load_before": list(load_before)}
     rows = []
     for system, variant, folder in variants:
         pp = to_dict(variant)["postprocess"]
         in_eval = first is None and not rows or first is not None and same_scoring(first["config"], variant)
-        out = run / ("eval" if in_eval else folder)
+        out = run_dir.eval if in_eval else run / folder
         payload, seconds = evaluation(variant, checkpoint, out)
         rows.append(dict(common, system=system, eval_seconds=seconds, postprocess=pp, config=to_dict(variant),
                          tune_seconds=tune_times.get(system, common["tune_seconds"]),

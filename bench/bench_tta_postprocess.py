@@ -44,7 +44,8 @@ from vesuvius_monai.engine.device import resolve_device
 from vesuvius_monai.engine.infer import infer_volume
 from vesuvius_monai.engine.train import train
 from vesuvius_monai.errors import VesuviusError
-from vesuvius_monai.io.checkpoint import model_from_checkpoint
+from vesuvius_monai.io.checkpoint import Checkpoint
+from vesuvius_monai.io.run_dir import RunDir
 from vesuvius_monai.metrics.leaderboard import leaderboard_score
 from vesuvius_monai.postprocess import PostprocessConfig, pick_threshold, postprocess
 
@@ -114,7 +115,7 @@ def train_default(cfg: Config, run_dir: Path) -> Path:
     """Train ``cfg`` into ``run_dir/train`` and return its best checkpoint (by validation Dice)."""
     run_cfg = dataclasses.replace(cfg, output_dir=str(run_dir / "train"))
     log.info("no --checkpoint: training %s for %d steps into %s", cfg.model.name, cfg.train.steps, run_cfg.output_dir)
-    return train(run_cfg) / "checkpoints" / "best.pt"
+    return RunDir(train(run_cfg)).best
 
 
 def load_split(fragments: list[Fragment], cfg: Config) -> Split:
@@ -233,7 +234,7 @@ def run(args: argparse.Namespace) -> None:
     cfg = with_overrides(args.config, [*args.overrides, f"data.root={data_root}"])
     checkpoint = args.checkpoint or train_default(cfg, args.run_dir)
     device = resolve_device(cfg.infer.device)
-    model, _ = model_from_checkpoint(checkpoint, device)
+    model = Checkpoint.load(checkpoint).model(device)
     splits = load_splits(cfg.data)
     if not splits["val"] or not splits["test"]:
         raise VesuviusError("the benchmark needs validation and test fragments (data.val_fraction, data.test_fraction)")

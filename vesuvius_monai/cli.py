@@ -16,6 +16,7 @@ from pathlib import Path
 from vesuvius_monai.config import Config, Layer, explicit_keys, mapping_layer, read_yaml_mapping, resolve_config
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.atomic import check_replaceable, publish_dir, work_dir_beside
+from vesuvius_monai.io.run_dir import RunDir
 
 log = logging.getLogger("vesuvius_monai")
 
@@ -34,7 +35,7 @@ def _checkpoint_and_config(args: argparse.Namespace):
     from vesuvius_monai.io.checkpoint import Checkpoint
 
     checkpoint = Checkpoint.load(args.checkpoint)
-    base = mapping_layer(str(checkpoint.path), checkpoint.payload["config"]) if args.config is None else None
+    base = mapping_layer(str(checkpoint.path), checkpoint.config) if args.config is None else None
     return checkpoint, _config(args, base=base, fills=[tuned_layer(checkpoint)])
 
 
@@ -70,17 +71,13 @@ def cmd_synth(args: argparse.Namespace) -> None:
     log.info("wrote %d synthetic fragments to %s", cfg.synth.n_fragments, root)
 
 
-PLAN_FILE = "plan.yaml"
-
-
 def cmd_plan(args: argparse.Namespace) -> None:
-    from vesuvius_monai.engine.train import start_run_dir
     from vesuvius_monai.plan import format_plan, make_plan, save_plan
 
     cfg = _config(args)
     raw = read_yaml_mapping(args.config, "config file") if args.config is not None else {}
     plan = make_plan(cfg, keep=explicit_keys(raw, args.overrides))
-    path = start_run_dir(cfg) / PLAN_FILE
+    path = RunDir(cfg.output_dir).start().plan
     save_plan(plan, path)
     print(format_plan(plan))
     print(f"saved to {path}; 'vesuvius-monai train' with the same config and output_dir uses it for every key the "
@@ -93,7 +90,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from vesuvius_monai.plan import load_plan
 
     cfg = _config(args)
-    path = Path(cfg.output_dir) / PLAN_FILE
+    path = RunDir(cfg.output_dir).plan
     if path.is_file() and not args.resume:
         cfg = _config(args, fills=[load_plan(path).layer(str(path))])
     train(cfg, resume=args.resume)

@@ -22,7 +22,7 @@ from vesuvius_monai.data.synthetic import SynthParams, write_synthetic_dataset
 from vesuvius_monai.engine.distributed import DistContext, on_main, torchrun_env
 from vesuvius_monai.engine.train import train
 from vesuvius_monai.errors import VesuviusError
-from vesuvius_monai.io.checkpoint import load_checkpoint
+from vesuvius_monai.io.checkpoint import Checkpoint
 
 SCRIPT = """
 import sys
@@ -66,7 +66,7 @@ def torchrun(*args: str) -> None:
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(run / "checkpoints" / "last.pt")["model"]
+    return Checkpoint.load(run / "checkpoints" / "last.pt").model_state
 
 
 def assert_same_weights(a: dict, b: dict, lr: float = 2e-3) -> None:
@@ -114,14 +114,14 @@ def test_two_ranks_equal_one_process_of_twice_the_batch(runs, one):
         assert float(a["lr"]) == pytest.approx(float(b["lr"]))
     assert float(two_rows[-1]["val_dice"]) == pytest.approx(float(one_rows[-1]["val_dice"]), abs=1e-4)
     assert files(runs / "two") == files(one)  # one run folder, written once: the same files as a single process
-    assert load_checkpoint(runs / "two" / "checkpoints" / "last.pt")["items"] == 6
+    assert Checkpoint.load(runs / "two" / "checkpoints" / "last.pt").items == 6
 
 
 @pytest.mark.slow
 def test_two_rank_checkpoint_resumes_on_one_process(runs, one, clean_root):
     broken = runs / "two_broken"
-    assert load_checkpoint(broken / "checkpoints" / "last.pt")["step"] == 2
-    assert load_checkpoint(broken / "checkpoints" / "last.pt")["world_size"] == 2
+    assert Checkpoint.load(broken / "checkpoints" / "last.pt").step == 2
+    assert Checkpoint.load(broken / "checkpoints" / "last.pt").world_size == 2
     train(load_config(None, overrides(clean_root, broken, 2)), resume=True)  # 1 process x 2 = 2 ranks x 1
     assert_same_weights(weights(broken), weights(one))
     rows = list(csv.DictReader((broken / "train_log.csv").open()))
@@ -132,7 +132,7 @@ def test_two_rank_checkpoint_resumes_on_one_process(runs, one, clean_root):
 def test_time_budget_stops_every_rank_at_the_same_step(runs):
     """Had the ranks stopped at different steps, the launch would have hung in a gradient all-reduce."""
     run = runs / "two_budget"
-    step = load_checkpoint(run / "checkpoints" / "last.pt")["step"]
+    step = Checkpoint.load(run / "checkpoints" / "last.pt").step
     rows = list(csv.DictReader((run / "train_log.csv").open()))
     assert 1 <= step < 100000 and rows[-1]["step"] == str(step) and rows[-1]["val_dice"]
     if step >= 3:  # (a machine busy enough to leave time for fewer steps shows nothing about the schedule)

@@ -24,7 +24,7 @@ import torch
 from vesuvius_monai.cli import main
 from vesuvius_monai.config import load_config
 from vesuvius_monai.engine.windows import WindowGrid
-from vesuvius_monai.io.checkpoint import save_checkpoint
+from vesuvius_monai.io.checkpoint import Checkpoint
 from vesuvius_monai.io.zarr_store import PredictionStore
 from vesuvius_monai.models import build_model
 
@@ -81,7 +81,7 @@ def setup(tmp_path_factory) -> Path:
     cfg = load_config(None, ["model.kwargs={init_features: 4, depth: 2, norm_groups: 2}",
                              "infer.roi_size=[16,16,16]"])
     torch.manual_seed(0)
-    save_checkpoint(root / "model.pt", cfg=cfg, model=build_model(cfg.model.name, **cfg.model.kwargs), step=0)
+    Checkpoint.of(cfg, build_model(cfg.model.name, **cfg.model.kwargs), 0).save(root / "model.pt")
     (root / "vols").mkdir()
     for i, (name, shape) in enumerate(SHAPES.items()):
         np.save(root / "vols" / f"{name}.npy", np.random.default_rng(i).normal(1000, 200, shape).astype(np.float32))

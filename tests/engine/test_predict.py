@@ -24,7 +24,7 @@ from vesuvius_monai.engine.infer import infer_volume, load_normalized, make_pred
 from vesuvius_monai.engine.predict import parse_roi, predict
 from vesuvius_monai.engine.train import validate
 from vesuvius_monai.errors import VesuviusError
-from vesuvius_monai.io.checkpoint import Checkpoint, load_checkpoint, model_from_checkpoint
+from vesuvius_monai.io.checkpoint import Checkpoint
 from vesuvius_monai.io.zarr_store import PredictionStore
 from vesuvius_monai.metrics import dice
 
@@ -46,7 +46,7 @@ def volume(tmp_path_factory):
 
 def _cfg(checkpoint, *overrides):
     """The config the CLI builds from the checkpoint and ``overrides``."""
-    return config_from_raw(load_checkpoint(checkpoint)["config"], [*BLOCKS, *overrides])
+    return config_from_raw(Checkpoint.load(checkpoint).config, [*BLOCKS, *overrides])
 
 
 def test_parse_roi():
@@ -60,7 +60,7 @@ def test_every_command_gets_the_same_probabilities(checkpoint, synthetic_root, t
     sliding_window_inference of the whole normalised fragment."""
     cfg = _cfg(checkpoint, "evaluate.metrics=[dice]")
     fragment = load_splits(cfg.data)["test"][0]
-    model, _ = model_from_checkpoint(checkpoint, torch.device("cpu"))
+    model = Checkpoint.load(checkpoint).model(torch.device("cpu"))
     direct = infer_volume(model, fragment.image, cfg)
     icfg = cfg.infer
     image = torch.from_numpy(load_normalized(fragment.image, cfg.transforms.percentiles))[None, None]
@@ -224,7 +224,7 @@ def test_validation_leaves_out_test_time_augmentation(checkpoint, monkeypatch):
 
     tta = _cfg(checkpoint, "evaluate.metrics=[dice]", "infer.tta_flip_axes=[0,1,2]", "infer.tta_rot90=true")
     fragment = load_splits(tta.data)["test"][0]
-    model, _ = model_from_checkpoint(checkpoint, torch.device("cpu"))
+    model = Checkpoint.load(checkpoint).model(torch.device("cpu"))
     seen = []
 
     def recording(model, image, cfg, device=None):

@@ -9,9 +9,10 @@ import torch
 import vesuvius_monai.engine.trainer as trainer
 from vesuvius_monai.config import TrainConfig
 from vesuvius_monai.engine.schedule import LR_FLOOR, RunClock, lr_factor
-from vesuvius_monai.engine.train import RUN_MARKER, prepare_run_dir, train
+from vesuvius_monai.engine.train import prepare_run_dir, train
 from vesuvius_monai.errors import VesuviusError
-from vesuvius_monai.io.checkpoint import load_checkpoint, model_from_checkpoint
+from vesuvius_monai.io.checkpoint import Checkpoint
+from vesuvius_monai.io.run_dir import MARKER
 
 
 def test_lr_schedule_warms_up_then_decays():
@@ -34,12 +35,13 @@ def test_train_writes_a_complete_run(trained_run, tiny_config):
     assert rows[1]["val_dice"] and rows[3]["val_dice"]
     factor = lr_factor(tiny_config.train)  # no time budget: the schedule runs on steps, as it always did
     assert [float(r["lr"]) for r in rows] == pytest.approx([tiny_config.train.lr * factor(s) for s in range(4)])
-    assert (run / RUN_MARKER).is_file()
-    payload = load_checkpoint(run / "checkpoints" / "last.pt")
-    assert payload["step"] == 4
-    assert payload["model_name"] == "resunet3d" and payload["model_kwargs"]["init_features"] == 4
-    assert payload["config"]["train"]["steps"] == 4
-    model, cfg = model_from_checkpoint(run / "checkpoints" / "best.pt")  # the checkpoint rebuilds its own model
+    assert (run / MARKER).is_file()
+    last = Checkpoint.load(run / "checkpoints" / "last.pt")
+    assert last.step == 4
+    assert last.model_name == "resunet3d" and last.model_kwargs["init_features"] == 4
+    assert last.config["train"]["steps"] == 4
+    best = Checkpoint.load(run / "checkpoints" / "best.pt")  # the checkpoint rebuilds its own model
+    model, cfg = best.model(), best.run_config()
     assert cfg.model.kwargs == tiny_config.model.kwargs
     assert model(torch.zeros(1, 1, 16, 16, 16)).shape == (1, 1, 16, 16, 16)
 
@@ -56,13 +58,13 @@ def test_resume_is_exact(make_tiny_config, tmp_path):
     straight, broken = make_tiny_config("straight"), make_tiny_config("broken")
     train(straight)
     train(broken, stop_at_step=2)
-    assert load_checkpoint(tmp_path / "broken" / "checkpoints" / "last.pt")["step"] == 2
+    assert Checkpoint.load(tmp_path / "broken" / "checkpoints" / "last.pt").step == 2
     train(broken, resume=True)
-    a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
-    b = load_checkpoint(tmp_path / "broken" / "checkpoints" / "last.pt")
-    assert b["step"] == a["step"] == 4
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
+    a = Checkpoint.load(tmp_path / "straight" / "checkpoints" / "last.pt")
+    b = Checkpoint.load(tmp_path / "broken" / "checkpoints" / "last.pt")
+    assert b.step == a.step == 4
+    for key in a.model_state:
+        assert torch.equal(a.model_state[key], b.model_state[key]), key
     rows = list(csv.DictReader((tmp_path / "broken" / "train_log.csv").open()))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
 
@@ -86,7 +88,7 @@ def test_splits_are_recorded(trained_run):
     run = trained_run
     splits = json.loads((run / "splits.json").read_text())
     assert splits == {"train": ["frag_000", "frag_001", "frag_002"], "val": ["frag_003"], "test": ["frag_004"]}
-    assert load_checkpoint(run / "checkpoints" / "best.pt")["splits"] == splits
+    assert Checkpoint.load(run / "checkpoints" / "best.pt").splits == splits
 
 
 @pytest.mark.slow
@@ -142,7 +144,7 @@ def test_time_budgeted_run_ends_annealed_inside_the_budget(make_tiny_config, mon
     assert fake.t - began <= 6.0  # everything, the final validation and saves included, inside the budget
     rows = list(csv.DictReader((run / "train_log.csv").open()))
     assert rows[0]["step"] == "0" and rows[0]["val_dice"]  # validation and save measured before training
-    steps = load_checkpoint(run / "checkpoints" / "last.pt")["step"]
+    steps = Checkpoint.load(run / "checkpoints" / "last.pt").step
     assert 30 < steps < 100 and int(rows[-1]["step"]) == steps and rows[-1]["val_dice"]
     lrs = [float(r["lr"]) for r in rows[1:]]
     assert lrs[-1] < 1.5 * LR_FLOOR * cfg.train.lr  # at the floor, but for the one step it takes
@@ -233,7 +235,7 @@ def test_run_stopped_before_its_first_checkpoint_starts_again(make_tiny_config, 
 @pytest.mark.slow
 def test_empty_folder_is_fine(make_tiny_config, tmp_path):
     (tmp_path / "r").mkdir()
-    assert load_checkpoint(train(make_tiny_config("r")) / "checkpoints" / "last.pt")["step"] == 4
+    assert Checkpoint.load(train(make_tiny_config("r")) / "checkpoints" / "last.pt").step == 4
 
 
 @pytest.mark.slow
@@ -264,5 +266,5 @@ def test_non_finite_loss_stops_before_any_save(make_tiny_config, monkeypatch):
     cfg = make_tiny_config("r", "train.val_every=2", "train.log_every=2")
     with pytest.raises(VesuviusError, match=r"non-finite \(loss nan.*steps 3..4.*holds step 2"):
         train(cfg)
-    payload = load_checkpoint(cfg.output_dir + "/checkpoints/last.pt")
-    assert payload["step"] == 2 and all(torch.isfinite(v).all() for v in payload["model"].values())
+    last = Checkpoint.load(cfg.output_dir + "/checkpoints/last.pt")
+    assert last.step == 2 and all(torch.isfinite(v).all() for v in last.model_state.values())

@@ -18,7 +18,8 @@ package pulls in nothing heavier than PyYAML.
 
 from vesuvius_monai.config.checks import check_fields, choice, coerce, finite, from_dict, integer, require
 from vesuvius_monai.config.resolve import (RENAMED_KEYS, Layer, build, config_from_raw, covered, dotted_layer,
-                                           explicit_keys, load_config, mapping_layer, overrides_layer, parse_override,
+                                           explicit_keys, flatten, load_config, mapping_layer, overrides_layer,
+                                           parse_override,
                                            read_yaml_mapping, resolve_config, save_config, to_dict, upgrade_raw)
 from vesuvius_monai.config.scoring import EvaluateConfig, LeaderboardWeights, PostprocessConfig, TuneConfig
 from vesuvius_monai.config.sections import (RECIPE_MODEL_KWARGS, Config, DataConfig, InferConfig, LossWeights,
@@ -29,6 +30,6 @@ from vesuvius_monai.metrics.names import DEFAULT_METRICS, METRIC_NAMES, TOPO_MAT
 __all__ = ["Config", "DataConfig", "DEFAULT_METRICS", "EvaluateConfig", "InferConfig", "Layer", "LeaderboardWeights",
            "LossWeights", "METRIC_NAMES", "ModelConfig", "PostprocessConfig", "RECIPE_MODEL_KWARGS", "RENAMED_KEYS",
            "SynthConfig", "SynthParams", "TOPO_MATCHINGS", "TrainConfig", "TransformConfig", "TuneConfig", "Triple",
-           "build", "check_fields", "choice", "coerce", "config_from_raw", "covered", "dotted_layer", "explicit_keys",
+           "build", "check_fields", "choice", "coerce", "config_from_raw", "covered", "dotted_layer", "explicit_keys", "flatten",
            "finite", "from_dict", "integer", "load_config", "mapping_layer", "overrides_layer", "parse_override",
            "read_yaml_mapping", "require", "resolve_config", "save_config", "to_dict", "upgrade_raw"]

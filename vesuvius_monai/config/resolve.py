@@ -104,21 +104,24 @@ def _set(node: dict, key: str, value: Any) -> None:
 # --------------------------------------------------------------------------- keys a layer sets
 
 
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1, "c": {}}}`` -> ``{"a.b": 1, "a.c": {}}``: every leaf of a nested mapping by its dotted key
+    (an empty mapping is a leaf)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def explicit_keys(raw: dict, overrides: Sequence[str] = ()) -> set[str]:
     """Dotted keys a raw config mapping (a YAML file) and ``key=value`` overrides set: every leaf, e.g.
     {"train.steps", "model.kwargs.depth"}; an empty mapping counts as set itself (``model.kwargs={}``)."""
-    keys: set[str] = set()
-
-    def walk(node: Any, prefix: str) -> None:
-        for key, value in node.items():
-            if isinstance(value, dict) and value:
-                walk(value, f"{prefix}{key}.")
-            else:
-                keys.add(f"{prefix}{key}")
-
-    walk(raw, "")
+    keys = set(flatten(raw))
     for key, value in overrides_layer(overrides).pairs:
-        walk({key: value}, "")
+        keys |= set(flatten({key: value}))
     return keys
 
 

@@ -36,6 +36,7 @@ from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.atomic import check_replaceable, publish_dir, work_dir_beside, write_text
 from vesuvius_monai.io.checkpoint import Checkpoint, as_checkpoint
 from vesuvius_monai.io.nifti import write_nifti
+from vesuvius_monai.io.run_dir import RunDir
 from vesuvius_monai.metrics import compute_metrics, topo_matching_used
 from vesuvius_monai.postprocess import postprocess
 from vesuvius_monai.report import component_sizes, save_component_histogram, save_slices_png, write_html_report
@@ -125,8 +126,7 @@ def write_report(out: Path, results: dict[str, FragmentResult], mean: dict[str, 
     """component_sizes.png and the self-contained report.html."""
     save_component_histogram([r.pred_sizes for r in results.values()], [r.label_sizes for r in results.values()],
                              out / "component_sizes.png")
-    run = checkpoint.parent.parent  # <run>/checkpoints/x.pt
-    figures = [(run / "learning_curve.png", "learning curve of the training run")]
+    figures = [(RunDir.of_checkpoint(checkpoint).learning_curve, "learning curve of the training run")]
     figures += [(out / "predictions" / f"{i}_slices.png", f"{i}: mid-slices") for i in results]
     figures.append((out / "component_sizes.png", "connected-component sizes"))
     notes = [f"checkpoint: {checkpoint}", f"split: {cfg.evaluate.split}",
@@ -150,12 +150,12 @@ def evaluate(cfg: Config, checkpoint: str | Path | Checkpoint, out_dir: str | Pa
     """
     ckpt = as_checkpoint(checkpoint)
     ckpt.check_window(cfg.infer.roi_size)
-    out = (Path(out_dir) if out_dir else Path(cfg.output_dir) / "eval").resolve()
+    out = (Path(out_dir) if out_dir else RunDir(cfg.output_dir).eval).resolve()
     check_replaceable(out, EVAL_KIND, "evaluation folder")
     device = resolve_device(cfg.infer.device)
     model = ckpt.model(device)
-    if (ckpt.payload["model_name"], ckpt.payload["model_kwargs"]) != (cfg.model.name, cfg.model.kwargs):
-        log.info("model comes from the checkpoint: %s %s", ckpt.payload["model_name"], ckpt.payload["model_kwargs"])
+    if (ckpt.model_name, ckpt.model_kwargs) != (cfg.model.name, cfg.model.kwargs):
+        log.info("model comes from the checkpoint: %s %s", ckpt.model_name, ckpt.model_kwargs)
     fragments = select_fragments(cfg, cfg.evaluate.split, ckpt.trained_on)
     work = work_dir_beside(out)
     try:

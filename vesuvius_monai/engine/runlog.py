@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import csv
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterable
 
 import torch
 
+from vesuvius_monai.io.run_dir import RunDir
 from vesuvius_monai.engine.distributed import DistContext, all_reduce_sum
 
 
@@ -23,7 +23,7 @@ def log_fields(terms: Iterable[str]) -> list[str]:
 class RunLog:
     """Appends rows to ``train_log.csv`` and scalars to TensorBoard."""
 
-    run: Path
+    run: RunDir
     fields: list[str]
     purge_step: int | None = None  # TensorBoard drops events logged at or after this step (a resumed run's replay)
     writer: object = field(init=False, default=None)
@@ -31,8 +31,8 @@ class RunLog:
     def __post_init__(self) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(self.run / "tensorboard"), purge_step=self.purge_step)
-        self.path = self.run / "train_log.csv"
+        self.writer = SummaryWriter(str(self.run.tensorboard), purge_step=self.purge_step)
+        self.path = self.run.train_log
 
     def write(self, row: dict) -> None:
         new = not self.path.exists()

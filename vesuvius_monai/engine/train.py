@@ -2,27 +2,15 @@
 :class:`vesuvius_monai.engine.trainer.Trainer` (AdamW, warm-up + cosine/poly decay on steps or on a time budget,
 masked Dice(+BCE, clDice, Skeleton Recall) losses, best/last checkpoints, exact resume, CSV + TensorBoard logs).
 
-Run folder (``cfg.output_dir``)::
-
-    vesuvius_run.json    marker written first: this folder is a vesuvius_monai training run
-    config.yaml          resolved config of the run
-    splits.json          fragment ids of train / val / test (also stored in every checkpoint)
-    train_log.csv        step, loss and each loss term (means since the previous row), lr, seconds, steps/s, val_dice
-    tensorboard/         the same scalars for TensorBoard
-    checkpoints/last.pt  latest state, for ``--resume``
-    checkpoints/best.pt  best validation Dice
-    cache/               surface indices of the training labels (unless ``data.cache_dir``)
-    learning_curve.png
-
-``train`` starts only in a new or empty folder, or in one of its own runs interrupted before its first checkpoint
-(started again); a folder holding anything else is refused untouched.
+The run folder (``cfg.output_dir``) and its layout are :class:`vesuvius_monai.io.run_dir.RunDir`'s: ``train``
+starts only in a new or empty folder, or in one of its own runs interrupted before its first checkpoint (started
+again); a folder holding anything else is refused untouched.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from vesuvius_monai import __version__
-from vesuvius_monai.config import Config, TrainConfig, config_from_raw, save_config, to_dict
+from vesuvius_monai.config import Config, TrainConfig, config_from_raw, flatten, save_config, to_dict
 from vesuvius_monai.data.dataset import Fragment, load_splits
 from vesuvius_monai.data.patches import PatchDataset, PatchSource, prepare_sources, rank_items
 from vesuvius_monai.engine.distributed import DistContext, init_distributed, on_main
@@ -41,16 +28,14 @@ from vesuvius_monai.engine.schedule import RunClock
 from vesuvius_monai.engine.trainer import Trainer, TrainState, build_state, restore_state
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.atomic import write_text
-from vesuvius_monai.io.checkpoint import load_checkpoint
+from vesuvius_monai.io.checkpoint import Checkpoint
+from vesuvius_monai.io.run_dir import RunDir
 from vesuvius_monai.losses import build_loss
 from vesuvius_monai.metrics.overlap import dice
 from vesuvius_monai.models import check_input_sizes
 from vesuvius_monai.report import plot_learning_curve
 
 log = logging.getLogger(__name__)
-
-RUN_MARKER = "vesuvius_run.json"
-RUN_FORMAT = "vesuvius_monai.run/1"
 
 
 # --------------------------------------------------------------------------- set-up
@@ -69,22 +54,12 @@ RESUME_MAY_DIFFER = {"train.max_minutes", "train.num_workers", "train.num_thread
                      "tune.thresholds", "tune.min_sizes", "tune.max_dice_drop"}  # tune: used after training only
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and key != "kwargs":
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def check_resume_config(cfg: Config, saved: dict, path: Path) -> None:
     """A resumed run must have the config it was started with (except harmless keys), or it is not exact.
 
     The saved config is read as any stored config is (old keys upgraded, keys added since then at their defaults).
     """
-    now, then = _flatten(to_dict(cfg)), _flatten(to_dict(config_from_raw(saved)))
+    now, then = flatten(to_dict(cfg)), flatten(to_dict(config_from_raw(saved)))
     differ = sorted(k for k in now.keys() | then.keys() if now.get(k) != then.get(k) and k not in RESUME_MAY_DIFFER)
     if differ:
         detail = ", ".join(f"{k}: {then.get(k)!r} -> {now.get(k)!r}" for k in differ[:5])
@@ -108,77 +83,28 @@ def check_resume_splits(saved: dict[str, list[str]] | None, ids: dict[str, list[
                             f"its splits.json) or start a new output_dir")
 
 
-def is_run_dir(run: Path) -> bool:
-    """True when ``run`` holds this project's run marker (written first into every run folder)."""
-    try:
-        return json.loads((run / RUN_MARKER).read_text()).get("format") == RUN_FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _check_new_run_dir(run: Path, last: Path) -> None:
-    """A new run goes into a new or empty folder, or into one of our runs stopped before its first checkpoint."""
-    if last.exists():
-        raise VesuviusError(f"output_dir {run} already holds a run ({last}); pass --resume to continue it "
-                            f"or set output_dir to a new folder")
-    if run.exists() and not run.is_dir():
-        raise VesuviusError(f"output_dir {run} is a file; set output_dir to a new folder")
-    if is_run_dir(run):
-        if (run / "config.yaml").exists():
-            log.warning("output_dir %s holds a run stopped before its first checkpoint: starting it again (its "
-                        "config.yaml, splits.json and logs are replaced)", run)
-    elif run.is_dir() and any(run.iterdir()):
-        raise VesuviusError(f"output_dir {run} is not empty and is not a vesuvius_monai run (no {RUN_MARKER}); "
-                            f"nothing was changed there: set output_dir to a new or empty folder")
-
-
-def start_run_dir(cfg: Config) -> Path:
-    """The run folder of a new run, made (marker first) or checked as :func:`prepare_run_dir` does for a new run;
-    ``vesuvius-monai plan`` puts its plan there before ``train`` starts."""
-    run = Path(cfg.output_dir)
-    _check_new_run_dir(run, run / "checkpoints" / "last.pt")
-    mark_run_dir(run)
-    return run
-
-
-def mark_run_dir(run: Path) -> None:
-    """Write the run marker into ``run`` (created if needed) unless it is there already."""
-    if not is_run_dir(run):  # a new folder, or a run made before markers existed
-        write_text(run / RUN_MARKER, json.dumps({"format": RUN_FORMAT, "version": __version__,
-                                                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1))
-
-
-def _resume_payload(cfg: Config, run: Path, last: Path) -> dict:
-    """The ``last.pt`` to resume from, checked against the config."""
-    if not last.is_file():
-        hint = (" (the run there stopped before its first checkpoint: train without --resume to start it again)"
-                if is_run_dir(run) else "")
-        raise VesuviusError(f"cannot resume: {last} does not exist{hint}")
-    payload = load_checkpoint(last)
-    check_resume_config(cfg, payload["config"], last)
-    return payload
-
-
-def prepare_run_dir(cfg: Config, resume: bool) -> tuple[Path, dict | None]:
-    """Create the run folder (marker first), or check the one to resume; refuse to train over anything else.
-
-    Returns the run folder and, when resuming, the loaded ``last.pt`` to restore from.
+def prepare_run_dir(cfg: Config, resume: bool) -> tuple[RunDir, Checkpoint | None]:
+    """Mark the run folder (a new one checked first, see :meth:`RunDir.check_new`), or check the one to resume;
+    write the resolved config. Returns the run folder and, when resuming, its ``last.pt`` checked against the config.
     """
-    run = Path(cfg.output_dir)
-    last = run / "checkpoints" / "last.pt"
-    payload = _resume_payload(cfg, run, last) if resume else None
-    if not resume:
-        _check_new_run_dir(run, last)
-    mark_run_dir(run)
-    (run / "checkpoints").mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run / "config.yaml")
-    return run, payload
+    run = RunDir(cfg.output_dir)
+    last = None
+    if resume:
+        run.check_resumable()
+        last = Checkpoint.load(run.last)
+        check_resume_config(cfg, last.config, run.last)
+    else:
+        run.check_new()
+    run.mark()
+    run.checkpoints.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run.config)
+    return run, last
 
 
-def record_splits(run: Path, splits: dict[str, list[Fragment]]) -> dict[str, list[str]]:
+def record_splits(run: RunDir, splits: dict[str, list[Fragment]]) -> dict[str, list[str]]:
     """Write splits.json (fragment ids per split) and return it for the checkpoints."""
     ids = {name: [f.id for f in items] for name, items in splits.items()}
-    write_text(run / "splits.json", json.dumps(ids, indent=2))
+    write_text(run.splits, json.dumps(ids, indent=2))
     return ids
 
 
@@ -249,36 +175,36 @@ def train(cfg: Config, *, resume: bool = False, stop_at_step: int | None = None)
         trainer.fit(loader, stop)
     except KeyboardInterrupt:
         log.warning("interrupted: %s holds the last periodic save; continue with --resume",
-                    run / "checkpoints" / "last.pt")
+                    run.last)
         raise
     finally:
         runlog.close()
     if ctx.is_main:
-        plot_learning_curve(run / "train_log.csv", run / "learning_curve.png")
-        log.info("run saved in %s (step %d, best val Dice %.4f)", run, state.step, state.best_metric)
-    return run
+        plot_learning_curve(run.train_log, run.learning_curve)
+        log.info("run saved in %s (step %d, best val Dice %.4f)", run.path, state.step, state.best_metric)
+    return run.path
 
 
-def _check_and_record_splits(run: Path, splits: dict[str, list[Fragment]], resumed: dict | None) -> dict:
+def _check_and_record_splits(run: RunDir, splits: dict[str, list[Fragment]], resumed: Checkpoint | None) -> dict:
     """On resume, check that the split is the run's; then write splits.json. Returns the ids per split."""
     ids = {name: [f.id for f in items] for name, items in splits.items()}
     if resumed is not None:
-        check_resume_splits(resumed.get("splits"), ids, run / "checkpoints" / "last.pt")
+        check_resume_splits(resumed.splits or None, ids, run.last)
     return record_splits(run, splits)
 
 
-def _check_effective_batch(payload: dict, cfg: TrainConfig, ctx: DistContext) -> None:
+def _check_effective_batch(last: Checkpoint, cfg: TrainConfig, ctx: DistContext) -> None:
     """Say so when a run resumes with another effective batch (processes x train.batch_size)."""
-    world, batch = payload.get("world_size", 1), payload["config"]["train"]["batch_size"]
+    world, batch = last.world_size, last.config["train"]["batch_size"]
     if world * batch != ctx.world_size * cfg.batch_size:
         log.warning("resuming with another effective batch (%d processes x %d = %d before, %d x %d = %d now): "
                     "training goes on, but not as the uninterrupted run would have", world, batch, world * batch,
                     ctx.world_size, cfg.batch_size, ctx.world_size * cfg.batch_size)
 
 
-def _training_sources(cfg: Config, run: Path, fragments: list[Fragment], ctx: DistContext) -> list[PatchSource]:
+def _training_sources(cfg: Config, run: RunDir, fragments: list[Fragment], ctx: DistContext) -> list[PatchSource]:
     """Intensity windows and surface indices of the training fragments, prepared (and cached) by rank 0."""
-    cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else run / "cache"
+    cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else run.cache
 
     def prepare() -> list[tuple]:
         return [(s.window, s.surface) for s in prepare_sources(fragments, cfg.transforms, cache_dir,
@@ -288,7 +214,7 @@ def _training_sources(cfg: Config, run: Path, fragments: list[Fragment], ctx: Di
     return [PatchSource(fragment=f, window=window, surface=surface) for f, (window, surface) in zip(fragments, prepared)]
 
 
-def _training_batches(cfg: Config, run: Path, fragments: list[Fragment], state: TrainState, stop: int,
+def _training_batches(cfg: Config, run: RunDir, fragments: list[Fragment], state: TrainState, stop: int,
                       ctx: DistContext) -> DataLoader:
     """This process's loader of the training patches of steps ``state.step + 1 .. stop``."""
     sources = _training_sources(cfg, run, fragments, ctx)
@@ -298,9 +224,9 @@ def _training_batches(cfg: Config, run: Path, fragments: list[Fragment], state: 
     return make_loader(dataset, cfg.train, state.items, steps, ctx)
 
 
-def _open_log(run: Path, terms: dict, keep_until: int) -> RunLog:
+def _open_log(run: RunDir, terms: dict, keep_until: int) -> RunLog:
     """The run's CSV + TensorBoard log, without rows and events after step ``keep_until`` (-1: none kept)."""
-    purge = keep_until + 1 if (run / "tensorboard").exists() else None
+    purge = keep_until + 1 if run.tensorboard.exists() else None
     runlog = RunLog(run, log_fields(terms), purge_step=purge)
     runlog.truncate_after(keep_until)
     return runlog

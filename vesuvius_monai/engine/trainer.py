@@ -32,7 +32,8 @@ from vesuvius_monai.engine.distributed import DistContext, barrier, broadcast_fl
 from vesuvius_monai.engine.runlog import LossMeter, NullLog, RunLog
 from vesuvius_monai.engine.schedule import RunClock, describe_schedule, lr_factor
 from vesuvius_monai.errors import VesuviusError
-from vesuvius_monai.io.checkpoint import save_checkpoint
+from vesuvius_monai.io.checkpoint import Checkpoint
+from vesuvius_monai.io.run_dir import RunDir
 from vesuvius_monai.models import build_model
 
 log = logging.getLogger(__name__)
@@ -67,23 +68,28 @@ def build_state(cfg: Config, device: torch.device) -> TrainState:
     return TrainState(model=model, optimizer=optimizer, scaler=scaler)
 
 
-def restore_state(state: TrainState, clock: RunClock, payload: dict) -> None:
-    """Put a loaded checkpoint's weights, optimiser, scaler, counters and clock into ``state`` and ``clock``."""
-    state.model.load_state_dict(payload["model"])
-    state.optimizer.load_state_dict(payload["optimizer"])
-    state.scaler.load_state_dict(payload["scaler"])
-    state.step = payload["step"]
-    state.items = payload.get("items", payload["step"] * payload["config"]["train"]["batch_size"])
-    state.best_metric = payload["best_metric"]
-    if "clock" in payload:
-        clock.load_state_dict(payload["clock"])
+def restore_state(state: TrainState, clock: RunClock, checkpoint: Checkpoint) -> None:
+    """Put a checkpoint's weights, optimiser, scaler, counters and clock into ``state`` and ``clock``."""
+    if checkpoint.optimizer is None or checkpoint.scaler is None:
+        raise VesuviusError(f"cannot resume from {checkpoint.path}: it holds no optimiser state (written for "
+                            f"inference only)")
+    state.model.load_state_dict(checkpoint.model_state)
+    state.optimizer.load_state_dict(checkpoint.optimizer)
+    state.scaler.load_state_dict(checkpoint.scaler)
+    state.step = checkpoint.step
+    batch = checkpoint.config["train"]["batch_size"]  # checkpoints from before ``items``: one process
+    state.items = checkpoint.items if checkpoint.items is not None else checkpoint.step * batch
+    state.best_metric = checkpoint.best_metric
+    if checkpoint.clock is not None:
+        clock.load_state_dict(checkpoint.clock)
     log.info("resumed at step %d (%.0f s of run time)", state.step, clock.carried_s)
 
 
 def save_state(path: Path, cfg: Config, state: TrainState, clock: RunClock, world_size: int = 1) -> None:
-    save_checkpoint(path, cfg=cfg, model=state.model, step=state.step, optimizer=state.optimizer,
-                    scaler=state.scaler, best_metric=state.best_metric, splits=state.splits, items=state.items,
-                    clock=clock.state_dict(), world_size=world_size)
+    """Write the training state to the checkpoint ``path``."""
+    Checkpoint.of(cfg, state.model, state.step, optimizer=state.optimizer, scaler=state.scaler,
+                  best_metric=state.best_metric, splits=state.splits, items=state.items, clock=clock.state_dict(),
+                  world_size=world_size).save(path)
 
 
 def train_step(state: TrainState, net: nn.Module, loss_fn: nn.Module, batch: dict, cfg: TrainConfig,
@@ -138,7 +144,7 @@ class Trainer:
         self.net = wrap_model(self.ctx, state.model, device)  # what the steps run; state.model is saved
         self.factor = lr_factor(cfg.train)
         self.meter = LossMeter(loss_fn.weights.active())
-        self.checkpoints = Path(cfg.output_dir) / "checkpoints"
+        self.run = RunDir(cfg.output_dir)
         self.saved_step = state.step  # the step last.pt holds
         self.lr = cfg.train.lr * self.factor(state.step)
         self.mark = 0.0  # run time at the end of the previous step's bookkeeping
@@ -214,7 +220,7 @@ class Trainer:
         if bad:  # overflows the gradient now and then: the grad scaler skips those steps)
             raise VesuviusError(f"training loss became non-finite ({', '.join(bad)}) during steps "
                                 f"{first}..{self.state.step}; lower train.lr "
-                                f"or check the data ({self.checkpoints / 'last.pt'} holds step {self.saved_step}, "
+                                f"or check the data ({self.run.last} holds step {self.saved_step}, "
                                 f"the last good state)")
         now = self.clock.now()
         start_time, start_step = self.session
@@ -239,18 +245,18 @@ class Trainer:
             self.clock.val_s = max(self.clock.val_s or 0.0, self.clock.now() - began)
             if row["val_dice"] > state.best_metric:
                 state.best_metric = row["val_dice"]
-                self._save("best.pt")
+                self._save(self.run.best)
             log.info("step %d: val Dice %.4f (best %.4f)", state.step, row["val_dice"], state.best_metric)
         elif self.clock.val_s is None:
             self.clock.val_s = 0.0
         began = self.clock.now()
-        self._save("last.pt")
+        self._save(self.run.last)
         self.clock.save_s = max(self.clock.save_s or 0.0, self.clock.now() - began)
         if final and self.validate is None:  # nothing to select on: the last model is the best we know
-            self._save("best.pt")
+            self._save(self.run.best)
 
-    def _save(self, name: str) -> None:
-        save_state(self.checkpoints / name, self.cfg, self.state, self.clock, self.ctx.world_size)
+    def _save(self, path: Path) -> None:
+        save_state(path, self.cfg, self.state, self.clock, self.ctx.world_size)
 
     def _measure_checkpoint(self) -> None:
         """With a time budget: validate and save once before training, to know what the final ones will take."""

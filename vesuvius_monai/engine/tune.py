@@ -26,13 +26,12 @@ from vesuvius_monai.engine.infer import infer_volume
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.atomic import check_replaceable_file, write_text
 from vesuvius_monai.io.checkpoint import Checkpoint, as_checkpoint
+from vesuvius_monai.io.run_dir import POSTPROCESS_FILE
 from vesuvius_monai.metrics import dice, topo_matching_used
 from vesuvius_monai.metrics.leaderboard import leaderboard_score
 from vesuvius_monai.postprocess import pick_postprocess
 
 log = logging.getLogger(__name__)
-
-TUNED_FILE = "postprocess.json"
 
 
 def tune_postprocess(cfg: Config, checkpoint: str | Path | Checkpoint, out_dir: str | Path | None = None) -> dict:
@@ -42,8 +41,8 @@ def tune_postprocess(cfg: Config, checkpoint: str | Path | Checkpoint, out_dir: 
     """
     ckpt = as_checkpoint(checkpoint)
     ckpt.check_window(cfg.infer.roi_size)
-    out = Path(out_dir) if out_dir else ckpt.path.parent.parent
-    check_replaceable_choice(out / TUNED_FILE)
+    path = Path(out_dir) / POSTPROCESS_FILE if out_dir else ckpt.run.postprocess
+    check_replaceable_choice(path)
     fragments = select_fragments(cfg, "val", ckpt.trained_on)
     device = resolve_device(cfg.infer.device)
     model = ckpt.model(device)
@@ -64,8 +63,8 @@ def tune_postprocess(cfg: Config, checkpoint: str | Path | Checkpoint, out_dir: 
                "fragments": [f.id for f in fragments], "scores": choice.scores, "dices": choice.dices,
                "search": to_dict(cfg.tune),
                "topo_matching": topo_matching_used(cfg.evaluate.leaderboard), "checkpoint": str(ckpt.path)}
-    write_text(out / TUNED_FILE, json.dumps(payload, indent=2))
-    log.info("%s (%d validation fragments); written to %s", choice.reason, len(fragments), out / TUNED_FILE)
+    write_text(path, json.dumps(payload, indent=2))
+    log.info("%s (%d validation fragments); written to %s", choice.reason, len(fragments), path)
     return payload
 
 
@@ -82,7 +81,7 @@ def tuned_layer(checkpoint: Checkpoint) -> Layer | None:
     """The post-processing that ``tune-postprocess`` chose for the checkpoint's run (``<run>/postprocess.json``) as a
     config layer (:func:`vesuvius_monai.config.resolve_config` fills with it only the ``postprocess`` keys the user's
     config file and overrides leave out); None when the run has no choice recorded."""
-    path = checkpoint.path.parent.parent / TUNED_FILE
+    path = checkpoint.run.postprocess
     return read_choice(path) if path.is_file() else None
 
 

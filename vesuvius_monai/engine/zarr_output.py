@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vesuvius_monai.config import flatten
 from vesuvius_monai.data.readers import VolumeReader
 from vesuvius_monai.data.regions import Region, Triple, format_region, normalize_region, region_shape
 from vesuvius_monai.errors import VesuviusError
@@ -50,20 +51,9 @@ def run_meta(reader: VolumeReader, roi: Region, block: Triple, dtype: str, extra
             "roi": [[s.start, s.stop] for s in roi], "block_size": list(block), "dtype": dtype, **(extra or {})}
 
 
-def _flat(meta: dict, prefix: str = "") -> dict:
-    """Nested dicts -> {"a.b": value}."""
-    out = {}
-    for key, value in meta.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def settings_diff(stored: dict, wanted: dict) -> list[str]:
     """``["infer.overlap 0.25 -> 0.5", ...]`` for every setting of ``wanted`` that ``stored`` has otherwise."""
-    old, new = _flat(stored), _flat(wanted)
+    old, new = flatten(stored), flatten(wanted)
     return [f"{key} {old.get(key, '(unset)')} -> {value}" for key, value in new.items() if old.get(key) != value]
 
 

@@ -1,14 +1,17 @@
-"""Checkpoints that rebuild their own model.
+"""Checkpoints that rebuild their own model: :class:`Checkpoint`, typed fields read once from a file.
 
-A checkpoint holds the weights, the optimiser / scheduler / grad-scaler state and step (for exact resume)
-and the resolved run config, from which the model name and keyword arguments come.
+A checkpoint holds the weights, the resolved run config (from which the model name and keyword arguments come),
+the data split, and for an exact resume the optimiser / grad-scaler state, the step, the patches drawn so far,
+the run clock and the number of processes that trained it. Files hold a plain dict (``format``
+``vesuvius_monai.checkpoint/1``) and load with ``weights_only``: tensors and plain values, nothing that runs code.
 """
 
 from __future__ import annotations
 
 import logging
 import pickle
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,94 +22,133 @@ from vesuvius_monai import __version__
 from vesuvius_monai.config import Config, config_from_raw, to_dict
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.atomic import atomic_path
-from vesuvius_monai.models import build_model
+from vesuvius_monai.io.run_dir import RunDir
+from vesuvius_monai.models import build_model, check_input_sizes
 
 log = logging.getLogger(__name__)
 
-
-def save_checkpoint(path: str | Path, *, cfg: Config, model: nn.Module, step: int, **state: Any) -> None:
-    """Write a checkpoint atomically. ``state`` may hold optimizer, scheduler, scaler (objects with
-    ``state_dict``) and plain values such as ``best_metric``."""
-    payload = {
-        "format": "vesuvius_monai.checkpoint/1",
-        "version": __version__,
-        "step": step,
-        "config": to_dict(cfg),
-        "model_name": cfg.model.name,
-        "model_kwargs": dict(cfg.model.kwargs),
-        "model": model.state_dict(),
-    }
-    for key, value in state.items():
-        payload[key] = value.state_dict() if hasattr(value, "state_dict") else value
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+FORMAT = "vesuvius_monai.checkpoint/1"
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint onto the CPU; clear errors for a missing, corrupt, unsafe or foreign file.
-
-    Only plain tensors and Python values load (``weights_only``): a file holding other objects is refused.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise VesuviusError(f"checkpoint not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:  # weights_only refused a global: code, not data
-        first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-        raise VesuviusError(f"checkpoint {path} holds objects that are not allowed to load (only tensors and plain "
-                            f"values are); it was not loaded: {first}") from None
-    except Exception as err:  # torch raises many types for a damaged file
-        raise VesuviusError(f"checkpoint {path} is corrupt or not a torch file: {err}") from None
-    if not isinstance(payload, dict) or payload.get("format") != "vesuvius_monai.checkpoint/1":
-        raise VesuviusError(f"{path} is not a vesuvius_monai checkpoint")
-    return payload
-
-
-def config_from_checkpoint(payload: dict) -> Config:
-    """The run config stored in a loaded checkpoint."""
-    return config_from_raw(payload["config"])
-
-
-def model_from_payload(payload: dict, device: torch.device | str = "cpu") -> nn.Module:
-    """The network of a loaded checkpoint with its weights, in eval mode."""
-    model = build_model(payload["model_name"], **payload["model_kwargs"])
-    model.load_state_dict(payload["model"])
-    log.info("loaded %s (step %d)", payload["model_name"], payload["step"])
-    return model.to(device).eval()
-
-
-def model_from_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, Config]:
-    """Rebuild the network of a checkpoint with its weights, in eval mode, plus the run config."""
-    payload = load_checkpoint(path)
-    return model_from_payload(payload, device), config_from_checkpoint(payload)
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Checkpoint:
-    """A checkpoint read once: its path (for messages and records) and its loaded payload."""
+    """A checkpoint's contents. ``path`` is where it was read from (for messages and records; None before saving).
 
-    path: Path
-    payload: dict
+    ``model_state``: the network's ``state_dict``; ``config``: the resolved run config as a plain mapping;
+    ``splits``: fragment ids per split; ``optimizer`` / ``scaler``: their ``state_dict``s (None in a checkpoint
+    written only for inference); ``items``: training patches drawn by all processes together; ``clock``: the run
+    clock's state (see ``engine.schedule.RunClock``); ``world_size``: processes that trained it.
+    """
+
+    path: Path | None = None
+    step: int
+    config: dict
+    model_name: str
+    model_kwargs: dict
+    model_state: dict[str, torch.Tensor]
+    splits: dict[str, list[str]] = field(default_factory=dict)
+    best_metric: float = float("-inf")
+    optimizer: dict | None = None
+    scaler: dict | None = None
+    items: int | None = None
+    clock: dict | None = None
+    world_size: int = 1
+    version: str = __version__
+
+    # ----------------------------------------------------------------- files
 
     @classmethod
     def load(cls, path: str | Path) -> Checkpoint:
-        return cls(Path(path), load_checkpoint(path))
+        """Read a checkpoint onto the CPU; a clear error for a missing, corrupt, unsafe or foreign file."""
+        path = Path(path)
+        payload = _read(path)
+        try:
+            return cls(path=path, step=int(payload["step"]), config=dict(payload["config"]),
+                       model_name=str(payload["model_name"]), model_kwargs=dict(payload["model_kwargs"]),
+                       model_state=dict(payload["model"]), splits=dict(payload.get("splits") or {}),
+                       best_metric=float(payload.get("best_metric", float("-inf"))),
+                       optimizer=payload.get("optimizer"), scaler=payload.get("scaler"), items=payload.get("items"),
+                       clock=payload.get("clock"), world_size=int(payload.get("world_size", 1)),
+                       version=str(payload.get("version", "?")))
+        except KeyError as err:
+            raise VesuviusError(f"checkpoint {path} lacks the entry {err}; it is damaged or from another program") \
+                from None
+        except (TypeError, ValueError) as err:
+            raise VesuviusError(f"checkpoint {path} holds an entry of the wrong type ({err})") from None
+
+    def save(self, path: str | Path) -> None:
+        """Write the checkpoint atomically (a crash leaves the previous file, never a truncated one)."""
+        payload = {"format": FORMAT, "version": self.version, "step": self.step, "config": self.config,
+                   "model_name": self.model_name, "model_kwargs": self.model_kwargs, "model": self.model_state,
+                   "splits": self.splits, "best_metric": self.best_metric, "world_size": self.world_size}
+        for key in ("optimizer", "scaler", "items", "clock"):
+            if getattr(self, key) is not None:
+                payload[key] = getattr(self, key)
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
+
+    @classmethod
+    def of(cls, cfg: Config, model: nn.Module, step: int, **state: Any) -> Checkpoint:
+        """A checkpoint of ``model`` trained with ``cfg``; ``state``: the other fields (``optimizer`` and ``scaler``
+        may be given as the objects themselves)."""
+        for key in ("optimizer", "scaler"):
+            if hasattr(state.get(key), "state_dict"):
+                state[key] = state[key].state_dict()
+        return cls(step=step, config=to_dict(cfg), model_name=cfg.model.name, model_kwargs=dict(cfg.model.kwargs),
+                   model_state=model.state_dict(), **state)
+
+    # ----------------------------------------------------------------- what it gives
 
     def model(self, device: torch.device | str = "cpu") -> nn.Module:
         """The network with its weights, in eval mode, on ``device``."""
-        return model_from_payload(self.payload, device)
+        model = build_model(self.model_name, **self.model_kwargs)
+        try:
+            model.load_state_dict(self.model_state)
+        except RuntimeError as err:
+            first = str(err).strip().splitlines()[0]
+            raise VesuviusError(f"checkpoint {self.path}: its weights do not fit its network {self.model_name} "
+                                f"{self.model_kwargs} ({first})") from None
+        log.info("loaded %s (step %d)", self.model_name, self.step)
+        return model.to(device).eval()
+
+    def run_config(self, overrides: list[str] = ()) -> Config:
+        """The run config stored in the checkpoint, read with today's defaults, plus ``key=value`` overrides."""
+        return config_from_raw(self.config, overrides)
 
     def check_window(self, roi_size: tuple[int, int, int]) -> None:
         """Raise a VesuviusError naming ``infer.roi_size`` unless the checkpoint's network can take that window."""
-        from vesuvius_monai.models import check_input_sizes
-
-        check_input_sizes(self.payload["model_name"], self.payload["model_kwargs"], {"infer.roi_size": roi_size})
+        check_input_sizes(self.model_name, self.model_kwargs, {"infer.roi_size": roi_size})
 
     @property
     def trained_on(self) -> list[str]:
         """Ids of the fragments the checkpoint was trained on (empty if it does not record them)."""
-        return list(self.payload.get("splits", {}).get("train", []))
+        return list(self.splits.get("train", []))
+
+    @property
+    def run(self) -> RunDir:
+        """The run folder the checkpoint lies in (``<run>/checkpoints/<name>.pt``)."""
+        return RunDir.of_checkpoint(self.path)
+
+
+def _read(path: Path) -> dict:
+    """The plain dict of a checkpoint file, loaded with ``weights_only``."""
+    if not path.is_file():
+        raise VesuviusError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL (\S+) was not an allowed global", str(err))
+        if found:  # weights_only refused a global: code, not data
+            raise VesuviusError(f"checkpoint {path} holds objects that are not allowed to load (only tensors and "
+                                f"plain values are); it was not loaded: {found.group(1)}") from None
+        detail = re.search(r"WeightsUnpickler error: \s*(.+)", str(err))
+        raise VesuviusError(f"checkpoint {path} is corrupt or not a torch file"
+                            f"{f' ({detail.group(1).strip()})' if detail else ''}") from None
+    except Exception as err:  # torch raises many types for a damaged file
+        raise VesuviusError(f"checkpoint {path} is corrupt or not a torch file: {err}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise VesuviusError(f"{path} is not a vesuvius_monai checkpoint")
+    return payload
 
 
 def as_checkpoint(checkpoint: str | Path | Checkpoint) -> Checkpoint:
