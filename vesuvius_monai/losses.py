@@ -22,7 +22,7 @@ from scipy import ndimage
 from skimage.morphology import skeletonize
 from torch import Tensor, nn
 
-from vesuvius_monai.config import LossWeights, choice, from_dict
+from vesuvius_monai.config import LossWeights, choice, from_dict, integer, require
 from vesuvius_monai.errors import VesuviusError
 
 logger = logging.getLogger(__name__)
@@ -135,10 +135,9 @@ class SurfaceLoss(nn.Module):
         skel_dilate: bool = True,
     ) -> None:
         super().__init__()
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int) or ignore_index in (0, 1):
-            raise VesuviusError(f"ignore_index must be an integer other than 0 and 1, got {ignore_index!r}")
-        if isinstance(cldice_iters, bool) or not isinstance(cldice_iters, int) or cldice_iters < 1:
-            raise VesuviusError(f"cldice_iters must be an integer >= 1, got {cldice_iters!r}")
+        require(integer("data.ignore_index", ignore_index) not in (0, 1), "data.ignore_index",
+                f"must differ from 0 and 1, got {ignore_index}")
+        integer("cldice_iters", cldice_iters, 1)
         choice("skel_mode", skel_mode, SKELETON_MODES)
         self.weights = weights
         self.ignore_index = ignore_index

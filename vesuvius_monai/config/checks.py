@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import types
 import typing
 from typing import Any
@@ -51,8 +52,10 @@ def finite(key: str, value: float, low: float | None = None, high: float | None 
 
 
 def integer(key: str, value: Any, low: int | None = None) -> int:
-    """``value`` if it is an integer (not a bool) of at least ``low``; else an error naming ``key``."""
-    require(isinstance(value, int) and not isinstance(value, bool), key, f"must be an integer, got {value!r}")
+    """``value`` as an int if it is an integer (a NumPy one too, never a bool) of at least ``low``; else an error
+    naming ``key``."""
+    require(isinstance(value, numbers.Integral) and not isinstance(value, bool), key,
+            f"must be an integer, got {value!r}")
     require(low is None or value >= low, key, f"must be >= {low}, got {value}")
     return int(value)
 

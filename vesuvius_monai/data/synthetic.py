@@ -46,7 +46,7 @@ import yaml
 from scipy import ndimage
 from tqdm import tqdm
 
-from vesuvius_monai.config import SynthParams, to_dict
+from vesuvius_monai.config import SynthParams, integer, require, to_dict
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.atomic import atomic_path, write_text
 from vesuvius_monai.io.nifti import write_nifti
@@ -282,9 +282,9 @@ def _quantise(image: np.ndarray, dtype: str) -> np.ndarray:
 def _check_seed(seed: int | tuple[int, ...]) -> int | tuple[int, ...]:
     """Return ``seed`` if it is an int >= 0 or a non-empty tuple of them, else raise VesuviusError."""
     parts = seed if isinstance(seed, tuple) else (seed,)
-    ok = len(parts) > 0 and all(isinstance(p, (int, np.integer)) and not isinstance(p, bool) and p >= 0 for p in parts)
-    if not ok:
-        raise VesuviusError(f"seed must be an integer >= 0 or a tuple of them, got {seed!r}")
+    require(len(parts) > 0, "synth.seed", "must be an integer >= 0 or a tuple of them, got ()")
+    for part in parts:
+        integer("synth.seed", part, 0)
     return seed
 
 
@@ -352,10 +352,8 @@ def write_synthetic_dataset(out_dir: str | os.PathLike, n: int, *, seed: int = 0
     """
     if fmt not in FORMATS:
         raise VesuviusError(f"fmt must be one of {FORMATS}, got {fmt!r}")
-    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
-        raise VesuviusError(f"n (number of fragments) must be an integer >= 1, got {n!r}")
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-        raise VesuviusError(f"seed must be an integer >= 0, got {seed!r}")
+    integer("n (synth.n_fragments)", n, 1)
+    integer("synth.seed", seed, 0)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise VesuviusError(f"{out}: output directory for synthetic data is an existing file")

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
+from vesuvius_monai.config.checks import integer, require
 from vesuvius_monai.errors import VesuviusError
 
 
@@ -57,9 +58,9 @@ def prepare_pair(
     ``label`` values must lie in {0, 1, ignore_index}; ``ignore_index`` is None or an integer other than 0 and 1.
     Voxels where ``label == ignore_index`` become background in both returned masks. The inputs are not modified.
     """
-    integer = isinstance(ignore_index, (int, np.integer)) and not isinstance(ignore_index, bool)
-    if ignore_index is not None and (not integer or ignore_index in (0, 1)):
-        raise VesuviusError(f"ignore_index must be None or an integer other than 0 and 1, got {ignore_index!r}")
+    if ignore_index is not None:
+        require(integer("data.ignore_index", ignore_index) not in (0, 1), "data.ignore_index",
+                f"must be None or differ from 0 and 1, got {ignore_index}")
     pred_bool = binary_mask(pred, "pred")
     label = _as_volume(label, "label")
     if pred_bool.shape != label.shape:

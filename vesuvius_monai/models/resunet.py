@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from vesuvius_monai.config.checks import choice, finite, integer
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.models.registry import register_model
 
@@ -74,25 +75,20 @@ DOWNSAMPLE = {
 }
 
 
-def _check_choice(key: str, value: object, allowed: Sequence[object]) -> None:
-    """Raise VesuviusError unless ``value`` is one of ``allowed`` and of the same type (``True`` is not 1, 3.0 not 3)."""
-    if not any(type(value) is type(option) and value == option for option in allowed):
-        raise VesuviusError(f"UNet3D {key} must be one of {', '.join(map(str, allowed))}, got {value!r}")
+KEY = "model.kwargs"  # the network's keywords come from this config key
 
 
 def _resolve_features(init_features: int, depth: int, features: Sequence[int] | None) -> tuple[int, ...]:
     """Channel counts per level, encoder levels then bottleneck: length ``depth + 1``."""
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-        raise VesuviusError(f"UNet3D depth must be an integer >= 1, got {depth!r}")
+    integer(f"{KEY}.depth", depth, 1)
     if features is None:
-        if isinstance(init_features, bool) or not isinstance(init_features, int) or init_features < 1:
-            raise VesuviusError(f"UNet3D init_features must be an integer >= 1, got {init_features!r}")
+        integer(f"{KEY}.init_features", init_features, 1)
         return tuple(init_features * 2**level for level in range(depth + 1))
     feats = tuple(features)
     if len(feats) != depth + 1:
         raise VesuviusError(f"UNet3D features {feats} must have depth + 1 = {depth + 1} entries, got {len(feats)}")
-    if any(isinstance(f, bool) or not isinstance(f, int) or f < 1 for f in feats):
-        raise VesuviusError(f"UNet3D features {feats} must all be integers >= 1")
+    for f in feats:
+        integer(f"{KEY}.features", f, 1)
     return feats
 
 
@@ -140,14 +136,12 @@ class UNet3D(nn.Module):
     ):
         super().__init__()
         for key, value in (("in_channels", in_channels), ("out_channels", out_channels), ("norm_groups", norm_groups)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise VesuviusError(f"UNet3D {key} must be an integer >= 1, got {value!r}")
-        if not negative_slope >= 0:
-            raise VesuviusError(f"UNet3D negative_slope must be >= 0, got {negative_slope!r}")
-        _check_choice("stem_stride", stem_stride, (1, 2))
-        _check_choice("downsample", downsample, tuple(DOWNSAMPLE))
-        _check_choice("up_kernel_size", up_kernel_size, (2, 3))
-        _check_choice("final_kernel_size", final_kernel_size, (1, 3))
+            integer(f"{KEY}.{key}", value, 1)
+        finite(f"{KEY}.negative_slope", negative_slope, 0.0)
+        choice(f"{KEY}.stem_stride", stem_stride, (1, 2))
+        choice(f"{KEY}.downsample", downsample, tuple(DOWNSAMPLE))
+        choice(f"{KEY}.up_kernel_size", up_kernel_size, (2, 3))
+        choice(f"{KEY}.final_kernel_size", final_kernel_size, (1, 3))
         feats = _resolve_features(init_features, depth, features)
         self.in_channels = in_channels
         self.depth = depth
