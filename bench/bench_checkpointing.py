@@ -5,9 +5,9 @@ off, on, off, on, ...) so that the peak-memory figure of one mode cannot hide th
 A worker builds the model, runs one unmeasured warm-up step at the full patch size (one-time
 library set-up, AdamW state), then ``--steps`` timed steps (forward + Dice loss + backward +
 AdamW step). Peak memory of a step: on CPU, the process's peak RSS (VmHWM, its own: ``ru_maxrss``
-would include the parent's RSS at fork) minus its RSS after the warm-up; the worker runs with ``MALLOC_MMAP_THRESHOLD_`` fixed at 128 KiB
-so that glibc returns freed tensor memory to the OS and the RSS after the warm-up is not
-inflated by freed-but-kept heap. On CUDA, ``torch.cuda.max_memory_allocated`` minus the
+would include the parent's RSS at fork) minus its RSS after the warm-up; the worker runs with
+``MALLOC_MMAP_THRESHOLD_`` fixed at 128 KiB so that glibc returns freed tensor memory to the OS and the RSS
+after the warm-up is not inflated by freed-but-kept heap. On CUDA, ``torch.cuda.max_memory_allocated`` minus the
 allocation after the warm-up.
 
 Printed: a table of both modes (median and minimum seconds per step with the step count, median peak memory

@@ -75,7 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "processes (0: in the training process)")
     parser.add_argument("--no-mirroring", action="store_true", help="predict without nnU-Net's mirrored TTA")
     parser.add_argument("--gpu-memory-target", type=float, help="nnU-Net planner's -gpu_memory_target in GB (its "
-                        "default 8): a smaller target plans smaller patches, i.e. cheaper steps; one plan per --out-dir")
+                        "default 8): a smaller target plans smaller patches, i.e. cheaper steps; one plan per "
+                        "--out-dir")
     args = parser.parse_args(argv)
     if not args.minutes > 0 or args.iterations < 1 or args.val_iterations < 1 or args.da_processes < 0:
         raise VesuviusError("--minutes must be > 0, --iterations and --val-iterations >= 1, --da-processes >= 0")
@@ -270,7 +271,8 @@ def run(args: argparse.Namespace) -> None:
           f"(planning and preprocessing {plan_seconds:.0f} s{' (reused)' if not plan_seconds else ''}, not counted), "
           f"beside the systems of {args.recipes} (trained there, the same fragments):")
     for r in rows:
-        print(f"  seed {r['seed']}: patch {r['patch_size']}, batch {r['batch_size']}, features {r['features_per_stage']}"
+        print(f"  seed {r['seed']}: patch {r['patch_size']}, batch {r['batch_size']}, "
+              f"features {r['features_per_stage']}"
               f", {r['steps']} steps in {r['train_seconds']:.0f} s ({r['epochs']} epochs), prediction of "
               f"{len(r['fragments'])} test fragments {r['predict_seconds']:.0f} s (mirroring {r['mirroring']}), load "
               f"{r.get('load_before', [float('nan')])[0]:.1f} -> {r.get('load_after', [float('nan')])[0]:.1f}"

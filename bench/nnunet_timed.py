@@ -78,7 +78,8 @@ class TimedTrainer(nnUNetTrainer):
                 break
             with torch.no_grad():
                 self.on_validation_epoch_start()
-                val = [self.validation_step(next(self.dataloader_val)) for _ in range(self.num_val_iterations_per_epoch)]
+                val = [self.validation_step(next(self.dataloader_val))
+                       for _ in range(self.num_val_iterations_per_epoch)]
                 self.on_validation_epoch_end(val)
             self.on_epoch_end()
         self.train_seconds = time.perf_counter() - start

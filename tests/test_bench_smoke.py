@@ -412,7 +412,8 @@ def test_bench_nnunet_scores_masks_as_the_metrics_do(nnunet, tmp_path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not NNUNET_PYTHON.is_file(), reason="nnU-Net's environment is not set up (bash bench/setup_nnunet.sh)")
+@pytest.mark.skipif(not NNUNET_PYTHON.is_file(),
+                    reason="nnU-Net's environment is not set up (bash bench/setup_nnunet.sh)")
 def test_bench_nnunet_tiny_run(tiny_results, tmp_path) -> None:
     """nnU-Net planned, trained for a fraction of a second and predicting, on the tiny bench_recipes run's data."""
     (done, _), folder = tiny_results["bench_recipes.py"]

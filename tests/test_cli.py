@@ -14,7 +14,8 @@ from vesuvius_monai.io.nifti import write_nifti
 
 @pytest.fixture
 def trained(trained_run, synthetic_root, tmp_path_factory, tiny_args):
-    """A copy of the run the CLI trained on the tiny synthetic set (the tests write into it): (overrides, run folder)."""
+    """A copy of the run the CLI trained on the tiny synthetic set (the tests write into it): (overrides, run
+    folder)."""
     out = tmp_path_factory.mktemp("cli") / "run"
     shutil.copytree(trained_run, out)
     return tiny_args(synthetic_root, out), out

@@ -72,7 +72,8 @@ def test_importing_config_loads_no_heavy_library():
     import subprocess
     import sys
 
-    code = "import sys, vesuvius_monai.config; print(sorted(m for m in ('torch', 'monai', 'skimage', 'scipy') if m in sys.modules))"
+    code = ("import sys, vesuvius_monai.config; "
+            "print(sorted(m for m in ('torch', 'monai', 'skimage', 'scipy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

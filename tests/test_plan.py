@@ -11,7 +11,8 @@ from vesuvius_monai.data.dataset import find_fragments, split_fragments
 from vesuvius_monai.data.readers import open_volume
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.models import build_model, list_models, size_divisor
-from vesuvius_monai.plan import (Candidate, PlanRules, candidate_ladder, dataset_fingerprint, format_plan, load_plan, make_plan, model_kwargs, plan_from_measurements, save_plan)
+from vesuvius_monai.plan import (Candidate, PlanRules, candidate_ladder, dataset_fingerprint, format_plan, load_plan,
+                                 make_plan, model_kwargs, plan_from_measurements, save_plan)
 
 FP = {"n_train": 12, "n_val": 6, "min_shape": [96, 96, 96], "val_voxels": 6 * 96**3, "foreground_fraction": 0.5,
       "ignore_fraction": 0.05, "spacing": [1.0, 1.0, 1.0]}

@@ -184,7 +184,7 @@ def test_pick_threshold_rejects_mismatches():
     with pytest.raises(VesuviusError, match="fragment 0"):
         pick_threshold([prob], [label[..., :-1]], accuracy)
     with pytest.raises(VesuviusError, match="score_fn gave nan"):
-        pick_threshold([prob], [label], lambda p, l: math.nan)
+        pick_threshold([prob], [label], lambda p, q: math.nan)
 
 
 # ---------------------------------------------------------------- pick_postprocess (guarded)
@@ -208,7 +208,7 @@ def _dice_score(pred, label):
 def test_pick_postprocess_chooses_what_helps_every_fragment():
     pairs = [_noisy_sheet(s) for s in range(3)]
     base = PostprocessConfig()
-    choice = pick_postprocess([p for p, _ in pairs], [l for _, l in pairs], _dice_score, base=base)
+    choice = pick_postprocess([p for p, _ in pairs], [q for _, q in pairs], _dice_score, base=base)
     assert choice.chosen != base  # specks at 0.65: a threshold above them, or their removal, helps all three
     best = max(choice.scores, key=lambda k: np.mean(choice.scores[k]))
     assert np.mean(choice.scores[best]) == pytest.approx(np.mean(choice.scores[describe(choice.chosen)]))
@@ -242,7 +242,7 @@ def test_pick_postprocess_does_not_buy_the_score_with_dice():
         label[5] = label[9] = 1  # a rim of the sheet the network is unsure of (0.55)
         prob[5] = prob[9] = 0.55
         pairs.append((prob, label))
-    probs, labels = [p for p, _ in pairs], [l for _, l in pairs]
+    probs, labels = [p for p, _ in pairs], [q for _, q in pairs]
     base = PostprocessConfig()
     free = pick_postprocess(probs, labels, _precision, base=base, tune=TuneConfig(max_dice_drop=1.0),
                             dice_fn=_dice_score)
@@ -266,7 +266,7 @@ def test_pick_postprocess_dice_rule_holds_on_random_volumes(seed):
     probs = [(p - p.min()) / (p.max() - p.min()) for p in probs]
     labels = [(ndimage.gaussian_filter(rng.random(shape), 1.5) > 0.5).astype(np.uint8) for _ in range(n)]
     drop = float(rng.choice([0.0, 0.005, 0.02, 0.1]))
-    score = [_precision, lambda p, l: -float(p.sum()), _dice_score][seed % 3]
+    score = [_precision, lambda p, q: -float(p.sum()), _dice_score][seed % 3]
     tune = TuneConfig(thresholds=(0.3, 0.45, 0.5, 0.6, 0.75), min_sizes=(4, 32), max_dice_drop=drop)
     base = PostprocessConfig(threshold=float(rng.choice([0.4, 0.5])))
     choice = pick_postprocess(probs, labels, score, base=base, tune=tune, dice_fn=_dice_score)

@@ -40,8 +40,9 @@ def skeleton_target(label: np.ndarray, *, dilate: bool = True, mode: str = "slic
     ``mode`` is one of :data:`SKELETON_MODES` (checked by :class:`SurfaceLoss`). ``mode="3d"`` uses skimage's 3D
     thinning (Lee 1994), as in Kirchhoff et al. 2024; it thins to curves, so a thin sheet can collapse to a few
     voxels or vanish. ``mode="slices"`` (default) is the union of the 2D skeletons of every slice along z, y and
-    x: for a sheet this contains its medial surface. ``dilate`` grows the skeleton by one voxel (6-neighbourhood); the result is always restricted to the
-    surface voxels, so the ignore region and the background are never part of it.
+    x: for a sheet this contains its medial surface. ``dilate`` grows the skeleton by one voxel (6-neighbourhood);
+    the result is always restricted to the surface voxels, so the ignore region and the background are never part
+    of it.
     """
     surface = label == 1
     if not surface.any():

@@ -158,7 +158,8 @@ def returned(events: list[dict], command: int) -> list[dict]:
 def test_two_ranks_write_what_one_process_writes(setup, references, launch):
     done, events = launch
     np.testing.assert_array_equal(probabilities(setup / "one.zarr"), references["a"])
-    writes = [(e["rank"], tuple(e["block"])) for e in events if e["kind"] == "write" and e["store"] == "one.zarr.partial"]
+    writes = [(e["rank"], tuple(e["block"])) for e in events
+              if e["kind"] == "write" and e["store"] == "one.zarr.partial"]
     blocks = [b for _, b in writes]
     assert len(blocks) == len(set(blocks)) == n_blocks("a")  # every block once
     assert {r for r, _ in writes} == {0, 1}  # shared between the ranks

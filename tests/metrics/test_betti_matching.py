@@ -167,8 +167,8 @@ def test_extension_gets_inverted_float64_tiles_prediction_first(monkeypatch):
         for py, ly in zip(np.array_split(pz, 2, axis=1), np.array_split(lz, 2, axis=1)):
             expected += list(zip(np.array_split(py, 2, axis=2), np.array_split(ly, 2, axis=2)))
     assert len(recorder.calls) == 8
-    for (a, b), (p, l) in zip(recorder.calls, expected):
-        for array, mask in ((a, p), (b, l)):
+    for (a, b), (p, q) in zip(recorder.calls, expected):
+        for array, mask in ((a, p), (b, q)):
             assert array.dtype == np.float64 and array.flags.c_contiguous
             np.testing.assert_array_equal(array, np.where(mask, 0.0, 1.0))
 
@@ -312,7 +312,8 @@ def test_loading_does_not_import_the_topolosses_package():
 
 def test_loader_reports_why_it_cannot_load(monkeypatch, tmp_path):
     monkeypatch.setattr(bm, "extension_paths", lambda: [])
-    assert bm._load.__wrapped__() == (None, "the topolosses wheel (with the Betti-Matching-3D extension) is not installed")
+    missing = "the topolosses wheel (with the Betti-Matching-3D extension) is not installed"
+    assert bm._load.__wrapped__() == (None, missing)
     broken = tmp_path / "betti_matching.cpython-311-x86_64-linux-gnu.so"
     broken.write_bytes(b"not an extension")
     monkeypatch.setattr(bm, "extension_paths", lambda: [broken])

@@ -30,6 +30,7 @@ from vesuvius_monai.metrics.names import DEFAULT_METRICS, METRIC_NAMES, TOPO_MAT
 __all__ = ["Config", "DataConfig", "DEFAULT_METRICS", "EvaluateConfig", "InferConfig", "Layer", "LeaderboardWeights",
            "LossWeights", "METRIC_NAMES", "ModelConfig", "PostprocessConfig", "RECIPE_MODEL_KWARGS", "RENAMED_KEYS",
            "SynthConfig", "SynthParams", "TOPO_MATCHINGS", "TrainConfig", "TransformConfig", "TuneConfig", "Triple",
-           "build", "check_fields", "choice", "coerce", "config_from_raw", "covered", "dotted_layer", "explicit_keys", "flatten",
+           "build", "check_fields", "choice", "coerce", "config_from_raw", "covered", "dotted_layer", "explicit_keys",
+           "flatten",
            "finite", "from_dict", "integer", "load_config", "mapping_layer", "overrides_layer", "parse_override",
            "read_yaml_mapping", "require", "resolve_config", "save_config", "to_dict", "upgrade_raw"]

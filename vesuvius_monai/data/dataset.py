@@ -119,7 +119,8 @@ def find_in_yaml(path: Path) -> list[FragmentFiles]:
         split = entry.get("split")
         if split not in (None, "train", "val", "test"):
             raise VesuviusError(f"{path}: fragments[{n}].split must be train, val or test, got {split!r}")
-        fragments.append(FragmentFiles(id=str(entry.get("id", volume_id(image))), image=image, label=label, split=split))
+        fragment_id = str(entry.get("id", volume_id(image)))
+        fragments.append(FragmentFiles(id=fragment_id, image=image, label=label, split=split))
     return fragments
 
 
@@ -165,7 +166,9 @@ def check_label_values(reader: VolumeReader, ignore_index: int, block: int = 128
 def open_fragment(files: FragmentFiles, cfg: DataConfig, *, check_labels: bool = True) -> Fragment:
     """Open both volumes lazily and check that they fit together."""
     image = open_volume(files.image, spacing=cfg.spacing, level=cfg.zarr_level, key=cfg.zarr_key)
-    label = open_volume(files.label, spacing=cfg.spacing, level=cfg.zarr_level, key=cfg.zarr_key) if files.label else None
+    label = None
+    if files.label:
+        label = open_volume(files.label, spacing=cfg.spacing, level=cfg.zarr_level, key=cfg.zarr_key)
     if label is not None:
         if tuple(label.shape) != tuple(image.shape):
             raise VesuviusError(f"label {files.label} has shape {tuple(label.shape)} but image {files.image} "
@@ -195,4 +198,5 @@ def load_splits(cfg: DataConfig, *, require_train: bool = True) -> dict[str, lis
         raise VesuviusError("no training fragments left after the split (check data.val_fragments / test_fragments)")
     for name, items in splits.items():
         log.info("%s fragments (%d): %s", name, len(items), ", ".join(f.id for f in items))
-    return {name: [open_fragment(f, cfg, check_labels=name != "train") for f in items] for name, items in splits.items()}
+    return {name: [open_fragment(f, cfg, check_labels=name != "train") for f in items]
+            for name, items in splits.items()}

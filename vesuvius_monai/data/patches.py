@@ -65,7 +65,8 @@ def rank_items(first_item: int, steps: int, batch_size: int, rank: int = 0, worl
         raise VesuviusError(f"bad item range: first_item={first_item}, steps={steps}, batch_size={batch_size}, "
                             f"rank={rank}, world_size={world_size}")
     global_batch = world_size * batch_size
-    return [first_item + step * global_batch + rank * batch_size + k for step in range(steps) for k in range(batch_size)]
+    return [first_item + step * global_batch + rank * batch_size + k
+            for step in range(steps) for k in range(batch_size)]
 
 
 def patch_region(shape: tuple[int, ...], patch: tuple[int, ...], centre: np.ndarray) -> tuple[slice, ...]:

@@ -234,7 +234,8 @@ def _add_specks(image: np.ndarray, rng: np.random.Generator, params: SynthParams
 
 
 def _drift(rng: np.random.Generator, shape: tuple[int, int, int], strength: float) -> np.ndarray:
-    """(z, y, x) float32 multiplicative drift: 1 + strength * (linear ramp + one slow cosine), in about 1 +- strength."""
+    """(z, y, x) float32 multiplicative drift: 1 + strength * (linear ramp + one slow cosine), in about
+    1 +- strength."""
     z, y, x = (a / max(len(a) - 1, 1) - 0.5 for a in _axes(shape))
     slope = rng.normal(size=3)
     slope *= 1.2 / np.abs(slope).sum()  # ramp in [-0.6, 0.6]

@@ -88,7 +88,8 @@ def evaluate_fragment(model: nn.Module, fragment: Fragment, cfg: Config, device:
     if cfg.evaluate.save_masks:
         write_nifti(out / "predictions" / f"{fragment.id}_mask.nii.gz", mask.astype(np.uint8), affine=affine)
     save_slices_png(image, mask, out / "predictions" / f"{fragment.id}_slices.png", label=label,
-                    ignore_index=cfg.data.ignore_index, title=f"{fragment.id}: Dice {scores.get('dice', float('nan')):.3f}")
+                    ignore_index=cfg.data.ignore_index,
+                    title=f"{fragment.id}: Dice {scores.get('dice', float('nan')):.3f}")
     return FragmentResult(scores=scores, pred_sizes=component_sizes(mask & (label != cfg.data.ignore_index)),
                           label_sizes=component_sizes(label == 1))
 

@@ -127,7 +127,8 @@ def validate(model: nn.Module, fragments: list[Fragment], cfg: Config, device: t
     scores = []
     for fragment in fragments:
         probs = infer_volume(model, fragment.image, plain, device=device)
-        scores.append(dice(probs > cfg.postprocess.threshold, fragment.label.read(), ignore_index=cfg.data.ignore_index))
+        label = fragment.label.read()
+        scores.append(dice(probs > cfg.postprocess.threshold, label, ignore_index=cfg.data.ignore_index))
     return float(np.mean(scores))
 
 
@@ -211,7 +212,8 @@ def _training_sources(cfg: Config, run: RunDir, fragments: list[Fragment], ctx: 
                                                                 cfg.data.ignore_index)]
 
     prepared = on_main(ctx, prepare)
-    return [PatchSource(fragment=f, window=window, surface=surface) for f, (window, surface) in zip(fragments, prepared)]
+    return [PatchSource(fragment=f, window=window, surface=surface)
+            for f, (window, surface) in zip(fragments, prepared)]
 
 
 def _training_batches(cfg: Config, run: RunDir, fragments: list[Fragment], state: TrainState, stop: int,

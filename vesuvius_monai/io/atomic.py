@@ -84,7 +84,8 @@ def check_replaceable_file(path: str | os.PathLike, ours: Callable[[Path], bool]
 
 
 def check_replaceable(target: str | os.PathLike, kind: str, name: str = "output folder") -> None:
-    """Raise unless publishing a folder at ``target`` would delete no file that an earlier ``kind`` output did not write.
+    """Raise unless publishing a folder at ``target`` would delete no file that an earlier ``kind`` output did not
+    write.
 
     Fine: no ``target``, an empty folder, or a folder published earlier as ``kind`` that still holds only the files
     it was published with. Anything else (a file, a foreign folder, extra files) is a VesuviusError naming ``name``,

@@ -165,7 +165,8 @@ class UNet3D(nn.Module):
         self.encoders = nn.ModuleList(block(cin, cout) for cin, cout in zip((first_in,) + feats[:-2], feats[:-1]))
         self.downs = nn.ModuleList(DOWNSAMPLE[downsample](c) for c in feats[:-1])
         self.bottleneck = block(feats[-2], feats[-1])
-        # decoder level i (deepest first) upsamples feats[i + 1] -> feats[i], concatenates the skip, 2 feats[i] -> feats[i]
+        # decoder level i (deepest first) upsamples feats[i + 1] -> feats[i], concatenates the skip,
+        # 2 feats[i] -> feats[i]
         levels = range(depth - 1, -1, -1)
         pad = up_kernel_size - 2  # kernel 3: padding 1 and output_padding 1 double the size, as kernel 2 does
         self.upconvs = nn.ModuleList(nn.ConvTranspose3d(feats[i + 1], feats[i], kernel_size=up_kernel_size, stride=2,
