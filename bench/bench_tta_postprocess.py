@@ -9,7 +9,7 @@ Predicts the test fragments once per inference setting and scores every setting 
     e_tta_rot90     with --rot90: mirror z, y + 4 quarter turns in y-x (16 distinct views), threshold 0.5
 
 Post-processing is tuned by the leaderboard score: for every (min_size, fill_holes_max) of a small grid,
-``vesuvius_monai.postprocess.pick_threshold`` picks the threshold; the best combination wins (ties go to the
+:func:`pick_threshold` picks the threshold; the best combination wins (ties go to the
 earlier, simpler grid entry). Each change gets a paired verdict against a_plain ("helped", "hurt" or "no
 measurable change", judged on the per-fragment deltas). Without --checkpoint a model is trained with the config
 into <run-dir>/train first (configs/demo.yaml: ~2-3 minutes on 2 CPU cores).
@@ -28,7 +28,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -47,7 +47,7 @@ from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.checkpoint import Checkpoint
 from vesuvius_monai.io.run_dir import RunDir
 from vesuvius_monai.metrics.leaderboard import leaderboard_score
-from vesuvius_monai.postprocess import PostprocessConfig, pick_threshold, postprocess
+from vesuvius_monai.postprocess import PostprocessConfig, Search, postprocess
 
 log = logging.getLogger("bench_tta_postprocess")
 
@@ -151,6 +151,27 @@ def leaderboard_fn(cfg: Config) -> Callable[[np.ndarray, np.ndarray], float]:
                                  ignore_index=cfg.data.ignore_index)["score"]
 
     return score
+
+
+THRESHOLDS = np.linspace(0.2, 0.8, 13)
+
+
+def pick_threshold(probs: list[np.ndarray], labels: list[np.ndarray],
+                   score_fn: Callable[[np.ndarray, np.ndarray], float], candidates: Sequence[float] = THRESHOLDS, *,
+                   base: PostprocessConfig | None = None) -> tuple[float, dict[float, float]]:
+    """The threshold of best mean ``score_fn(pred, label)`` over the fragments, without a guard (this bench's grid
+    search); ``pred`` is ``postprocess(prob, base with that threshold)``, ``base`` plain thresholding by default.
+    Ties go to the candidate closest to 0.5. Returns (best threshold, {threshold: mean score})."""
+    if len(candidates) == 0:
+        raise VesuviusError("pick_threshold 'candidates' is empty")
+    base = base or PostprocessConfig()
+    search = Search(probs, labels, score_fn, base=base)
+    scores = {float(t): float(np.mean(search.measure(dataclasses.replace(base, threshold=float(t)))))
+              for t in candidates}
+    best_score = max(scores.values())
+    best = min((t for t, s in scores.items() if s == best_score), key=lambda t: abs(t - 0.5))
+    log.info("best threshold %.3f with mean score %.4f", best, best_score)
+    return best, scores
 
 
 def grid_search_postprocess(probs: list[np.ndarray], val: Split, cfg: Config, min_sizes: list[int],

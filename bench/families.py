@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +47,7 @@ from vesuvius_monai.config import SynthParams, Triple, choice, require, to_dict
 from vesuvius_monai.data.folded import FoldedParams, make_folded_fragment
 from vesuvius_monai.data.synthetic import make_fragment
 from vesuvius_monai.errors import VesuviusError
-from vesuvius_monai.io.atomic import check_replaceable, publish_dir, work_dir_beside
+from vesuvius_monai.io.atomic import build_dir
 from vesuvius_monai.io.nifti import write_nifti
 
 log = logging.getLogger(__name__)
@@ -274,14 +273,7 @@ def write_families(out_dir: str | Path, families: list[str] | tuple[str, ...] = 
             return dataset
         raise VesuviusError(f"{out} holds benchmark data made with other settings ({dataset}); delete it or choose "
                             f"another folder")
-    check_replaceable(out, OUTPUT_KIND)
-    work = work_dir_beside(out)
-    try:
-        _write_into(work, record, families, counts)
-        publish_dir(work, out, OUTPUT_KIND)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)  # our own unfinished folder
-        raise
+    build_dir(out, OUTPUT_KIND, lambda work: _write_into(work, record, families, counts))
     log.info("wrote %d benchmark fragments (%s) to %s", len(families) * counts.total, ", ".join(families), out)
     return dataset
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
 from pathlib import Path
 
 from vesuvius_monai.config import Config, Layer, explicit_keys, mapping_layer, read_yaml_mapping, resolve_config
 from vesuvius_monai.errors import VesuviusError
-from vesuvius_monai.io.atomic import check_replaceable, publish_dir, work_dir_beside
+from vesuvius_monai.io.atomic import build_dir
 from vesuvius_monai.io.run_dir import RunDir
 
 log = logging.getLogger("vesuvius_monai")
@@ -60,14 +59,9 @@ def cmd_synth(args: argparse.Namespace) -> None:
             return
         raise VesuviusError(f"data.root {root} holds synthetic data made with other settings ({record}); "
                             f"delete it or choose another data.root")
-    check_replaceable(root, SYNTH_KIND, "data.root")
-    work = work_dir_beside(root)  # data.root appears complete or not at all
-    try:
-        write_synthetic_dataset(work, cfg.synth.n_fragments, seed=cfg.synth.seed, params=params, fmt=cfg.synth.fmt)
-        publish_dir(work, root, SYNTH_KIND, "data.root")
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)  # our own unfinished folder
-        raise
+    synth = cfg.synth
+    build_dir(root, SYNTH_KIND, lambda work: write_synthetic_dataset(work, synth.n_fragments, seed=synth.seed,
+                                                                      params=params, fmt=synth.fmt), "data.root")
     log.info("wrote %d synthetic fragments to %s", cfg.synth.n_fragments, root)
 
 

@@ -1,9 +1,8 @@
 """Post-processing of surface probabilities: threshold, drop small components, fill small cavities.
 
 Also :func:`pick_postprocess` (``tune-postprocess``), which picks threshold and small-component removal on validation
-fragments with a guard against over-fitting, and :func:`pick_threshold` (``bench/bench_tta_postprocess.py``'s grid
-search), which picks the threshold of best mean score without a guard. Connected components come from
-:mod:`vesuvius_monai.metrics.components`, the labelling the metrics use.
+fragments with a guard against over-fitting, through :class:`Search` (every candidate scored once per fragment).
+Connected components come from :mod:`vesuvius_monai.metrics.components`, the labelling the metrics use.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ from vesuvius_monai.metrics.components import CONNECTIVITY_RANK, cavity_labels
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CANDIDATES = np.linspace(0.2, 0.8, 13)
 Scorer = Callable[[np.ndarray, np.ndarray], float]  # (bool pred (Z, Y, X), label (Z, Y, X)) -> score, higher is better
 
 
@@ -73,44 +71,16 @@ def _apply(prob: np.ndarray, cfg: PostprocessConfig) -> np.ndarray:
     return fill_small_holes(mask, cfg.fill_holes_max)
 
 
-def _check_fragments(probs: list[np.ndarray], labels: list[np.ndarray], who: str) -> None:
+def _check_fragments(probs: list[np.ndarray], labels: list[np.ndarray]) -> None:
     """Raise unless there are equally many probs and labels (> 0), each prob checked, each pair of one shape."""
     if len(probs) == 0 or len(probs) != len(labels):
-        raise VesuviusError(f"{who} needs equally many probs and labels (> 0), got {len(probs)} and {len(labels)}")
+        raise VesuviusError(f"post-processing search needs equally many probs and labels (> 0), got {len(probs)} and "
+                            f"{len(labels)}")
     for i, (prob, label) in enumerate(zip(probs, labels)):
         _check_prob(prob)
         if prob.shape != label.shape:
-            raise VesuviusError(f"{who} fragment {i}: prob shape {prob.shape} != label shape {label.shape}")
-
-
-def pick_threshold(
-    probs: list[np.ndarray],
-    labels: list[np.ndarray],
-    score_fn: Callable[[np.ndarray, np.ndarray], float],
-    candidates: Sequence[float] = DEFAULT_CANDIDATES,
-    *,
-    base: PostprocessConfig | None = None,
-) -> tuple[float, dict[float, float]]:
-    """Pick the threshold that maximises the mean of ``score_fn(pred, label)`` over fragments.
-
-    probs[i] (Z, Y, X) in [0, 1] and labels[i] of the same shape are passed as ``score_fn(bool pred, label)``,
-    higher is better. ``pred`` is ``postprocess(prob, base with that threshold)``; ``base`` defaults to plain
-    thresholding. Ties go to the candidate closest to 0.5. Returns (best threshold, {threshold: mean score}).
-    """
-    _check_fragments(probs, labels, "pick_threshold")
-    thresholds = [float(t) for t in candidates]
-    if not thresholds:
-        raise VesuviusError("pick_threshold 'candidates' is empty")
-    base = base or PostprocessConfig()
-    scores = {}
-    for t in tqdm(thresholds, desc="thresholds", leave=False):
-        cfg = dataclasses.replace(base, threshold=t)
-        masks = [_apply(prob, cfg) for prob in probs]
-        scores[t] = float(np.mean(_checked(score_fn, masks, labels, "score_fn", describe(cfg))))
-    best_score = max(scores.values())
-    best = min((t for t, s in scores.items() if s == best_score), key=lambda t: abs(t - 0.5))
-    logger.info("best threshold %.3f with mean score %.4f", best, best_score)
-    return best, scores
+            raise VesuviusError(f"post-processing search fragment {i}: prob shape {prob.shape} != label shape "
+                                f"{label.shape}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,34 +121,39 @@ def pick_postprocess(
     ``base`` on a strict majority of the fragments, at least two: a setting chosen on one fragment, or carried by one,
     over-fits it. Ties of the mean go to the candidate closer to ``base``.
     """
-    _check_fragments(probs, labels, "pick_postprocess")
-    search = _Search(probs, labels, score_fn, dice_fn, base, tune.max_dice_drop)
+    search = Search(probs, labels, score_fn, base=base, dice_fn=dice_fn, max_dice_drop=tune.max_dice_drop)
     best_t = search.best([base, *(dataclasses.replace(base, threshold=float(t)) for t in tune.thresholds)])
     by_size = [dataclasses.replace(best_t, min_size=int(m), connectivity=int(c)) for m in tune.min_sizes
                for c in connectivities]
     return _guarded(search.best([best_t, *by_size]), search)
 
 
-class _Search:
-    """The per-fragment scores (and Dice) of every candidate tried, each computed once, and the best allowed one."""
+class Search:
+    """The per-fragment scores (and Dice) of every candidate tried, each computed once, and the best allowed one.
 
-    def __init__(self, probs: list[np.ndarray], labels: list[np.ndarray], score_fn: Scorer, dice_fn: Scorer | None,
-                 base: PostprocessConfig, max_dice_drop: float):
+    probs[i] (Z, Y, X) in [0, 1] and labels[i] of the same shape (checked here); ``score_fn`` and ``dice_fn`` take
+    (bool pred, label), higher is better. A candidate whose mean Dice is more than ``max_dice_drop`` below
+    ``base``'s is not allowed (without a ``dice_fn`` every candidate is).
+    """
+
+    def __init__(self, probs: list[np.ndarray], labels: list[np.ndarray], score_fn: Scorer, *,
+                 base: PostprocessConfig, dice_fn: Scorer | None = None, max_dice_drop: float = math.inf):
+        _check_fragments(probs, labels)
         self.probs, self.labels, self.score_fn, self.dice_fn = probs, labels, score_fn, dice_fn
         self.base, self.max_dice_drop = base, max_dice_drop
         self.scores: dict[str, list[float]] = {}
         self.dices: dict[str, list[float]] = {}
         self.measure(base)
 
-    def measure(self, cfg: PostprocessConfig) -> None:
-        """Score ``cfg`` on every fragment (once)."""
+    def measure(self, cfg: PostprocessConfig) -> list[float]:
+        """The scores of ``cfg`` on every fragment (computed once)."""
         name = describe(cfg)
-        if name in self.scores:
-            return
-        masks = [_apply(prob, cfg) for prob in self.probs]
-        self.scores[name] = _checked(self.score_fn, masks, self.labels, "score_fn", name)
-        if self.dice_fn is not None:
-            self.dices[name] = _checked(self.dice_fn, masks, self.labels, "dice_fn", name)
+        if name not in self.scores:
+            masks = [_apply(prob, cfg) for prob in self.probs]
+            self.scores[name] = _checked(self.score_fn, masks, self.labels, "score_fn", name)
+            if self.dice_fn is not None:
+                self.dices[name] = _checked(self.dice_fn, masks, self.labels, "dice_fn", name)
+        return self.scores[name]
 
     def refused(self) -> list[str]:
         """Names of the candidates tried whose mean Dice is more than ``max_dice_drop`` below the base's."""
@@ -199,7 +174,7 @@ class _Search:
         return max(allowed, key=key) if allowed else self.base
 
 
-def _guarded(best: PostprocessConfig, search: _Search) -> PostprocessChoice:
+def _guarded(best: PostprocessConfig, search: Search) -> PostprocessChoice:
     """``best`` if it beats ``base`` on a strict majority (>= 2) of fragments, else ``base``, with the reason."""
     base, scores = search.base, search.scores
     new, old = np.array(scores[describe(best)]), np.array(scores[describe(base)])

@@ -22,7 +22,7 @@ def test_full_size_patch_shape():
     assert torch.isfinite(out).all()
 
 
-def test_default_architecture_matches_the_notebook():
+def test_default_architecture_matches_the_seed_design():
     model = UNet3D()
     assert model.features == (16, 32, 64, 128)
     assert [b.conv1.out_channels for b in model.encoders] == [16, 32, 64]
@@ -173,7 +173,7 @@ def test_downsampling_and_upsampling_choices():
     assert [(u.kernel_size, u.padding, u.output_padding) for u in model.upconvs] == [((3, 3, 3), (1, 1, 1),
                                                                                       (1, 1, 1))] * 2
     assert all(isinstance(d, nn.AvgPool3d) for d in UNet3D(depth=2, downsample="avgpool").downs)
-    assert all(isinstance(d, nn.MaxPool3d) for d in UNet3D(depth=2).downs)  # the notebook's
+    assert all(isinstance(d, nn.MaxPool3d) for d in UNet3D(depth=2).downs)  # the seed design's
     assert [u.kernel_size for u in UNet3D(depth=2).upconvs] == [(2, 2, 2)] * 2
 
 

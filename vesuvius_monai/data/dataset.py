@@ -20,7 +20,7 @@ import numpy as np
 
 from vesuvius_monai.config import DataConfig, read_yaml_mapping
 from vesuvius_monai.data.fg_index import check_label_block
-from vesuvius_monai.data.readers import VolumeReader, block_grid, open_volume
+from vesuvius_monai.data.readers import VolumeReader, block_grid, open_volume, volume_kind
 from vesuvius_monai.errors import VesuviusError
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def _volumes_in(folder: Path) -> dict[str, Path]:
     for path in sorted(folder.iterdir()):
         if path.name.startswith("."):
             continue
-        if path.is_dir() or path.name.lower().endswith(VOLUME_SUFFIXES):
+        if volume_kind(path) is not None:
             found[volume_id(path)] = path
     return found
 

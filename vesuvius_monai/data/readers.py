@@ -234,22 +234,39 @@ def open_volume(
     path = Path(path)
     if not path.exists():
         raise VesuviusError(f"{path}: volume not found")
-    name = path.name.lower()
-    if path.is_file() and is_nifti_path(name):
+    kind = volume_kind(path)
+    if kind == "nifti":
         if spacing is not None:
             logger.debug("%s: NIfTI spacing comes from its header; ignoring spacing=%s", path, spacing)
         return NiftiReader(path)
-    if path.is_file() and name.endswith(TIFF_SUFFIXES):
+    if kind == "tiff":
         return TiffReader(path, spacing)
-    if path.is_file() and name.endswith(".npy"):
+    if kind == "npy":
         return NpyReader(path, spacing)
-    if path.is_dir() and (name.endswith(".zarr") or any((path / m).exists() for m in ZARR_MARKERS)):
+    if kind == "zarr":
         return ZarrReader(path, spacing, level=level, key=key)
-    if path.is_dir() and any(p.suffix.lower() in TIFF_SUFFIXES for p in path.iterdir()):
+    if kind == "tiff_folder":
         return TiffFolderReader(path, spacing)
     raise VesuviusError(
         f"{path}: unknown volume format (expected .nii, .nii.gz, .tif/.tiff, a folder of .tif slices, .zarr or .npy)"
     )
+
+
+def volume_kind(path: Path) -> str | None:
+    """The format of the volume at ``path``: "nifti", "tiff", "npy", "zarr" (a folder named .zarr or holding Zarr
+    metadata), "tiff_folder" (a folder holding TIFF slices), or None when it is no volume this package reads."""
+    name = path.name.lower()
+    if path.is_file():
+        if is_nifti_path(name):
+            return "nifti"
+        if name.endswith(TIFF_SUFFIXES):
+            return "tiff"
+        return "npy" if name.endswith(".npy") else None
+    if not path.is_dir():
+        return None
+    if name.endswith(".zarr") or any((path / m).exists() for m in ZARR_MARKERS):
+        return "zarr"
+    return "tiff_folder" if any(p.suffix.lower() in TIFF_SUFFIXES for p in path.iterdir()) else None
 
 
 # ----------------------------------------------------------------------------------------------- percentiles

@@ -18,7 +18,6 @@ import dataclasses
 import io
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from vesuvius_monai.data.dataset import Fragment, load_splits
 from vesuvius_monai.engine.device import resolve_device
 from vesuvius_monai.engine.infer import infer_volume, load_normalized
 from vesuvius_monai.errors import VesuviusError
-from vesuvius_monai.io.atomic import check_replaceable, publish_dir, work_dir_beside, write_text
+from vesuvius_monai.io.atomic import build_dir, check_replaceable, write_text
 from vesuvius_monai.io.checkpoint import Checkpoint, as_checkpoint
 from vesuvius_monai.io.nifti import write_nifti
 from vesuvius_monai.io.run_dir import RunDir
@@ -152,19 +151,14 @@ def evaluate(cfg: Config, checkpoint: str | Path | Checkpoint, out_dir: str | Pa
     ckpt = as_checkpoint(checkpoint)
     ckpt.check_window(cfg.infer.roi_size)
     out = (Path(out_dir) if out_dir else RunDir(cfg.output_dir).eval).resolve()
-    check_replaceable(out, EVAL_KIND, "evaluation folder")
+    check_replaceable(out, EVAL_KIND, "evaluation folder")  # before the model is loaded: fail fast
     device = resolve_device(cfg.infer.device)
     model = ckpt.model(device)
     if (ckpt.model_name, ckpt.model_kwargs) != (cfg.model.name, cfg.model.kwargs):
         log.info("model comes from the checkpoint: %s %s", ckpt.model_name, ckpt.model_kwargs)
     fragments = select_fragments(cfg, cfg.evaluate.split, ckpt.trained_on)
-    work = work_dir_beside(out)
-    try:
-        payload = _evaluate_into(work, model, fragments, cfg, device, ckpt.path)
-        publish_dir(work, out, EVAL_KIND, "evaluation folder")
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)  # our own unfinished folder
-        raise
+    payload = build_dir(out, EVAL_KIND, lambda work: _evaluate_into(work, model, fragments, cfg, device, ckpt.path),
+                        "evaluation folder")
     log.info("mean Dice over %d %s fragments: %.4f", len(fragments), cfg.evaluate.split,
              payload["mean"].get("dice", float("nan")))
     return payload

@@ -28,7 +28,8 @@ import numpy as np
 
 from vesuvius_monai.config import Config, to_dict
 from vesuvius_monai.data.dataset import VOLUME_SUFFIXES, volume_id
-from vesuvius_monai.data.readers import ZARR_MARKERS, Region, VolumeReader, format_region, open_volume, region_shape
+from vesuvius_monai.data.readers import (Region, VolumeReader, format_region, open_volume, region_shape,
+                                         volume_kind)
 from vesuvius_monai.data.regions import Triple
 from vesuvius_monai.engine.blockwise import RunStats, run_blocks
 from vesuvius_monai.engine.distributed import (DistContext, gather_results, init_distributed, make_wait_group,
@@ -99,17 +100,6 @@ def _check_kind(output: Path, region: Region, input_path: str | Path, mask_outpu
                             f"memory; write to a .zarr output (block-wise) or give --roi")
 
 
-def _is_zarr(path: Path) -> bool:
-    return path.name.lower().endswith(".zarr") or any((path / m).exists() for m in ZARR_MARKERS)
-
-
-def _is_volume(path: Path) -> bool:
-    """A volume file (by suffix), a Zarr, or a folder that holds TIFF slices."""
-    if not path.is_dir():
-        return path.name.lower().endswith(VOLUME_SUFFIXES)
-    return _is_zarr(path) or any(p.suffix.lower() in (".tif", ".tiff") for p in path.iterdir())
-
-
 def folder_targets(inputs: Sequence[Path], output: Path) -> list[tuple[Path, Path]]:
     """(input volume, ``output/<id>.zarr``) for every volume of ``inputs``, in order.
 
@@ -121,13 +111,13 @@ def folder_targets(inputs: Sequence[Path], output: Path) -> list[tuple[Path, Pat
         raise VesuviusError(f"--output {output} is an existing file, not a folder; choose another --output")
     volumes: list[Path] = []
     for path in inputs:
-        if not (path.is_dir() and not _is_zarr(path)):
+        if not path.is_dir() or volume_kind(path) == "zarr":
             volumes.append(path)  # (a missing volume is named when it is opened)
             continue
         if path.resolve() == output.resolve() or path.resolve() in output.resolve().parents:
             raise VesuviusError(f"--output {output} is inside the input folder {path}; choose a folder outside it")
         entries = [p for p in sorted(path.iterdir()) if not p.name.startswith(".")]
-        found = [p for p in entries if _is_volume(p)]
+        found = [p for p in entries if volume_kind(p) is not None]
         skipped = [p.name for p in entries if p not in found]
         if skipped:
             log.info("--input %s: skipped %d entries that are not volumes: %s", path, len(skipped),
@@ -172,7 +162,7 @@ def predict(cfg: Config, checkpoint: str | Path | Checkpoint, input_path: str | 
         raise VesuviusError(f"{len(inputs)} --input volumes need a folder --output (a name without suffix, one "
                             f"<id>.zarr per volume); {output} names one file")
     input_path = inputs[0]
-    if input_path.is_dir() and not _is_volume(input_path):
+    if input_path.is_dir() and volume_kind(input_path) is None:
         raise VesuviusError(f"--input {input_path} is a folder of volumes, not a volume (no TIFF slices in it): give "
                             f"a folder --output (a name without suffix) for one <id>.zarr per volume")
     _check_outputs(inputs, {"--output": output, "--mask": mask_output, "--nifti": nifti_output})
@@ -209,7 +199,7 @@ def _predict_nifti(cfg: Config, ckpt: Checkpoint, reader, region: Region, output
 
 
 @dataclass(frozen=True)
-class PlannedVolume:
+class OutputVolume:
     """One Zarr output of a run: its input, final store, region, number of blocks and whether it is done."""
 
     input: Path
@@ -220,10 +210,10 @@ class PlannedVolume:
 
 
 @dataclass(frozen=True)
-class Plan:
+class Work:
     """The volumes of a run and each rank's share: ``shares[rank]`` = [(volume index, its blocks), ...]."""
 
-    volumes: list[PlannedVolume]
+    volumes: list[OutputVolume]
     shares: list[list[tuple[int, list[Triple]]]]
 
 
@@ -251,8 +241,8 @@ def output_meta(reader: VolumeReader, region: Region, cfg: Config, run_info: dic
     return run_meta(reader, region, window_grid(region, cfg.infer).block_size, cfg.infer.out_dtype, extra)
 
 
-def plan_outputs(cfg: Config, network: NetworkSource, targets: list[tuple[Path, Path]], roi: Region | None,
-                 world: int, resume: bool = True) -> Plan:
+def prepare_outputs(cfg: Config, network: NetworkSource, targets: list[tuple[Path, Path]], roi: Region | None,
+                    world: int, resume: bool = True) -> Work:
     """Check every output (before creating any), create or resume their stores, and split the blocks not done yet.
 
     Run by one process (rank 0) while the others wait. The cost of a block is its own windows plus one. The stores
@@ -267,7 +257,7 @@ def plan_outputs(cfg: Config, network: NetworkSource, targets: list[tuple[Path, 
     volumes, units, costs = [], [], []
     for v, ((input_path, out), (reader, region, meta, state)) in enumerate(zip(targets, opened)):
         grid = window_grid(region, cfg.infer)
-        volumes.append(PlannedVolume(Path(input_path), Path(out), region, len(grid.blocks()), state == "complete"))
+        volumes.append(OutputVolume(Path(input_path), Path(out), region, len(grid.blocks()), state == "complete"))
         if state == "complete":
             log.info("%s: already complete, nothing to do", out)
             continue
@@ -280,7 +270,7 @@ def plan_outputs(cfg: Config, network: NetworkSource, targets: list[tuple[Path, 
         for z in sorted(planes):
             units.append((v, planes[z]))
             costs.append(sum(grid.n_own_windows(b) + 1 for b in planes[z]))
-    return Plan(volumes, split_work(units, costs, world))
+    return Work(volumes, split_work(units, costs, world))
 
 
 def predict_zarr(cfg: Config, network: NetworkSource, targets: list[tuple[Path, Path]], roi: Region | None, *,
@@ -294,11 +284,11 @@ def predict_zarr(cfg: Config, network: NetworkSource, targets: list[tuple[Path, 
     """
     ctx, device = init_distributed(cfg.infer.device)
     make_wait_group(ctx)
-    plan = on_main(ctx, plan_outputs, cfg, network, targets, roi, ctx.world_size, resume)
+    work = on_main(ctx, prepare_outputs, cfg, network, targets, roi, ctx.world_size, resume)
     error, stats = None, RunStats()
     try:
-        if plan.shares[ctx.rank]:
-            stats = _run_share(network, cfg, plan, ctx, device)
+        if work.shares[ctx.rank]:
+            stats = _run_share(network, cfg, work, ctx, device)
     except Exception as err:
         if not ctx.active:
             raise
@@ -311,17 +301,17 @@ def predict_zarr(cfg: Config, network: NetworkSource, targets: list[tuple[Path, 
         raise VesuviusError(f"{err}; {FINISH_HINT}") from None
     if ctx.active:
         _log_shares(results)
-    on_main(ctx, _publish, plan, nifti_output)
+    on_main(ctx, _publish, work, nifti_output)
 
 
-def _run_share(network: NetworkSource, cfg: Config, plan: Plan, ctx: DistContext, device) -> RunStats:
-    """Predict this rank's blocks of every volume of ``plan`` into their stores."""
+def _run_share(network: NetworkSource, cfg: Config, work: Work, ctx: DistContext, device) -> RunStats:
+    """Predict this rank's blocks of every volume of ``work`` into their stores."""
     stats = RunStats()
     with network.predictor(cfg.infer, device) as predictor:
-        for v, blocks in plan.shares[ctx.rank]:
-            volume = plan.volumes[v]
+        for v, blocks in work.shares[ctx.rank]:
+            volume = work.volumes[v]
             store = PredictionStore.open(work_path(volume.output))
-            if len(plan.volumes) > 1 or ctx.active:
+            if len(work.volumes) > 1 or ctx.active:
                 log.info("%s -> %s: %d of its %d blocks in this process", volume.input, volume.output, len(blocks),
                          volume.n_blocks)
             job = volume_job(_open(volume.input, cfg), cfg, predictor, device, volume.region)
@@ -343,10 +333,10 @@ def _log_shares(results: list[RunStats]) -> None:
              len(results), sum(s.blocks for s in results), windows, recomputed, 100 * recomputed / max(windows, 1))
 
 
-def _publish(plan: Plan, nifti_output: str | Path | None) -> None:
-    """Publish every store of ``plan`` (once, after every process has finished), then the optional NIfTI export."""
-    for volume in plan.volumes:
+def _publish(work: Work, nifti_output: str | Path | None) -> None:
+    """Publish every store of ``work`` (once, after every process has finished), then the optional NIfTI export."""
+    for volume in work.volumes:
         if not volume.complete and work_path(volume.output).exists():  # (one process published it already)
             publish_store(PredictionStore.open(work_path(volume.output)), volume.output, blocks=volume.n_blocks)
     if nifti_output:
-        export_nifti(plan.volumes[0].output, nifti_output)
+        export_nifti(work.volumes[0].output, nifti_output)

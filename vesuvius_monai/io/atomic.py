@@ -13,9 +13,11 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 from vesuvius_monai.errors import VesuviusError
+
+T = TypeVar("T")
 
 
 @contextlib.contextmanager
@@ -117,6 +119,24 @@ def publish_dir(work: Path, target: str | os.PathLike, kind: str, name: str = "o
     check_replaceable(target, kind, name)
     replace_dir(work, target)
     return target
+
+
+def build_dir(target: str | os.PathLike, kind: str, build: Callable[[Path], T], name: str = "output folder") -> T:
+    """Build a folder output with ``build(work)`` in a fresh folder beside ``target``, then publish it at ``target``
+    in one rename (:func:`publish_dir`): ``target`` appears complete or not at all. Returns what ``build`` returns.
+
+    ``target`` is checked first (:func:`check_replaceable`: only an earlier ``kind`` output is replaced); on any
+    error the unfinished folder, this command's own, is removed.
+    """
+    check_replaceable(target, kind, name)
+    work = work_dir_beside(target)
+    try:
+        result = build(work)
+        publish_dir(work, target, kind, name)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return result
 
 
 def replace_dir(source: Path, target: Path) -> None:

@@ -111,11 +111,11 @@ class UNet3D(nn.Module):
             (less memory, more time); only active in training mode with grad enabled.
         stem_stride: 1 (the network above at full resolution) or 2 (the same network at half
             resolution between a strided stem and an upsampling head; see the module docstring).
-        downsample: between levels, ``"maxpool"`` (MaxPool3d(2), the notebook's), ``"avgpool"``
+        downsample: between levels, ``"maxpool"`` (MaxPool3d(2), the seed design's), ``"avgpool"``
             (AvgPool3d(2)) or ``"conv"`` (Conv3d(kernel 3, stride 2, padding 1), channels kept).
-        up_kernel_size: decoder ConvTranspose3d kernel, 2 (the notebook's) or 3 (padding 1,
+        up_kernel_size: decoder ConvTranspose3d kernel, 2 (the seed design's) or 3 (padding 1,
             output_padding 1: overlapping kernels, still stride 2).
-        final_kernel_size: kernel of the final conv, 1 (the notebook's) or 3 (padding 1).
+        final_kernel_size: kernel of the final conv, 1 (the seed design's) or 3 (padding 1).
     """
 
     def __init__(
