@@ -42,7 +42,8 @@ import numpy as np
 import yaml
 
 from _common import format_table, run_main, write_json
-from bench_recipes import COLUMNS, METRICS, leaders, mask_components, seed_rows, summarize_run
+from recipes_report import COLUMNS, leaders, seed_rows, summarize_run
+from recipes_runs import METRICS, mask_components
 from vesuvius_monai.config import Config, config_from_raw
 from vesuvius_monai.data.readers import open_volume
 from vesuvius_monai.errors import VesuviusError

@@ -232,7 +232,7 @@ def test_synthetic_zarr_tiles_synth_fragments(bench, tmp_path) -> None:
 # --------------------------------------------------------------------------- bench_recipes
 
 
-# the folder each row of the first tiny run was evaluated into (bench_recipes.run_system: a fresh run's first
+# the folder each row of the first tiny run was evaluated into (recipes_runs.evaluation_folders: a fresh run's first
 # evaluation goes to eval/)
 EVAL_FOLDER = {"default": "eval", "default_untuned": "eval_untuned", "default_plain": "eval_plain",
                "basicunet": "eval", "basicunet_tta": "eval_tta", "basicunet_tta_tuned": "eval_tta_tuned"}
