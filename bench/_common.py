@@ -59,11 +59,6 @@ def run_main(parse_args, run, argv: list[str] | None = None) -> None:
 # --------------------------------------------------------------------------- config and synthetic data
 
 
-def with_overrides(cfg_path: str | Path | None, overrides: Sequence[str]) -> Config:
-    """``load_config`` of a YAML file (None: the defaults) plus ``key=value`` overrides (later ones win)."""
-    return load_config(cfg_path, list(overrides))
-
-
 def run_synth(cfg_path: str | Path | None, overrides: Sequence[str]) -> None:
     """``vesuvius-monai synth --config cfg_path overrides...``, in this process (the command's own function): writes
     the fragments of the ``synth`` section to ``data.root``, or does nothing when they are already there; a
@@ -81,7 +76,7 @@ def synthetic_root(cfg_path: str | Path | None, overrides: Sequence[str], spare_
     other data.
     """
     errors = []
-    for root in dict.fromkeys((with_overrides(cfg_path, overrides).data.root, str(spare_root))):
+    for root in dict.fromkeys((load_config(cfg_path, list(overrides)).data.root, str(spare_root))):
         try:
             run_synth(cfg_path, [*overrides, f"data.root={root}"])
         except VesuviusError as err:

@@ -90,7 +90,8 @@ def predict(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     reader = open_volume(args.zarr)
     cfg = load_config(None, [f"infer.roi_size={[args.window] * 3}", f"infer.block_size={[args.block] * 3}",
-                             f"infer.sw_batch_size={args.batch}", f"infer.device={args.device}"])
+                             f"infer.sw_batch_size={args.batch}", f"infer.device={args.device}",
+                             "infer.tta_flip_axes=[]"])
     net = TimedNet().to(args.device).eval()
     with torch.inference_mode():
         net(torch.zeros(args.batch, 1, *cfg.infer.roi_size, device=args.device))  # warm-up

@@ -73,7 +73,7 @@ def overrides(args: argparse.Namespace, data: Path, out: Path, nproc: int) -> li
             f"model.kwargs={{init_features: {args.features}}}", f"transforms.patch_size={patch}",
             f"infer.roi_size={patch}", f"train.steps={args.steps}", f"train.batch_size={args.batch // nproc}",
             "train.log_every=1", f"train.num_threads={threads}", f"train.device={args.device}",
-            "train.warmup_steps=1"]  # no validation fragments: nothing but training steps
+            "train.warmup_steps=1", "train.loss={dice: 1.0}"]  # no validation fragments: nothing but training steps
 
 
 def threads_per_process(args: argparse.Namespace, nproc: int) -> int:
@@ -173,7 +173,8 @@ def write_model(path: Path, args: argparse.Namespace) -> None:
 def predict_overrides(args: argparse.Namespace) -> list[str]:
     edge, block = args.patch, args.predict_block
     return [f"infer.roi_size=[{edge},{edge},{edge}]", "infer.overlap=0.25", f"infer.block_size=[{block},{block},"
-            f"{block}]", "infer.out_dtype=uint8", f"infer.device={args.device}", "infer.sw_batch_size=2"]
+            f"{block}]", "infer.out_dtype=uint8", f"infer.device={args.device}", "infer.sw_batch_size=2",
+            "infer.tta_flip_axes=[]"]
 
 
 def run_prediction(args: argparse.Namespace, work: Path, out: Path, nproc: int) -> dict:

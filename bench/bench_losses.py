@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 
 from _common import (ALL_METRICS, VERDICT_RULE, format_table, mean_and_std, read_train_log, run_main,
-                     synthetic_root, verdict_lines, with_overrides, write_json)
-from vesuvius_monai.config import Config, to_dict
+                     synthetic_root, verdict_lines, write_json)
+from vesuvius_monai.config import Config, load_config, to_dict
 from vesuvius_monai.engine.evaluate import evaluate
 from vesuvius_monai.engine.train import train
 from vesuvius_monai.errors import VesuviusError
@@ -71,7 +71,7 @@ def loss_config(args: argparse.Namespace, name: str, data_root: str) -> Config:
     fixed = [f"data.root={data_root}", f"train.steps={args.steps}", f"train.loss={json.dumps(LOSSES[name])}",
              f"output_dir={args.run_dir / name}", "evaluate.split=test", f"evaluate.metrics={json.dumps(ALL_METRICS)}",
              "evaluate.save_probabilities=false"]
-    return with_overrides(args.config, ["train.max_minutes=0", *args.overrides, *fixed])
+    return load_config(args.config, ["train.max_minutes=0", *args.overrides, *fixed])
 
 
 def run_loss(args: argparse.Namespace, name: str, data_root: str) -> dict:

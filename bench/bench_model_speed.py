@@ -31,9 +31,9 @@ import statistics
 
 import torch
 
-from _common import (format_table, run_main, timed_call, verdict_rule, verdict_text, with_overrides,
+from _common import (format_table, run_main, timed_call, verdict_rule, verdict_text,
                      write_json)
-from vesuvius_monai.config import Config, to_dict
+from vesuvius_monai.config import Config, load_config, to_dict
 from vesuvius_monai.engine.trainer import build_state
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.losses import build_loss
@@ -79,7 +79,7 @@ def setting_config(args: argparse.Namespace, features: int, channels_last: bool,
                    ) -> Config:
     """The config of one training mode: ``--config`` + overrides, this setting's model and ``train.channels_last``."""
     kwargs = {"init_features": features, "checkpointing": args.checkpointing, **(extra or {})}
-    return with_overrides(args.config, [*args.overrides, "model.name=resunet3d", f"model.kwargs={json.dumps(kwargs)}",
+    return load_config(args.config, [*args.overrides, "model.name=resunet3d", f"model.kwargs={json.dumps(kwargs)}",
                                         f"train.channels_last={str(channels_last).lower()}"])
 
 

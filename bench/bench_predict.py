@@ -227,7 +227,8 @@ def measure_run(name: str, command: list[str], env: dict | None, cwd: Path | Non
 
 
 def run(args: argparse.Namespace) -> None:
-    overrides = [f"model.kwargs={{init_features: {args.features}}}", f"infer.device={args.device}", *args.overrides]
+    overrides = [f"model.kwargs={{init_features: {args.features}}}", f"infer.device={args.device}",
+                 "infer.tta_flip_axes=[]", *args.overrides]  # the network's windows alone: no TTA unless asked
     cfg = load_config(None, overrides)
     device = resolve_device(cfg.infer.device)
     options = print_options(cfg, device, args.repeats, args.compile, args.window_edges)

@@ -36,8 +36,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from _common import (ALL_METRICS, VERDICT_RULE, format_table, mean_and_std, run_main, score_mask, synthetic_root,
-                     verdict_lines, with_overrides, write_json)
-from vesuvius_monai.config import Config, to_dict
+                     verdict_lines, write_json)
+from vesuvius_monai.config import Config, load_config, to_dict
 from vesuvius_monai.data.dataset import Fragment, load_splits
 from vesuvius_monai.data.readers import VolumeReader
 from vesuvius_monai.engine.device import resolve_device
@@ -252,7 +252,7 @@ def print_report(results: dict[str, dict], lines: list[str], checkpoint: Path, t
 
 def run(args: argparse.Namespace) -> None:
     data_root = synthetic_root(args.config, args.overrides, args.run_dir / "data")
-    cfg = with_overrides(args.config, [*args.overrides, f"data.root={data_root}"])
+    cfg = load_config(args.config, [*args.overrides, f"data.root={data_root}"])
     checkpoint = args.checkpoint or train_default(cfg, args.run_dir)
     device = resolve_device(cfg.infer.device)
     model = Checkpoint.load(checkpoint).model(device)

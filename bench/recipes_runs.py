@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from _common import octant_components, read_train_log, with_overrides
-from vesuvius_monai.config import Config, build, config_from_raw, dotted_layer, mapping_layer, to_dict
+from _common import octant_components, read_train_log
+from vesuvius_monai.config import build, Config, config_from_raw, dotted_layer, load_config, mapping_layer, to_dict
 from vesuvius_monai.data.readers import open_volume
 from vesuvius_monai.engine.evaluate import evaluate
 from vesuvius_monai.engine.infer import with_tta, without_tta
@@ -64,7 +64,7 @@ def system_config(args: argparse.Namespace, name: str, extra: list[str], dataset
     ``train.steps`` becomes the cap; ``train.warmup_steps`` is scaled with it so that the warm-up keeps the recipe's
     share of the run (warmup_steps / steps of the recipe, e.g. 20 / 400 = 5 % of the time budget).
     """
-    own = with_overrides(args.config, [*recipe(name), *args.overrides, *extra])
+    own = load_config(args.config, [*recipe(name), *args.overrides, *extra])
     warmup = round(args.step_cap * own.train.warmup_steps / own.train.steps)
     fixed = {"seed": seed, "output_dir": str(args.run_dir / f"seed{seed}" / name), "data.dataset": str(dataset),
              "train.max_minutes": args.minutes, "train.steps": args.step_cap, "train.warmup_steps": warmup,
@@ -151,7 +151,7 @@ def system_variants(args: argparse.Namespace, name: str, cfg: Config, run: RunDi
     else:
         variants = untuned_variants(name, cfg)
     if name in args.default_inference:
-        default = with_overrides(args.config, args.overrides).infer
+        default = load_config(args.config, args.overrides).infer
         tta = with_tta(cfg, default.tta_flip_axes, default.tta_rot90)
         tta_tuned, seconds = tuned_config(tta, checkpoint, run.path / "tune_tta" / POSTPROCESS_FILE)
         variants += tta_variants(name, tta, tta_tuned, seconds)
