@@ -53,7 +53,7 @@ def cmd_synth(args: argparse.Namespace) -> None:
     record = root / "synth.yaml"
     wanted = {"n": cfg.synth.n_fragments, "seed": cfg.synth.seed, "fmt": cfg.synth.fmt, "params": to_dict(params)}
     if record.is_file():
-        found = yaml.safe_load(record.read_text())
+        found = read_yaml_mapping(record, "synthetic data record")
         if {k: found.get(k) for k in wanted} == yaml.safe_load(yaml.safe_dump(wanted)):
             log.info("%s already holds these synthetic fragments; nothing to do", root)
             return

@@ -67,15 +67,79 @@ def dotted_layer(source: str, values: dict[str, Any]) -> Layer:
 # --------------------------------------------------------------------------- reading
 
 
+# A YAML alias repeats the node it names: nested aliases multiply ("billion laughs"), so that a few hundred bytes
+# can stand for billions of values. A config, plan or dataset file needs a few aliases at most.
+MAX_ALIAS_NODES = 10_000  # values that aliases may add to a YAML document, all of them together
+MAX_YAML_BYTES = 64 * 2**20  # a config, plan or dataset file; a dataset of 100 000 fragments is about 20 MB
+
+
+class YamlTooLarge(Exception):
+    """A YAML document refused for what its aliases stand for (raised while it is read)."""
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a document whose aliases expand past :data:`MAX_ALIAS_NODES` values, or that
+    refers to itself."""
+
+    def compose_document(self) -> yaml.Node:
+        node = super().compose_document()
+        sizes: dict[int, int] = {}
+        expanded = _expanded_size(node, sizes, set())
+        if expanded - len(sizes) > MAX_ALIAS_NODES:
+            raise YamlTooLarge(f"its aliases (*name) expand to {expanded} values, more than {MAX_ALIAS_NODES} "
+                               f"beyond the {len(sizes)} written")
+        return node
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """The number of values ``node`` stands for with every alias written out; ``sizes`` memoises each distinct node
+    (so the walk is linear in the nodes written), ``open_nodes`` holds the nodes being measured (an alias to one of
+    them makes the document infinite)."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_nodes:
+        raise YamlTooLarge("an alias (*name) refers to a node that contains it (a recursive document)")
+    open_nodes.add(key)
+    if isinstance(node, yaml.MappingNode):
+        children = [child for pair in node.value for child in pair]
+    elif isinstance(node, yaml.SequenceNode):
+        children = list(node.value)
+    else:
+        children = []
+    sizes[key] = 1 + sum(_expanded_size(child, sizes, open_nodes) for child in children)
+    open_nodes.discard(key)
+    return sizes[key]
+
+
+def load_yaml(text: str, what: str) -> Any:
+    """``text`` parsed as YAML safely: plain values only, aliases bounded (:data:`MAX_ALIAS_NODES`). ``what`` names
+    the source in errors (``"config file x.yaml"``, ``"override 'a=b'"``). Every YAML the package reads comes here."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as err:
+        raise VesuviusError(f"{what} is not valid YAML: {' '.join(str(err).split())}") from None
+    except YamlTooLarge as err:
+        raise VesuviusError(f"{what} was refused: {err}") from None
+    except RecursionError:
+        raise VesuviusError(f"{what} was refused: it is nested too deeply") from None
+
+
 def read_yaml_mapping(path: str | Path, what: str) -> dict:
     """A YAML file holding a mapping; ``what`` names the file's role in errors ("config file", ...)."""
     path = Path(path)
     if not path.is_file():
         raise VesuviusError(f"{what} not found: {path}")
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise VesuviusError(f"{what} {path} was refused: it holds {path.stat().st_size} bytes, more than the "
+                            f"{MAX_YAML_BYTES} a YAML file may hold here")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise VesuviusError(f"{what} {path} is not valid YAML: {err}") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise VesuviusError(f"{what} {path} is not UTF-8 text (byte {err.start}); is it a YAML file?") from None
+    except OSError as err:
+        raise VesuviusError(f"{what} {path} cannot be read: {err.strerror}") from None
+    raw = load_yaml(text, f"{what} {path}") or {}
     if not isinstance(raw, dict):
         raise VesuviusError(f"{what} {path} must hold a mapping")
     return raw
@@ -86,10 +150,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise VesuviusError(f"override '{text}' must look like key=value (e.g. train.steps=50)")
-    try:
-        return key.strip(), yaml.safe_load(value) if value else None
-    except yaml.YAMLError as err:
-        raise VesuviusError(f"override '{text}': the value is not valid YAML ({' '.join(str(err).split())})") from None
+    return key.strip(), load_yaml(value, f"override '{text}': the value") if value else None
 
 
 def _set(node: dict, key: str, value: Any) -> None:

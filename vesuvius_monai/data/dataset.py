@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from vesuvius_monai.config import DataConfig, read_yaml_mapping
-from vesuvius_monai.data.fg_index import check_label_block
+from vesuvius_monai.data.fg_index import LabelCounts, check_label_block, check_split_labels, count_labels
 from vesuvius_monai.data.readers import VolumeReader, block_grid, open_volume, volume_kind
 from vesuvius_monai.errors import VesuviusError
+from vesuvius_monai.io.paths import safe_name
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +59,16 @@ def volume_id(path: Path) -> str:
 
 
 def _volumes_in(folder: Path) -> dict[str, Path]:
-    found = {}
+    """The volumes in ``folder`` by id (hidden names skipped); two volumes with one id are an error."""
+    found: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        if path.name.startswith("."):
+        if path.name.startswith(".") or volume_kind(path) is None:
             continue
-        if volume_kind(path) is not None:
-            found[volume_id(path)] = path
+        frag_id = safe_name(volume_id(path), f"the id of {path}")
+        if frag_id in found:
+            raise VesuviusError(f"{found[frag_id]} and {path} have the same fragment id '{frag_id}'; "
+                                f"keep one of them in {folder}")
+        found[frag_id] = path
     return found
 
 
@@ -74,7 +79,7 @@ def _read_ids_csv(path: Path) -> list[str]:
         rows = list(csv.DictReader(handle))
     if not rows or "id" not in rows[0]:
         raise VesuviusError(f"{path}: needs a header row with an 'id' column")
-    return [str(row["id"]).strip() for row in rows]
+    return [safe_name(str(row["id"]).strip(), f"{path}: id") for row in rows]
 
 
 def find_in_folders(root: Path, ids_csv: Path | None = None) -> list[FragmentFiles]:
@@ -104,24 +109,44 @@ def find_in_folders(root: Path, ids_csv: Path | None = None) -> list[FragmentFil
 
 
 def find_in_yaml(path: Path) -> list[FragmentFiles]:
-    """Read a dataset YAML: ``fragments: [{id, image, label, split}]`` with paths relative to the file."""
+    """Read a dataset YAML: ``fragments: [{id, image, label, split}]`` with paths relative to the file.
+
+    Ids (given, or the image's name) must be safe file names (:func:`safe_name`) and unique.
+    """
     entries = read_yaml_mapping(path, "dataset file").get("fragments")
     if not isinstance(entries, list) or not entries:
         raise VesuviusError(f"{path}: needs a non-empty list under 'fragments'")
-    fragments = []
-    for n, entry in enumerate(entries):
-        unknown = set(entry) - {"id", "image", "label", "split"} if isinstance(entry, dict) else {"?"}
-        if unknown or "image" not in entry:
-            raise VesuviusError(f"{path}: fragments[{n}] must be a mapping with 'image' (and optional id, label, "
-                                f"split); unknown keys {sorted(unknown)}")
-        image = path.parent / entry["image"]
-        label = path.parent / entry["label"] if entry.get("label") else None
-        split = entry.get("split")
-        if split not in (None, "train", "val", "test"):
-            raise VesuviusError(f"{path}: fragments[{n}].split must be train, val or test, got {split!r}")
-        fragment_id = str(entry.get("id", volume_id(image)))
-        fragments.append(FragmentFiles(id=fragment_id, image=image, label=label, split=split))
+    fragments = [_yaml_entry(path, n, entry) for n, entry in enumerate(entries)]
+    first: dict[str, int] = {}
+    for n, fragment in enumerate(fragments):
+        if fragment.id in first:
+            raise VesuviusError(f"{path}: fragments[{first[fragment.id]}] and fragments[{n}] have the same id "
+                                f"'{fragment.id}'; ids must be unique (they name the fragment's output files)")
+        first[fragment.id] = n
     return fragments
+
+
+def _yaml_entry(path: Path, n: int, entry: object) -> FragmentFiles:
+    """Fragment ``n`` of the dataset YAML at ``path``, its values checked."""
+    where = f"{path}: fragments[{n}]"
+    unknown = set(entry) - {"id", "image", "label", "split"} if isinstance(entry, dict) else {"?"}
+    if unknown or "image" not in entry:
+        raise VesuviusError(f"{where} must be a mapping with 'image' (and optional id, label, split); unknown keys "
+                            f"{sorted(map(str, unknown))}")
+    if not isinstance(entry["image"], str) or not entry["image"].strip():
+        raise VesuviusError(f"{where}.image must be a path (a non-empty string), got {entry['image']!r}")
+    if not isinstance(entry.get("label") or "", str):
+        raise VesuviusError(f"{where}.label must be a path (a string), got {entry['label']!r}")
+    split = entry.get("split")
+    if split not in (None, "train", "val", "test"):
+        raise VesuviusError(f"{where}.split must be train, val or test, got {split!r}")
+    image = path.parent / entry["image"]
+    label = path.parent / entry["label"] if entry.get("label") else None
+    given = entry.get("id")
+    if given is not None and (isinstance(given, bool) or not isinstance(given, (str, int))):
+        raise VesuviusError(f"{where}.id must be a string, got {given!r}")
+    fragment_id = safe_name(str(given) if given is not None else volume_id(image), f"{where}.id")
+    return FragmentFiles(id=fragment_id, image=image, label=label, split=split)
 
 
 def find_fragments(cfg: DataConfig) -> list[FragmentFiles]:
@@ -157,10 +182,15 @@ def split_fragments(files: list[FragmentFiles], cfg: DataConfig) -> dict[str, li
     return splits
 
 
-def check_label_values(reader: VolumeReader, ignore_index: int, block: int = 128) -> None:
-    """Raise if the label holds values outside {0, 1, ignore_index}; reads block by block."""
+def check_label_values(reader: VolumeReader, ignore_index: int, block: int = 128) -> LabelCounts:
+    """Raise if the label holds values outside {0, 1, ignore_index}; reads block by block. Returns its counts of
+    labelled and surface voxels."""
+    counts = LabelCounts()
     for _, region in block_grid(reader.shape, (block, block, block)):
-        check_label_block(reader, reader.read(region), (0, 1, ignore_index))
+        labels = reader.read(region)
+        check_label_block(reader, labels, (0, 1, ignore_index))
+        counts += count_labels(labels)
+    return counts
 
 
 def open_fragment(files: FragmentFiles, cfg: DataConfig, *, check_labels: bool = True) -> Fragment:
@@ -184,9 +214,10 @@ def open_fragment(files: FragmentFiles, cfg: DataConfig, *, check_labels: bool =
 def load_splits(cfg: DataConfig, *, require_train: bool = True) -> dict[str, list[Fragment]]:
     """Find, split and open every fragment; logs the split.
 
-    Label values of val and test fragments are checked here; training labels are checked (once per file,
-    cached) while their surface index is built (``data.patches.prepare_sources``). ``require_train=False``
-    (evaluation of a trained model) accepts a data set without training fragments.
+    Label values of val and test fragments are checked here, and each of these splits needs a labelled voxel
+    (:func:`check_split_labels`); training labels are checked (once per file, cached) while their surface index is
+    built (``data.patches.prepare_sources``). ``require_train=False`` (evaluation of a trained model) accepts a data
+    set without training fragments.
     """
     splits = split_fragments(find_fragments(cfg), cfg)
     unlabeled = [f.image for items in splits.values() for f in items if f.label is None]
@@ -198,5 +229,9 @@ def load_splits(cfg: DataConfig, *, require_train: bool = True) -> dict[str, lis
         raise VesuviusError("no training fragments left after the split (check data.val_fragments / test_fragments)")
     for name, items in splits.items():
         log.info("%s fragments (%d): %s", name, len(items), ", ".join(f.id for f in items))
-    return {name: [open_fragment(f, cfg, check_labels=name != "train") for f in items]
-            for name, items in splits.items()}
+    opened = {name: [open_fragment(f, cfg, check_labels=False) for f in items] for name, items in splits.items()}
+    for name in ("val", "test"):
+        labels = [f.label for f in opened[name]]
+        counts = sum((check_label_values(label, cfg.ignore_index) for label in labels), LabelCounts())
+        check_split_labels(name, labels, counts)
+    return opened

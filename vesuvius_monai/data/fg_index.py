@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from tqdm import tqdm
 from vesuvius_monai.data.readers import VolumeReader, block_grid
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.atomic import atomic_path
+from vesuvius_monai.io.paths import check_parents, inside
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +73,50 @@ def check_label_block(reader: VolumeReader, labels: np.ndarray, allowed: tuple[i
                             f"(0 background, 1 surface, {ignore} ignore)")
 
 
+@dataclass(frozen=True)
+class LabelCounts:
+    """Voxels of one or more label volumes: ``labelled`` (0 background or 1 surface: trained on and scored) and
+    ``surface`` (1). Added with ``+``."""
+
+    labelled: int = 0
+    surface: int = 0
+
+    def __add__(self, other: LabelCounts) -> LabelCounts:
+        return LabelCounts(self.labelled + other.labelled, self.surface + other.surface)
+
+
+def count_labels(labels: np.ndarray) -> LabelCounts:
+    """The labelled (0 or 1) and surface (1) voxels of a label array (any shape)."""
+    surface = int(np.count_nonzero(labels == 1))
+    return LabelCounts(surface + int(np.count_nonzero(labels == 0)), surface)
+
+
+def check_split_labels(split: str, labels: list[VolumeReader], counts: LabelCounts) -> None:
+    """A split of labelled fragments needs a labelled voxel in its ``labels`` (``counts`` over all of them):
+    VesuviusError naming the split and its files otherwise; labels without a surface voxel get a warning."""
+    if not labels:
+        return
+    names = ", ".join(str(r.path) for r in labels[:5]) + (f" and {len(labels) - 5} more" if len(labels) > 5 else "")
+    if counts.labelled == 0:
+        raise VesuviusError(f"the {split} fragments have no labelled voxel (0 background or 1 surface), only ignore: "
+                            f"{names}; there is nothing to {'train on' if split == 'train' else 'score'}")
+    if counts.surface == 0:
+        logger.warning("the labels of the %s fragments hold no surface voxel (1), only background: %s", split, names)
+
+
+def check_training_labels(labels: list[VolumeReader], surface_points: int) -> None:
+    """:func:`check_split_labels` for the training split, whose labels are read only through their foreground
+    indices: ``surface_points`` (indexed over all of them) > 0 shows labelled voxels; else the labels are searched
+    for a background voxel (the search stops at the first)."""
+    labelled = surface_points or int(any(_holds_value(reader, 0) for reader in labels))
+    check_split_labels("train", labels, LabelCounts(labelled, surface_points))
+
+
+def _holds_value(reader: VolumeReader, value: int, block: int = 64) -> bool:
+    """Whether the volume holds ``value`` anywhere; reads block by block and stops at the first block holding it."""
+    return any(np.any(reader.read(region) == value) for _, region in block_grid(reader.shape, (block,) * 3))
+
+
 def _keep_smallest(points: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` rows of ``points`` (N, 3) with the smallest ``keys`` (N,); all of them when N <= k."""
     if len(keys) <= k:
@@ -109,7 +155,7 @@ def foreground_cache_path(
            f"{max_points}|{seed}")
     digest = hashlib.sha1(key.encode()).hexdigest()[:16]
     stem = path.name.split(".")[0]
-    return Path(cache_dir) / f"fg_{stem}_{digest}.npy"
+    return inside(cache_dir, f"fg_{stem}_{digest}.npy")
 
 
 def load_or_build_foreground_index(
@@ -139,6 +185,7 @@ def load_or_build_foreground_index(
                 return points
         except (OSError, ValueError) as exc:
             logger.warning("%s: unreadable foreground cache (%s), rebuilding", cache, exc)
+    check_parents(cache, "foreground index cache")
     points = build_foreground_index(label_reader, **params, allowed=allowed)
     with atomic_path(cache) as tmp:
         np.save(tmp, points)

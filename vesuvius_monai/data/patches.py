@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from vesuvius_monai.config import TransformConfig
 from vesuvius_monai.data.dataset import Fragment
-from vesuvius_monai.data.fg_index import load_or_build_foreground_index
+from vesuvius_monai.data.fg_index import check_training_labels, load_or_build_foreground_index
 from vesuvius_monai.data.readers import sample_percentiles
 from vesuvius_monai.data.transforms import read_normalized, train_augmentations
 from vesuvius_monai.errors import VesuviusError
@@ -54,6 +54,7 @@ def prepare_sources(fragments: list[Fragment], cfg: TransformConfig, cache_dir: 
         surface = load_or_build_foreground_index(fragment.label, cache_dir, allowed=(0, 1, ignore_index))
         log.info("fragment %s: window %.1f..%.1f, %d surface points indexed", fragment.id, *window, len(surface))
         sources.append(PatchSource(fragment=fragment, window=window, surface=surface))
+    check_training_labels([f.label for f in fragments], sum(len(s.surface) for s in sources))
     return sources
 
 

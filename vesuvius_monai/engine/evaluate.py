@@ -35,6 +35,7 @@ from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.atomic import build_dir, check_replaceable, write_text
 from vesuvius_monai.io.checkpoint import Checkpoint, as_checkpoint
 from vesuvius_monai.io.nifti import write_nifti
+from vesuvius_monai.io.paths import check_parents, inside
 from vesuvius_monai.io.run_dir import RunDir
 from vesuvius_monai.metrics import compute_metrics, topo_matching_used
 from vesuvius_monai.postprocess import postprocess
@@ -83,10 +84,10 @@ def evaluate_fragment(model: nn.Module, fragment: Fragment, cfg: Config, device:
     scores["inference_seconds"] = seconds
     affine = fragment.image.affine
     if cfg.evaluate.save_probabilities:
-        write_nifti(out / "predictions" / f"{fragment.id}_prob.nii.gz", probs.astype(np.float32), affine=affine)
+        write_nifti(inside(out / "predictions", f"{fragment.id}_prob.nii.gz"), probs.astype(np.float32), affine=affine)
     if cfg.evaluate.save_masks:
-        write_nifti(out / "predictions" / f"{fragment.id}_mask.nii.gz", mask.astype(np.uint8), affine=affine)
-    save_slices_png(image, mask, out / "predictions" / f"{fragment.id}_slices.png", label=label,
+        write_nifti(inside(out / "predictions", f"{fragment.id}_mask.nii.gz"), mask.astype(np.uint8), affine=affine)
+    save_slices_png(image, mask, inside(out / "predictions", f"{fragment.id}_slices.png"), label=label,
                     ignore_index=cfg.data.ignore_index,
                     title=f"{fragment.id}: Dice {scores.get('dice', float('nan')):.3f}")
     return FragmentResult(scores=scores, pred_sizes=component_sizes(mask & (label != cfg.data.ignore_index)),
@@ -127,7 +128,7 @@ def write_report(out: Path, results: dict[str, FragmentResult], mean: dict[str, 
     save_component_histogram([r.pred_sizes for r in results.values()], [r.label_sizes for r in results.values()],
                              out / "component_sizes.png")
     figures = [(RunDir.of_checkpoint(checkpoint).learning_curve, "learning curve of the training run")]
-    figures += [(out / "predictions" / f"{i}_slices.png", f"{i}: mid-slices") for i in results]
+    figures += [(inside(out / "predictions", f"{i}_slices.png"), f"{i}: mid-slices") for i in results]
     figures.append((out / "component_sizes.png", "connected-component sizes"))
     notes = [f"checkpoint: {checkpoint}", f"split: {cfg.evaluate.split}",
              f"inference: window {list(cfg.infer.roi_size)}, overlap {cfg.infer.overlap}, {cfg.infer.blend} blending, "
@@ -151,6 +152,7 @@ def evaluate(cfg: Config, checkpoint: str | Path | Checkpoint, out_dir: str | Pa
     ckpt = as_checkpoint(checkpoint)
     ckpt.check_window(cfg.infer.roi_size)
     out = (Path(out_dir) if out_dir else RunDir(cfg.output_dir).eval).resolve()
+    check_parents(out, "evaluation folder")
     check_replaceable(out, EVAL_KIND, "evaluation folder")  # before the model is loaded: fail fast
     device = resolve_device(cfg.infer.device)
     model = ckpt.model(device)

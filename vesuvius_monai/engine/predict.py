@@ -41,6 +41,7 @@ from vesuvius_monai.engine.zarr_output import (check_output_store, checked_roi, 
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.checkpoint import Checkpoint, as_checkpoint
 from vesuvius_monai.io.nifti import PREDICTION_MARK, check_replaceable_nifti, is_nifti_path, write_nifti
+from vesuvius_monai.io.paths import check_parents, inside, safe_name
 from vesuvius_monai.io.zarr_store import PredictionStore
 from vesuvius_monai.postprocess import postprocess
 
@@ -133,7 +134,8 @@ def folder_targets(inputs: Sequence[Path], output: Path) -> list[tuple[Path, Pat
             raise VesuviusError(f"--input {by_id[vid]} and {path} would both be written to {output / (vid + '.zarr')}; "
                                 f"predict them into different --output folders")
         by_id[vid] = path
-    targets = [(path, output / f"{vid}.zarr") for vid, path in by_id.items()]
+    targets = [(path, inside(output, safe_name(vid, f"the id of --input {path}") + ".zarr"))
+               for vid, path in by_id.items()]
     _check_outputs(list(inputs) + volumes, {f"--output {out}": out for _, out in targets})
     return targets
 
@@ -152,6 +154,9 @@ def predict(cfg: Config, checkpoint: str | Path | Checkpoint, input_path: str | 
     ckpt.check_window(cfg.infer.roi_size)
     inputs = [Path(p) for p in ([input_path] if isinstance(input_path, (str, Path)) else input_path)]
     output = Path(output)
+    for flag, path in (("--output", output), ("--mask", mask_output), ("--nifti", nifti_output)):
+        if path is not None:
+            check_parents(path, flag)  # an output path through an existing file: refused before anything is written
     if is_folder_output(output):
         if mask_output or nifti_output:
             raise VesuviusError("--mask and --nifti go with one volume; a folder --output holds one <id>.zarr per "

@@ -32,7 +32,7 @@ from vesuvius_monai.io.checkpoint import Checkpoint
 from vesuvius_monai.io.run_dir import RunDir
 from vesuvius_monai.losses import build_loss
 from vesuvius_monai.metrics.overlap import dice
-from vesuvius_monai.models import check_input_sizes
+from vesuvius_monai.models import check_input_sizes, check_model
 from vesuvius_monai.report import plot_learning_curve
 
 log = logging.getLogger(__name__)
@@ -153,6 +153,7 @@ def train(cfg: Config, *, resume: bool = False, stop_at_step: int | None = None)
     a later ``resume=True`` call continues it exactly.
     """
     clock = RunClock(budget_s=cfg.train.max_minutes * 60)
+    check_model(cfg.model.name, cfg.model.kwargs)
     check_sizes(cfg)
     ctx, device = init_distributed(cfg.train.device)
     run, resumed = on_main(ctx, prepare_run_dir, cfg, resume)

@@ -26,6 +26,7 @@ from vesuvius_monai.engine.infer import infer_volume
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.atomic import check_replaceable_file, write_text
 from vesuvius_monai.io.checkpoint import Checkpoint, as_checkpoint
+from vesuvius_monai.io.paths import check_parents
 from vesuvius_monai.io.run_dir import POSTPROCESS_FILE
 from vesuvius_monai.metrics import dice, topo_matching_used
 from vesuvius_monai.metrics.leaderboard import leaderboard_score
@@ -42,6 +43,7 @@ def tune_postprocess(cfg: Config, checkpoint: str | Path | Checkpoint, out_dir: 
     ckpt = as_checkpoint(checkpoint)
     ckpt.check_window(cfg.infer.roi_size)
     path = Path(out_dir) / POSTPROCESS_FILE if out_dir else ckpt.run.postprocess
+    check_parents(path, "--out")
     check_replaceable_choice(path)
     fragments = select_fragments(cfg, "val", ckpt.trained_on)
     device = resolve_device(cfg.infer.device)

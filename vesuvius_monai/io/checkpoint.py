@@ -23,7 +23,7 @@ from vesuvius_monai.config import Config, config_from_raw, to_dict
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.atomic import atomic_path
 from vesuvius_monai.io.run_dir import RunDir
-from vesuvius_monai.models import build_model, check_input_sizes
+from vesuvius_monai.models import build_model, check_input_sizes, check_model
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +63,9 @@ class Checkpoint:
         path = Path(path)
         payload = _read(path)
         try:
-            return cls(path=path, step=int(payload["step"]), config=dict(payload["config"]),
+            checkpoint = cls(path=path, step=int(payload["step"]), config=dict(payload["config"]),
                        model_name=str(payload["model_name"]), model_kwargs=dict(payload["model_kwargs"]),
-                       model_state=dict(payload["model"]), splits=dict(payload.get("splits") or {}),
+                       model_state=_weights(payload["model"], path), splits=_splits(payload.get("splits") or {}, path),
                        best_metric=float(payload.get("best_metric", float("-inf"))),
                        optimizer=payload.get("optimizer"), scaler=payload.get("scaler"), items=payload.get("items"),
                        clock=payload.get("clock"), world_size=int(payload.get("world_size", 1)),
@@ -75,6 +75,11 @@ class Checkpoint:
                 from None
         except (TypeError, ValueError) as err:
             raise VesuviusError(f"checkpoint {path} holds an entry of the wrong type ({err})") from None
+        try:
+            check_model(checkpoint.model_name, checkpoint.model_kwargs)
+        except VesuviusError as err:
+            raise VesuviusError(f"checkpoint {path}: its network cannot be built here: {err}") from None
+        return checkpoint
 
     def save(self, path: str | Path) -> None:
         """Write the checkpoint atomically (a crash leaves the previous file, never a truncated one)."""
@@ -105,9 +110,9 @@ class Checkpoint:
         try:
             model.load_state_dict(self.model_state)
         except RuntimeError as err:
-            first = str(err).strip().splitlines()[0]
+            lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
             raise VesuviusError(f"checkpoint {self.path}: its weights do not fit its network {self.model_name} "
-                                f"{self.model_kwargs} ({first})") from None
+                                f"{self.model_kwargs} ({' '.join(lines[:2])[:300]})") from None
         log.info("loaded %s (step %d)", self.model_name, self.step)
         return model.to(device).eval()
 
@@ -149,6 +154,23 @@ def _read(path: Path) -> dict:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise VesuviusError(f"{path} is not a vesuvius_monai checkpoint")
     return payload
+
+
+def _weights(state: Any, path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's ``model`` entry, checked to map parameter names to tensors."""
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise VesuviusError(f"checkpoint {path}: its 'model' entry must map parameter names to tensors; it is damaged "
+                            f"or from another program")
+    return dict(state)
+
+
+def _splits(splits: Any, path: Path) -> dict[str, list[str]]:
+    """A checkpoint's ``splits`` entry, checked to map split names to lists of fragment ids."""
+    if not isinstance(splits, dict) or not all(isinstance(ids, list) and all(isinstance(i, str) for i in ids)
+                                               for ids in splits.values()):
+        raise VesuviusError(f"checkpoint {path}: its 'splits' entry must map split names to lists of fragment ids")
+    return dict(splits)
 
 
 def as_checkpoint(checkpoint: str | Path | Checkpoint) -> Checkpoint:

@@ -9,6 +9,7 @@ from vesuvius_monai.models import monai_nets, resunet  # noqa: F401  (imported t
 from vesuvius_monai.models.registry import (
     build_model,
     check_input_sizes,
+    check_model,
     list_models,
     register_model,
     size_divisor,
@@ -16,5 +17,6 @@ from vesuvius_monai.models.registry import (
 from vesuvius_monai.models.resunet import ResidualBlock, UNet3D
 
 __all__ = [
-    "ResidualBlock", "UNet3D", "build_model", "check_input_sizes", "list_models", "register_model", "size_divisor",
+    "ResidualBlock", "UNet3D", "build_model", "check_input_sizes", "check_model", "list_models", "register_model",
+    "size_divisor",
 ]

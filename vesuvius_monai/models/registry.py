@@ -21,6 +21,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+import torch
 from torch import nn
 
 from vesuvius_monai.errors import VesuviusError, did_you_mean
@@ -137,19 +138,31 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
         VesuviusError: unknown name (with a did-you-mean suggestion), unknown keyword, or a
             value the model's constructor rejects.
     """
+    model = _build(name, kwargs)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("built model %r with %d parameters", name, n_params)
+    return model
+
+
+def check_model(name: str, kwargs: dict[str, Any]) -> None:
+    """Raise the VesuviusError :func:`build_model` would raise for ``name`` and ``kwargs``, without memory or time:
+    the network is built on PyTorch's ``meta`` device (shapes only, no weights) and dropped. Call it before a
+    command creates anything."""
+    with torch.device("meta"):
+        _build(name, kwargs)
+
+
+def _build(name: str, kwargs: dict[str, Any]) -> nn.Module:
     entry = _lookup(name)
     _check_keywords(name, kwargs)
     try:
-        model = entry.factory(**kwargs)
+        return entry.factory(**kwargs)
     except TypeError as exc:
         if "argument" not in str(exc):
             raise
         raise VesuviusError(f"model '{name}' rejected its keyword arguments: {exc}") from exc
     except (ValueError, AssertionError) as exc:
         raise VesuviusError(f"model '{name}' rejected its parameters {kwargs}: {exc}") from exc
-    n_params = sum(p.numel() for p in model.parameters())
-    logger.info("built model %r with %d parameters", name, n_params)
-    return model
 
 
 def size_divisor(name: str, **kwargs: Any) -> int:
@@ -159,7 +172,13 @@ def size_divisor(name: str, **kwargs: Any) -> int:
         VesuviusError: unknown name.
     """
     divisor = _lookup(name).size_divisor
-    return int(divisor(kwargs) if callable(divisor) else divisor)
+    if not callable(divisor):
+        return int(divisor)
+    try:
+        return int(divisor(kwargs))
+    except (TypeError, ValueError) as exc:
+        raise VesuviusError(f"model '{name}': its keyword arguments {dict(kwargs)} do not give an input size "
+                            f"divisor ({exc})") from None
 
 
 def check_input_sizes(name: str, kwargs: dict[str, Any], sizes: dict[str, Sequence[int]]) -> None:
