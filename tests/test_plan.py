@@ -150,3 +150,17 @@ def test_make_plan_measures_on_this_device(synthetic_root, tmp_path) -> None:
 def test_a_plan_needs_a_budget() -> None:
     with pytest.raises(VesuviusError, match="train.max_minutes"):
         plan_from_measurements(load_config(None, []), FP, cost_model(np.random.default_rng(0)))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("format: vesuvius_monai.plan/1\nvalues: {}\nreasons: {}\nextra: 1\n", r"unknown config key 'plan\.extra'"),
+    ("format: vesuvius_monai.plan/1\nvalues: [1]\nreasons: {}\n", r"'plan\.values': must be a mapping"),
+    ("format: vesuvius_monai.plan/1\nvalues: {train.steps: 3}\nreasons: {}\n", "one reason"),
+    ("values: {}\n", "not a plan written by vesuvius_monai"),
+])
+def test_a_damaged_plan_file_is_named(tmp_path, text, message) -> None:
+    path = tmp_path / "plan.yaml"
+    path.write_text(text)
+    with pytest.raises(VesuviusError, match=message) as err:
+        load_plan(path)
+    assert str(err.value).startswith(str(path))

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from vesuvius_monai.config import Layer, dotted_layer, read_yaml_mapping, to_dict
+from vesuvius_monai.config import Layer, dotted_layer, from_dict, read_yaml_mapping, to_dict
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.atomic import write_text
 
@@ -56,4 +56,11 @@ def load_plan(path: str | Path) -> Plan:
     if raw.get("format") != "vesuvius_monai.plan/1":
         raise VesuviusError(f"{path}: not a plan written by vesuvius_monai (no format 'vesuvius_monai.plan/1')")
     raw.pop("format")
-    return Plan(**raw)
+    try:
+        plan = from_dict(Plan, raw, "plan")
+    except VesuviusError as err:
+        raise VesuviusError(f"{path}: {err}") from None
+    if set(plan.reasons) != set(plan.values):
+        raise VesuviusError(f"{path}: every planned key needs one reason (keys {sorted(plan.values)}, reasons for "
+                            f"{sorted(plan.reasons)})")
+    return plan
