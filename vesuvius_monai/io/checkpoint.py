@@ -77,15 +77,16 @@ class Checkpoint:
             raise VesuviusError(f"checkpoint {path} holds an entry of the wrong type ({err})") from None
 
     def save(self, path: str | Path) -> None:
-        """Write the checkpoint atomically (a crash leaves the previous file, never a truncated one)."""
+        """Write the checkpoint atomically (a crash leaves the previous file, never a truncated one; a full disk is a
+        VesuviusError naming ``path``)."""
         payload = {"format": FORMAT, "version": self.version, "step": self.step, "config": self.config,
                    "model_name": self.model_name, "model_kwargs": self.model_kwargs, "model": self.model_state,
                    "splits": self.splits, "best_metric": self.best_metric, "world_size": self.world_size}
         for key in ("optimizer", "scaler", "items", "clock"):
             if getattr(self, key) is not None:
                 payload[key] = getattr(self, key)
-        with atomic_path(path) as tmp:
-            torch.save(payload, tmp)
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:  # a file object: a failed write keeps its errno
+            torch.save(payload, handle)
 
     @classmethod
     def of(cls, cfg: Config, model: nn.Module, step: int, **state: Any) -> Checkpoint:
