@@ -8,6 +8,7 @@ the run clock and the number of processes that trained it. Files hold a plain di
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import pickle
 import re
@@ -119,6 +120,11 @@ class Checkpoint:
     def check_window(self, roi_size: tuple[int, int, int]) -> None:
         """Raise a VesuviusError naming ``infer.roi_size`` unless the checkpoint's network can take that window."""
         check_input_sizes(self.model_name, self.model_kwargs, {"infer.roi_size": roi_size})
+
+    def digest(self) -> str:
+        """SHA-256 of the checkpoint's file (hex): tells two checkpoints apart, also two of the same step."""
+        with open(self.path, "rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
 
     @property
     def trained_on(self) -> list[str]:
