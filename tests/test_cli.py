@@ -276,3 +276,76 @@ def test_bad_window_is_named_at_every_entry(trained, command, capsys):
     assert main([command, "--checkpoint", str(run / "checkpoints/best.pt"), *args, "infer.roi_size=[18,18,18]"]) == 2
     line = _error_line(capsys)
     assert "infer.roi_size" in line and "[18, 18, 18]" in line
+
+
+# ----------------------------------------------------------------------------------------- issue 20
+
+
+@pytest.mark.slow
+def test_a_choice_tuned_on_another_checkpoint_is_named(trained, synthetic_root, tmp_path, caplog):
+    import dataclasses
+    import hashlib
+
+    from vesuvius_monai.io.checkpoint import Checkpoint
+
+    args, run = trained
+    best = run / "checkpoints" / "best.pt"
+    assert main(["tune-postprocess", "--checkpoint", str(best), *args]) == 0
+    tuned = json.loads((run / "postprocess.json").read_text())
+    assert tuned["checkpoint_step"] == Checkpoint.load(best).step
+    assert tuned["checkpoint_sha256"] == hashlib.sha256(best.read_bytes()).hexdigest()
+    newer = run / "checkpoints" / "newer.pt"  # trained on, say: another checkpoint of the same run
+    dataclasses.replace(Checkpoint.load(best), step=99).save(newer)
+    image = str(synthetic_root / "images" / "frag_000.nii.gz")
+    with caplog.at_level("WARNING", logger="vesuvius_monai"):
+        assert main(["evaluate", "--checkpoint", str(best), "--out", str(tmp_path / "e1"), *args]) == 0
+        assert "tuned on another checkpoint" not in caplog.text  # its own checkpoint: not a word
+        for command in (["evaluate", "--out", str(tmp_path / "e2")],
+                        ["predict", "--input", image, "--output", str(tmp_path / "p.nii.gz")]):
+            caplog.clear()
+            assert main([command[0], "--checkpoint", str(newer), *command[1:], *args]) == 0
+            assert (f"postprocess.json was tuned on another checkpoint ({best}, step {tuned['checkpoint_step']}) than "
+                    f"{newer} (step 99)") in caplog.text
+
+
+def test_evaluate_removes_what_a_killed_evaluate_left(trained, capsys):
+    import signal
+    import subprocess
+    import sys
+
+    args, run = trained
+    code = ("import os, signal, sys; from vesuvius_monai.io.atomic import work_dir_beside; "
+            "w = work_dir_beside(sys.argv[1]); (w / 'metrics.csv').write_text('half'); "
+            "os.kill(os.getpid(), signal.SIGKILL)")  # what an evaluate killed mid-way leaves
+    assert subprocess.run([sys.executable, "-c", code, str(run / "eval")]).returncode == -signal.SIGKILL
+    assert [p.name for p in run.iterdir() if p.name.startswith(".eval.")]
+    assert main(["evaluate", "--checkpoint", str(run / "checkpoints/best.pt"), *args]) == 0
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".eval.")]
+    assert (run / "eval" / "metrics.json").is_file()
+
+
+@pytest.mark.slow
+def test_plan_refuses_a_budget_that_cannot_hold_the_set_up(synthetic_root, tmp_path, capsys, tiny_args):
+    out = tmp_path / "planned"
+    assert main(["plan", *tiny_args(synthetic_root, out), "train.max_minutes=0.001"]) == 2
+    line = _error_line(capsys)
+    assert re.search(r"train.max_minutes': 0.001 min cannot hold the set-up .*give at least train.max_minutes="
+                     r"0\.\d+", line), line
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_plan_and_tune_postprocess_refuse_a_run_folder_in_use(trained, capsys, tiny_args, synthetic_root):
+    from pathlib import Path
+
+    from vesuvius_monai.io.run_dir import LOCK_FILE, RunDir
+
+    args, run = trained
+    before = _snapshot(run)
+    with RunDir(run).lock("train"):  # a train running there (this process)
+        assert main(["tune-postprocess", "--checkpoint", str(run / "checkpoints/best.pt"), *args]) == 2
+        assert f"run folder {run} is in use by 'train'" in _error_line(capsys)
+        assert main(["plan", *args, "train.max_minutes=1"]) == 2
+        assert f"run folder {run} is in use by 'train'" in _error_line(capsys)
+        assert set(_snapshot(run)) == set(before) | {Path(LOCK_FILE)}
+    assert _snapshot(run) == before  # no postprocess.json, no plan.yaml

@@ -134,7 +134,8 @@ def test_user_keys_are_kept_and_planned_around() -> None:
 def test_make_plan_measures_on_this_device(synthetic_root, tmp_path) -> None:
     cfg = load_config(None, [f"data.root={synthetic_root}", "data.val_fragments=[frag_003]",
                              "data.test_fragments=[frag_004]", "train.max_minutes=0.02", "train.device=cpu"])
-    plan = make_plan(cfg, rules=PlanRules(min_patch=16, widths=(4, 8), repeats=1, min_steps=10**6))
+    rules = PlanRules(min_patch=16, widths=(4, 8), repeats=1, min_steps=10**6, setup_seconds=0.0, least_steps=1)
+    plan = make_plan(cfg, rules=rules)  # no set-up: the budget holds steps, but far fewer than min_steps
     assert len(plan.measurements) == 1 and plan.chosen["patch"] == [16, 16, 16]  # too small a budget: the first rung
     assert "raise train.max_minutes" in plan.reasons["transforms.patch_size"]
     assert plan.measurements and all(m["step_s"] > 0 and m["infer_vox_s"] > 0 for m in plan.measurements)
@@ -164,3 +165,15 @@ def test_a_damaged_plan_file_is_named(tmp_path, text, message) -> None:
     with pytest.raises(VesuviusError, match=message) as err:
         load_plan(path)
     assert str(err.value).startswith(str(path))
+
+
+def test_a_budget_that_cannot_hold_the_set_up_is_refused_naming_the_least_that_works() -> None:
+    measure = cost_model(np.random.default_rng(0))
+    with pytest.raises(VesuviusError, match=r"train.max_minutes': 0.001 min cannot hold the set-up \(15 s\) and 1 "
+                                            r"training step .*give at least train.max_minutes=") as refused:
+        plan_from_measurements(load_config(None, ["train.max_minutes=0.001"]), FP, measure)
+    least = float(str(refused.value).rsplit("=", 1)[1])  # in minutes, rounded up to 0.01
+    plan = plan_from_measurements(load_config(None, [f"train.max_minutes={least}"]), FP, measure)
+    assert plan.budget_minutes == least
+    with pytest.raises(VesuviusError, match="cannot hold the set-up"):
+        plan_from_measurements(load_config(None, [f"train.max_minutes={least - 0.01}"]), FP, measure)

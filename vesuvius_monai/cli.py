@@ -71,8 +71,12 @@ def cmd_plan(args: argparse.Namespace) -> None:
     cfg = _config(args)
     raw = read_yaml_mapping(args.config, "config file") if args.config is not None else {}
     plan = make_plan(cfg, keep=explicit_keys(raw, args.overrides))
-    path = RunDir(cfg.output_dir).start().plan
-    save_plan(plan, path)
+    run = RunDir(cfg.output_dir)
+    if not run.is_run():
+        run.check_new()  # before the lock: nothing is written into a folder that is not a run
+    with run.lock("plan"):
+        path = run.start().plan
+        save_plan(plan, path)
     print(format_plan(plan))
     print(f"saved to {path}; 'vesuvius-monai train' with the same config and output_dir uses it for every key the "
           f"config does not set")

@@ -1,5 +1,7 @@
 import csv
 import math
+import os
+import re
 import shutil
 import time
 
@@ -12,7 +14,7 @@ from vesuvius_monai.engine.schedule import LR_FLOOR, RunClock, lr_factor
 from vesuvius_monai.engine.train import prepare_run_dir, train
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.checkpoint import Checkpoint
-from vesuvius_monai.io.run_dir import MARKER
+from vesuvius_monai.io.run_dir import LOCK_FILE, MARKER
 
 
 def test_lr_schedule_warms_up_then_decays():
@@ -268,3 +270,72 @@ def test_non_finite_loss_stops_before_any_save(make_tiny_config, monkeypatch):
         train(cfg)
     last = Checkpoint.load(cfg.output_dir + "/checkpoints/last.pt")
     assert last.step == 2 and all(torch.isfinite(v).all() for v in last.model_state.values())
+
+
+# ---------------------------------------------------------------- one run per folder, nothing left by a failure
+
+
+@pytest.mark.slow
+def test_a_second_train_into_a_run_in_use_is_refused(make_tiny_config, tiny_args, synthetic_root, tmp_path,
+                                                     monkeypatch, capsys):
+    """While a run trains (here: at its first checkpoint), a second train into its folder is refused with one line
+    naming the running one, and changes nothing there; the lock goes with the run."""
+    from vesuvius_monai.cli import main
+
+    cfg = make_tiny_config("r")
+    run = tmp_path / "r"
+    seen = []
+    real = trainer.Trainer._checkpoint
+
+    def second_train(self, row, *, final=False):
+        if not seen:
+            seen.append("running")
+            before = _snapshot(run)
+            code = main(["train", *tiny_args(synthetic_root, run)])
+            seen[0] = (code, capsys.readouterr().err, _snapshot(run) == before)
+        real(self, row, final=final)
+
+    monkeypatch.setattr(trainer.Trainer, "_checkpoint", second_train)
+    train(cfg)
+    code, err, unchanged = seen[0]
+    errors = re.findall(r"error: [^\r\n]*", err)  # (after the running one's progress bar, on its line)
+    assert code == 2 and len(errors) == 1 and unchanged, err
+    assert re.search(rf"run folder {run} is in use by 'train' \(pid {os.getpid()} on host .*lock file "
+                     rf"{run / LOCK_FILE}", errors[0]), errors[0]
+    assert not (run / LOCK_FILE).exists()
+    assert [int(r["step"]) for r in csv.DictReader((run / "train_log.csv").open())] == [1, 2, 3, 4]
+
+
+def test_a_config_or_model_error_creates_nothing(make_tiny_config, tmp_path):
+    cfg = make_tiny_config("new/run", "model.kwargs={init_features: 4, depth: 2, norm_groups: 4, widht: 8}")
+    with pytest.raises(VesuviusError, match="widht"):
+        train(cfg)
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.slow
+def test_a_run_failing_after_set_up_removes_only_the_folder_it_made(make_tiny_config, tmp_path, monkeypatch):
+    import vesuvius_monai.engine.train as train_module
+
+    def broken(*args):
+        raise VesuviusError("the data broke")
+
+    monkeypatch.setattr(train_module, "_training_batches", broken)
+    with pytest.raises(VesuviusError, match="the data broke"):
+        train(make_tiny_config("new/run"))
+    assert not (tmp_path / "new").exists()  # made by the run: removed, its new parent too
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(VesuviusError, match="the data broke"):
+        train(make_tiny_config("empty"))
+    assert (tmp_path / "empty" / MARKER).is_file()  # it was there before: nothing in it is removed
+    assert not (tmp_path / "empty" / LOCK_FILE).exists()
+
+
+@pytest.mark.slow
+def test_a_save_that_never_finished_is_cleaned_up_by_the_next_run(make_tiny_config, tmp_path):
+    cfg = make_tiny_config("r")
+    train(cfg, stop_at_step=2)
+    leftover = tmp_path / "r" / "checkpoints" / ".last.pt.k1ll3d.tmp.pt"  # a process killed while it saved last.pt
+    leftover.write_bytes(b"half a checkpoint")
+    train(cfg, resume=True)
+    assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()) == ["best.pt", "last.pt"]

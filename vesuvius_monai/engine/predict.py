@@ -14,11 +14,14 @@ z-plane of blocks. A rank's first plane needs the spills of the plane below, whi
 the end of its run: it recomputes the windows of that plane that reach across (one z-plane of windows per seam for
 ``overlap`` <= 0.5) unless they are on disk already (see :mod:`vesuvius_monai.engine.blockwise`). When every rank
 is done, rank 0 alone publishes the stores. Markers stay per block: a run in which any process died is finished by
-the same command with any number of processes.
+the same command with any number of processes. Rank 0 holds the lock of every output store (``<out>.lock``) from
+before it checks them until they are published; the other ranks of its job work under it, and another run into
+any of the stores is refused before it computes anything.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +40,7 @@ from vesuvius_monai.engine.distributed import (DistContext, gather_results, init
 from vesuvius_monai.engine.infer import infer_volume, volume_job, window_grid
 from vesuvius_monai.engine.networks import CheckpointNetwork, NetworkSource
 from vesuvius_monai.engine.zarr_output import (check_output_store, checked_roi, export_nifti, open_work_store,
-                                               publish_store, roi_affine, run_meta, work_path)
+                                               output_lock, publish_store, roi_affine, run_meta, work_path)
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.checkpoint import Checkpoint, as_checkpoint
 from vesuvius_monai.io.nifti import PREDICTION_MARK, check_replaceable_nifti, is_nifti_path, write_nifti
@@ -289,24 +292,33 @@ def predict_zarr(cfg: Config, network: NetworkSource, targets: list[tuple[Path, 
     """
     ctx, device = init_distributed(cfg.infer.device)
     make_wait_group(ctx)
-    work = on_main(ctx, prepare_outputs, cfg, network, targets, roi, ctx.world_size, resume)
-    error, stats = None, RunStats()
-    try:
-        if work.shares[ctx.rank]:
-            stats = _run_share(network, cfg, work, ctx, device)
-    except Exception as err:
-        if not ctx.active:
-            raise
-        if not isinstance(err, VesuviusError):
-            log.exception("rank %d failed", ctx.rank)
-        error = str(err) if isinstance(err, VesuviusError) else f"{type(err).__name__}: {err}"
-    try:
-        results = gather_results(ctx, error, stats)
-    except VesuviusError as err:
-        raise VesuviusError(f"{err}; {FINISH_HINT}") from None
-    if ctx.active:
-        _log_shares(results)
-    on_main(ctx, _publish, work, nifti_output)
+    with contextlib.ExitStack() as locks:
+        work = on_main(ctx, _lock_and_prepare, locks, cfg, network, targets, roi, ctx.world_size, resume)
+        error, stats = None, RunStats()
+        try:
+            if work.shares[ctx.rank]:
+                stats = _run_share(network, cfg, work, ctx, device)
+        except Exception as err:
+            if not ctx.active:
+                raise
+            if not isinstance(err, VesuviusError):
+                log.exception("rank %d failed", ctx.rank)
+            error = str(err) if isinstance(err, VesuviusError) else f"{type(err).__name__}: {err}"
+        try:
+            results = gather_results(ctx, error, stats)
+        except VesuviusError as err:
+            raise VesuviusError(f"{err}; {FINISH_HINT}") from None
+        if ctx.active:
+            _log_shares(results)
+        on_main(ctx, _publish, work, nifti_output)
+
+
+def _lock_and_prepare(locks: contextlib.ExitStack, cfg: Config, network: NetworkSource,
+                      targets: list[tuple[Path, Path]], roi: Region | None, world: int, resume: bool) -> Work:
+    """Take the lock of every output store (held until ``locks`` closes), then :func:`prepare_outputs`."""
+    for _, out in targets:
+        locks.enter_context(output_lock(out))
+    return prepare_outputs(cfg, network, targets, roi, world, resume)
 
 
 def _run_share(network: NetworkSource, cfg: Config, work: Work, ctx: DistContext, device) -> RunStats:

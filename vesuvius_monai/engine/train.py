@@ -4,14 +4,18 @@ masked Dice(+BCE, clDice, Skeleton Recall) losses, best/last checkpoints, exact 
 
 The run folder (``cfg.output_dir``) and its layout are :class:`vesuvius_monai.io.run_dir.RunDir`'s: ``train``
 starts only in a new or empty folder, or in one of its own runs interrupted before its first checkpoint (started
-again); a folder holding anything else is refused untouched.
+again); a folder holding anything else is refused untouched. ``train`` checks its config, data and model before it
+creates anything, holds the run folder's lock for the whole run (rank 0 under torchrun; a second command into the
+folder is refused meanwhile), and removes a folder it made when it fails before its first checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -150,41 +154,78 @@ def train(cfg: Config, *, resume: bool = False, stop_at_step: int | None = None)
 
     Under torchrun every process calls this; they train together (see :mod:`vesuvius_monai.engine.distributed`).
     ``stop_at_step`` ends the run early after that step (saving ``last.pt``) as an interruption would;
-    a later ``resume=True`` call continues it exactly.
+    a later ``resume=True`` call continues it exactly. The config, the data split, the model and the loss are
+    checked before anything is created; the run folder is then locked for the whole run (:func:`open_run`).
     """
     clock = RunClock(budget_s=cfg.train.max_minutes * 60)
     check_model(cfg.model.name, cfg.model.kwargs)
     check_sizes(cfg)
     ctx, device = init_distributed(cfg.train.device)
-    run, resumed = on_main(ctx, prepare_run_dir, cfg, resume)
     set_threads(cfg.train)
     splits = load_splits(cfg.data)
     state = build_state(cfg, device)
-    state.splits = on_main(ctx, _check_and_record_splits, run, splits, resumed)
-    if resumed is not None:
-        restore_state(state, clock, resumed)
-        if ctx.is_main:
-            _check_effective_batch(resumed, cfg.train, ctx)
     loss_fn = build_loss(cfg.train.loss, ignore_index=cfg.data.ignore_index)
-    log.info("loss terms and weights: %s", loss_fn.weights.active())
-    stop = min(stop_at_step or cfg.train.steps, cfg.train.steps)
-    loader = _training_batches(cfg, run, splits["train"], state, stop, ctx)
+    with contextlib.ExitStack() as held:
+        run, resumed = on_main(ctx, open_run, held, cfg, resume)
+        state.splits = on_main(ctx, _check_and_record_splits, run, splits, resumed)
+        if resumed is not None:
+            restore_state(state, clock, resumed)
+            if ctx.is_main:
+                _check_effective_batch(resumed, cfg.train, ctx)
+        log.info("loss terms and weights: %s", loss_fn.weights.active())
+        stop = min(stop_at_step or cfg.train.steps, cfg.train.steps)
+        loader = _training_batches(cfg, run, splits["train"], state, stop, ctx)
+        _fit(cfg, run, splits["val"], state, loss_fn, clock, stop, loader, ctx, device, resume)
+    return run.path
+
+
+def open_run(held: contextlib.ExitStack, cfg: Config, resume: bool) -> tuple[RunDir, Checkpoint | None]:
+    """Lock the run folder for this run (until ``held`` closes), then prepare it (:func:`prepare_run_dir`).
+
+    A folder that is not a run is checked before it is locked (nothing is written into a folder that is not ours);
+    temporary files of a save that never finished are removed. When this call makes the folder, a failure before
+    the run's first checkpoint removes it again (:meth:`RunDir.discard`).
+    """
+    run = RunDir(cfg.output_dir)
+    if not run.is_run() and resume:
+        run.check_resumable()
+    elif not run.is_run():
+        run.check_new()
+    lock = held.enter_context(run.lock("train"))
+    if lock.made is not None:  # a new folder: removed again on a failure (its new parents too, by the lock)
+        held.enter_context(_discard_on_error(run))
+    for leftover in run.checkpoint_leftovers():
+        log.info("removing %s, left by a save that never finished", leftover)
+        leftover.unlink(missing_ok=True)
+    return prepare_run_dir(cfg, resume)
+
+
+@contextlib.contextmanager
+def _discard_on_error(run: RunDir) -> Iterator[None]:
+    """On an error in the block, remove the run folder this process made (see :meth:`RunDir.discard`)."""
+    try:
+        yield
+    except Exception:
+        run.discard()
+        raise
+
+
+def _fit(cfg: Config, run: RunDir, val: list[Fragment], state: TrainState, loss_fn: nn.Module, clock: RunClock,
+         stop: int, loader: DataLoader, ctx: DistContext, device: torch.device, resume: bool) -> None:
+    """Train until ``stop`` with its logs, then draw the learning curve (rank 0)."""
     runlog = _open_log(run, loss_fn.weights.active(), state.step if resume else -1) if ctx.is_main else NullLog()
-    val = splits["val"]
     trainer = Trainer(cfg, state, loss_fn=loss_fn, device=device, runlog=runlog, clock=clock, ctx=ctx,
                       validate=(lambda model: validate(model, val, cfg, device)) if val else None)
     try:
         trainer.fit(loader, stop)
     except KeyboardInterrupt:
-        log.warning("interrupted: %s holds the last periodic save; continue with --resume",
-                    run.last)
+        log.warning("interrupted: %s holds the last periodic save; continue with --resume", run.last)
         raise
     finally:
         runlog.close()
     if ctx.is_main:
         plot_learning_curve(run.train_log, run.learning_curve)
         log.info("run saved in %s (step %d, best val Dice %.4f)", run.path, state.step, state.best_metric)
-    return run.path
 
 
 def _check_and_record_splits(run: RunDir, splits: dict[str, list[Fragment]], resumed: Checkpoint | None) -> dict:

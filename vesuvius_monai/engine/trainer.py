@@ -31,7 +31,7 @@ from vesuvius_monai.engine.device import CHANNELS_LAST, autocast, channels_last
 from vesuvius_monai.engine.distributed import DistContext, barrier, broadcast_floats, wrap_model
 from vesuvius_monai.engine.runlog import LossMeter, NullLog, RunLog
 from vesuvius_monai.engine.schedule import RunClock, describe_schedule, lr_factor
-from vesuvius_monai.errors import VesuviusError
+from vesuvius_monai.errors import VesuviusError, disk_errors
 from vesuvius_monai.io.checkpoint import Checkpoint
 from vesuvius_monai.io.run_dir import RunDir
 from vesuvius_monai.models import build_model
@@ -193,7 +193,7 @@ class Trainer:
             bar.set_postfix(loss=f"{row['loss']:.4f}", it_s=f"{row['steps_per_s']:.2f}")
             if final or checkpoint_due:
                 self._checkpoint(row, final=final)
-            self.runlog.write(row)
+            self._log(row)
         self.mark = self.clock.now()
         return final
 
@@ -255,6 +255,10 @@ class Trainer:
         if final and self.validate is None:  # nothing to select on: the last model is the best we know
             self._save(self.run.best)
 
+    def _log(self, row: dict) -> None:
+        with disk_errors(self.run.train_log):
+            self.runlog.write(row)
+
     def _save(self, path: Path) -> None:
         save_state(path, self.cfg, self.state, self.clock, self.ctx.world_size)
 
@@ -263,7 +267,7 @@ class Trainer:
         row = {"step": self.state.step}
         self._checkpoint(row)
         if self.state.step == 0:  # a resumed run has this step's row already
-            self.runlog.write(row)
+            self._log(row)
         if not self.ctx.is_main:
             return
         log.info("validation %.1f s and checkpoint save %.1f s measured", self.clock.val_s, self.clock.save_s)

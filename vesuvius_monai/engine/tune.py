@@ -5,12 +5,15 @@ then tries the thresholds and small-component sizes of the config's ``tune`` sec
 competition's leaderboard score; candidates that lose more than ``tune.max_dice_drop`` of mean Dice are not allowed,
 and the config's post-processing is kept unless a candidate is better on most fragments (a guard against fitting one
 fragment).
-The choice goes to ``<run>/postprocess.json``; ``evaluate``, ``predict`` and ``tune-postprocess`` with a checkpoint of
-that run use it for every ``postprocess`` key the user's config and overrides do not set (:func:`tuned_layer`).
+The choice goes to ``<run>/postprocess.json`` (with the run folder locked meanwhile), recording the checkpoint's path,
+step and SHA-256; ``evaluate``, ``predict`` and ``tune-postprocess`` with a checkpoint of that run use it for every
+``postprocess`` key the user's config and overrides do not set (:func:`tuned_layer`), and say so when it was tuned on
+another checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -45,6 +48,16 @@ def tune_postprocess(cfg: Config, checkpoint: str | Path | Checkpoint, out_dir: 
     path = Path(out_dir) / POSTPROCESS_FILE if out_dir else ckpt.run.postprocess
     check_parents(path, "--out")
     check_replaceable_choice(path)
+    into_run = path.parent.resolve() == ckpt.run.path.resolve()
+    with ckpt.run.lock("tune-postprocess") if into_run else contextlib.nullcontext():
+        payload = _choose(cfg, ckpt)
+        write_text(path, json.dumps(payload, indent=2))
+    log.info("%s (%d validation fragments); written to %s", payload["reason"], len(payload["fragments"]), path)
+    return payload
+
+
+def _choose(cfg: Config, ckpt: Checkpoint) -> dict:
+    """Predict the validation fragments with ``ckpt`` and choose; the payload of ``postprocess.json``."""
     fragments = select_fragments(cfg, "val", ckpt.trained_on)
     device = resolve_device(cfg.infer.device)
     model = ckpt.model(device)
@@ -61,13 +74,10 @@ def tune_postprocess(cfg: Config, checkpoint: str | Path | Checkpoint, out_dir: 
         return dice(pred, label, ignore_index=cfg.data.ignore_index)
 
     choice = pick_postprocess(probs, labels, score, base=cfg.postprocess, tune=cfg.tune, dice_fn=dice_of)
-    payload = {"postprocess": to_dict(choice.chosen), "reason": choice.reason, "base": to_dict(choice.base),
-               "fragments": [f.id for f in fragments], "scores": choice.scores, "dices": choice.dices,
-               "search": to_dict(cfg.tune),
-               "topo_matching": topo_matching_used(cfg.evaluate.leaderboard), "checkpoint": str(ckpt.path)}
-    write_text(path, json.dumps(payload, indent=2))
-    log.info("%s (%d validation fragments); written to %s", choice.reason, len(fragments), path)
-    return payload
+    return {"postprocess": to_dict(choice.chosen), "reason": choice.reason, "base": to_dict(choice.base),
+            "fragments": [f.id for f in fragments], "scores": choice.scores, "dices": choice.dices,
+            "search": to_dict(cfg.tune), "topo_matching": topo_matching_used(cfg.evaluate.leaderboard),
+            "checkpoint": str(ckpt.path), "checkpoint_step": ckpt.step, "checkpoint_sha256": ckpt.digest()}
 
 
 def check_replaceable_choice(path: Path) -> None:
@@ -82,9 +92,29 @@ def check_replaceable_choice(path: Path) -> None:
 def tuned_layer(checkpoint: Checkpoint) -> Layer | None:
     """The post-processing that ``tune-postprocess`` chose for the checkpoint's run (``<run>/postprocess.json``) as a
     config layer (:func:`vesuvius_monai.config.resolve_config` fills with it only the ``postprocess`` keys the user's
-    config file and overrides leave out); None when the run has no choice recorded."""
+    config file and overrides leave out); None when the run has no choice recorded. A choice tuned on another
+    checkpoint (or not saying on which) is used with a warning."""
     path = checkpoint.run.postprocess
-    return read_choice(path) if path.is_file() else None
+    if not path.is_file():
+        return None
+    layer = read_choice(path)
+    _check_tuned_on(path, checkpoint)
+    return layer
+
+
+def _check_tuned_on(path: Path, checkpoint: Checkpoint) -> None:
+    """Warn unless the choice at ``path`` was tuned on ``checkpoint`` (the same file: SHA-256)."""
+    record = json.loads(path.read_text())
+    tuned = record.get("checkpoint_sha256")
+    if tuned == checkpoint.digest():
+        return
+    if tuned is None:
+        log.warning("%s does not record the checkpoint it was tuned on (written by an older version): its "
+                    "post-processing may not suit %s; run tune-postprocess again to be sure", path, checkpoint.path)
+        return
+    log.warning("%s was tuned on another checkpoint (%s, step %s) than %s (step %d): its post-processing may not suit "
+                "this one; run tune-postprocess with it again", path, record.get("checkpoint"),
+                record.get("checkpoint_step", "?"), checkpoint.path, checkpoint.step)
 
 
 def read_choice(path: Path) -> Layer:

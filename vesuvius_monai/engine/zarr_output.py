@@ -3,6 +3,8 @@
 The store is built at ``<out>.partial`` (with a done-marker per block and the spills between blocks) and renamed
 to ``<out>`` once every block is written, so ``<out>`` only ever exists complete. Running the same command
 again resumes ``<out>.partial``; a run with other settings stops with an error naming the settings that differ.
+One run at a time writes a store: it holds the lock ``<out>.lock`` (:func:`output_lock`) from before the store is
+checked until it is published; a second run is refused meanwhile, and the lock of a killed run is taken over.
 The driver (:func:`vesuvius_monai.engine.predict.predict_zarr`) lets one process check and create every store
 (:func:`check_output_store`, :func:`open_work_store`) before it (or several processes, under torchrun) fills them,
 and publishes each (:func:`publish_store`) once every process writing into it has finished.
@@ -23,6 +25,7 @@ from vesuvius_monai.data.readers import VolumeReader
 from vesuvius_monai.data.regions import Region, Triple, format_region, normalize_region, region_shape
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.atomic import replace_dir
+from vesuvius_monai.io.lock import Lock
 from vesuvius_monai.io.nifti import PREDICTION_MARK, write_nifti
 from vesuvius_monai.io.zarr_store import STORE_DTYPES, PredictionStore
 
@@ -60,6 +63,17 @@ def settings_diff(stored: dict, wanted: dict) -> list[str]:
 def work_path(out: Path) -> Path:
     """Where the store of ``out`` is built: ``<out>.partial``."""
     return out.with_name(out.name + ".partial")
+
+
+def lock_path(out: Path) -> Path:
+    """The lock file of ``out`` while a run writes it: ``<out>.lock``."""
+    return out.with_name(out.name + ".lock")
+
+
+def output_lock(out: str | os.PathLike) -> Lock:
+    """The lock of the Zarr output ``out``: ``with output_lock(out): ...`` (a :class:`~vesuvius_monai.io.lock.Lock`)."""
+    out = Path(out)
+    return Lock(lock_path(out), f"Zarr output {out}", "predict")
 
 
 def check_output_store(out: str | os.PathLike, dtype: str, meta: dict, resume: bool = True) -> str:

@@ -1,21 +1,30 @@
 """Atomic output: write to a temporary sibling, then rename over the target.
 
-A crash or an error mid-write leaves the previous file (or no file) in place, never a truncated one. Folders are
-built in a fresh hidden sibling and published with one rename; a folder is only ever replaced when it holds nothing
-but an earlier output of the same command (recorded in its owner file).
+A crash or an error mid-write leaves the previous file (or no file) in place, never a truncated one; a full disk or
+a file-size limit is one line naming the file (``no space left on device writing PATH``). Folders are built in a
+fresh hidden sibling (which records the process building it) and published with one rename, with the usual
+permissions (``0o777 & ~umask``, as files get ``0o666 & ~umask``); a folder is only ever replaced when it holds
+nothing but an earlier output of the same command (recorded in its owner file). The unfinished folders of a process
+that is gone (killed) are removed by the next build of the same output.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import glob
 import json
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
-from vesuvius_monai.errors import VesuviusError
+from vesuvius_monai.errors import VesuviusError, disk_errors
+from vesuvius_monai.io.lock import Holder
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -25,23 +34,25 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterato
     """Yield a temporary path beside ``target``; on success rename it onto ``target``.
 
     ``suffix`` defaults to the target's full suffix (``.nii.gz`` stays ``.nii.gz``) so that writers
-    which pick a format from the file name still work on the temporary path.
+    which pick a format from the file name still work on the temporary path. A full disk, a file-size limit or a
+    quota met while writing is a VesuviusError naming ``target`` (see :func:`disk_errors`); the temporary is removed.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     if suffix is None:
         suffix = "".join(target.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        if tmp_path.is_file():  # mkstemp makes 0600 files; give the output the usual permissions
-            os.chmod(tmp_path, 0o666 & ~_umask())
-        os.replace(tmp_path, target)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+    with disk_errors(target):
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
+        try:
+            yield tmp_path
+            if tmp_path.is_file():  # mkstemp makes 0600 files; give the output the usual permissions
+                os.chmod(tmp_path, 0o666 & ~_umask())
+            os.replace(tmp_path, target)
+        finally:
+            if tmp_path.exists():
+                tmp_path.unlink()
 
 
 def _umask() -> int:
@@ -56,14 +67,40 @@ def write_text(target: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
-def work_dir_beside(target: str | os.PathLike) -> Path:
-    """A new empty folder beside ``target`` (hidden, unique name) in which to build an output before publishing it."""
+OWNER_FILE = ".vesuvius_output.json"  # written into every folder a command publishes: what kind, which files
+WORK_RECORD = ".vesuvius_work.json"  # in an unfinished folder: the process building it (removed on publishing)
+
+
+def work_dir_beside(target: str | os.PathLike, kind: str = "output") -> Path:
+    """A new folder beside ``target`` (hidden, unique name ``.<name>.*.partial``) in which to build a ``kind``
+    output before publishing it; it holds only :data:`WORK_RECORD`, naming this process."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    write_text(work / WORK_RECORD, json.dumps(dataclasses.asdict(Holder.me(kind)), indent=1))
+    return work
 
 
-OWNER_FILE = ".vesuvius_output.json"  # written into every folder a command publishes: what kind, which files
+def work_dirs_left(target: str | os.PathLike) -> list[Path]:
+    """The unfinished folders of ``target`` (:func:`work_dir_beside`) whose process is gone: killed before it could
+    publish or clean up. Folders without a record, of a live process or of another host are not listed."""
+    target = Path(target)
+    gone = []
+    for folder in sorted(target.parent.glob(f".{glob.escape(target.name)}.*.partial")):
+        try:
+            holder = Holder.parse((folder / WORK_RECORD).read_text())
+        except (OSError, UnicodeDecodeError):
+            continue
+        if holder is not None and holder.alive() is False:
+            gone.append(folder)
+    return gone
+
+
+def clean_work_dirs(target: str | os.PathLike) -> None:
+    """Remove the unfinished folders of ``target`` left by processes that are gone (:func:`work_dirs_left`)."""
+    for folder in work_dirs_left(target):
+        log.info("removing %s, an unfinished output of a process that is no longer running", folder)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _files_under(folder: Path) -> list[str]:
@@ -115,8 +152,10 @@ def publish_dir(work: Path, target: str | os.PathLike, kind: str, name: str = "o
     ``target`` must pass :func:`check_replaceable`: only an earlier output of the same kind is replaced.
     """
     target = Path(target)
+    (work / WORK_RECORD).unlink(missing_ok=True)
     write_text(work / OWNER_FILE, json.dumps({"kind": kind, "files": _files_under(work) + [OWNER_FILE]}, indent=1))
     check_replaceable(target, kind, name)
+    os.chmod(work, 0o777 & ~_umask())  # mkdtemp makes 0700 folders; give the output the usual permissions
     replace_dir(work, target)
     return target
 
@@ -126,10 +165,12 @@ def build_dir(target: str | os.PathLike, kind: str, build: Callable[[Path], T], 
     in one rename (:func:`publish_dir`): ``target`` appears complete or not at all. Returns what ``build`` returns.
 
     ``target`` is checked first (:func:`check_replaceable`: only an earlier ``kind`` output is replaced); on any
-    error the unfinished folder, this command's own, is removed.
+    error the unfinished folder, this command's own, is removed. Unfinished folders of ``target`` left by killed
+    processes are removed first (:func:`clean_work_dirs`).
     """
     check_replaceable(target, kind, name)
-    work = work_dir_beside(target)
+    clean_work_dirs(target)
+    work = work_dir_beside(target, kind)
     try:
         result = build(work)
         publish_dir(work, target, kind, name)

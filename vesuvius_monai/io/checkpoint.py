@@ -8,6 +8,7 @@ the run clock and the number of processes that trained it. Files hold a plain di
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import pickle
 import re
@@ -82,15 +83,16 @@ class Checkpoint:
         return checkpoint
 
     def save(self, path: str | Path) -> None:
-        """Write the checkpoint atomically (a crash leaves the previous file, never a truncated one)."""
+        """Write the checkpoint atomically (a crash leaves the previous file, never a truncated one; a full disk is a
+        VesuviusError naming ``path``)."""
         payload = {"format": FORMAT, "version": self.version, "step": self.step, "config": self.config,
                    "model_name": self.model_name, "model_kwargs": self.model_kwargs, "model": self.model_state,
                    "splits": self.splits, "best_metric": self.best_metric, "world_size": self.world_size}
         for key in ("optimizer", "scaler", "items", "clock"):
             if getattr(self, key) is not None:
                 payload[key] = getattr(self, key)
-        with atomic_path(path) as tmp:
-            torch.save(payload, tmp)
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:  # a file object: a failed write keeps its errno
+            torch.save(payload, handle)
 
     @classmethod
     def of(cls, cfg: Config, model: nn.Module, step: int, **state: Any) -> Checkpoint:
@@ -123,6 +125,11 @@ class Checkpoint:
     def check_window(self, roi_size: tuple[int, int, int]) -> None:
         """Raise a VesuviusError naming ``infer.roi_size`` unless the checkpoint's network can take that window."""
         check_input_sizes(self.model_name, self.model_kwargs, {"infer.roi_size": roi_size})
+
+    def digest(self) -> str:
+        """SHA-256 of the checkpoint's file (hex): tells two checkpoints apart, also two of the same step."""
+        with open(self.path, "rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
 
     @property
     def trained_on(self) -> list[str]:

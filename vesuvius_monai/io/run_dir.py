@@ -3,6 +3,7 @@
 Layout (``output_dir``)::
 
     vesuvius_run.json    marker written first: this folder is a vesuvius_monai training run
+    vesuvius_run.lock    while a command writes into the folder (train, plan, tune-postprocess): who (see io/lock.py)
     config.yaml          resolved config of the run
     plan.yaml            the plan of ``vesuvius-monai plan`` (optional; train fills the keys the user leaves out)
     splits.json          fragment ids of train / val / test (also stored in every checkpoint)
@@ -16,13 +17,15 @@ Layout (``output_dir``)::
     eval/                the default folder of ``evaluate``
 
 A new run starts only in a new or empty folder, or in one of its own runs stopped before its first checkpoint
-(started again); a folder holding anything else is refused untouched.
+(started again); a folder holding anything else is refused untouched. One command at a time writes into a run
+folder: it holds the folder's lock (:meth:`RunDir.lock`) meanwhile; a second is refused, naming the first.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +33,12 @@ from pathlib import Path
 from vesuvius_monai import __version__
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.atomic import write_text
+from vesuvius_monai.io.lock import Lock
 
 log = logging.getLogger(__name__)
 
 MARKER = "vesuvius_run.json"
+LOCK_FILE = "vesuvius_run.lock"
 FORMAT = "vesuvius_monai.run/1"
 PLAN_FILE = "plan.yaml"
 POSTPROCESS_FILE = "postprocess.json"  # the choice of tune-postprocess (also in the folder of ``--out``)
@@ -58,6 +63,10 @@ class RunDir:
     @property
     def marker(self) -> Path:
         return self.path / MARKER
+
+    @property
+    def lock_file(self) -> Path:
+        return self.path / LOCK_FILE
 
     @property
     def config(self) -> Path:
@@ -138,7 +147,7 @@ class RunDir:
             if self.config.exists():
                 log.warning("output_dir %s holds a run stopped before its first checkpoint: starting it again (its "
                             "config.yaml, splits.json and logs are replaced)", self.path)
-        elif self.path.is_dir() and any(self.path.iterdir()):
+        elif self.path.is_dir() and any(p.name != LOCK_FILE for p in self.path.iterdir()):
             raise VesuviusError(f"output_dir {self.path} is not empty and is not a vesuvius_monai run (no {MARKER}); "
                                 f"nothing was changed there: set output_dir to a new or empty folder")
 
@@ -154,3 +163,30 @@ class RunDir:
         self.check_new()
         self.mark()
         return self
+
+    # ----------------------------------------------------------------- one command at a time
+
+    def lock(self, command: str) -> Lock:
+        """The folder's lock for ``command`` ("train", "plan", ...): ``with run.lock("train"): ...`` makes the folder
+        if needed and holds :data:`LOCK_FILE` in it; VesuviusError naming the holder while another process has it."""
+        if self.path.exists() and not self.path.is_dir():
+            raise VesuviusError(f"output_dir {self.path} is a file; set output_dir to a new folder")
+        return Lock(self.lock_file, f"run folder {self.path}", command)
+
+    def checkpoint_leftovers(self) -> list[Path]:
+        """Temporary files of checkpoint saves that never finished (a process killed while saving); only the holder of
+        the folder's lock may remove them, since no other process can be saving then."""
+        return sorted(p for name in ("last.pt", "best.pt") for p in self.checkpoints.glob(f".{name}.*.tmp.pt"))
+
+    def discard(self) -> None:
+        """Remove the run folder, made by this process, after its run failed before its first checkpoint. Only a folder
+        holding nothing but the files a run writes is removed; anything else (or a checkpoint) leaves it as it is, with
+        a warning. (The folder's lock, released next, removes the parents it made, when they are empty.)"""
+        ours = {MARKER, LOCK_FILE, "config.yaml", PLAN_FILE, "splits.json", "train_log.csv", "tensorboard", "cache",
+                "checkpoints"}
+        others = [p.name for p in self.path.iterdir() if p.name not in ours] if self.path.is_dir() else []
+        if others or self.last.exists() or self.best.exists():
+            log.warning("%s holds %s: left as it is", self.path, others[0] if others else "a checkpoint")
+            return
+        shutil.rmtree(self.path, ignore_errors=True)
+        log.info("removed %s, made by this run, which failed", self.path)

@@ -10,7 +10,9 @@ Layout (zarr v2 format, OME-Zarr 0.4 style so viewers and :func:`open_volume` re
 Several processes (torchrun ranks, possibly on several nodes over a shared file system) may fill one store at the
 same time: blocks are chunks, so each chunk has one writer, and markers and spills are one file each.
 
-Probabilities are stored as uint8 (round(p * 255)), float16 or float32.
+Probabilities are stored as uint8 (round(p * 255)), float16 or float32. A full disk or a file-size limit while
+writing is a VesuviusError naming the store; a block is marked done only once its data are written, so the blocks
+written before stay and a rerun writes the rest.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from vesuvius_monai.errors import VesuviusError
+from vesuvius_monai.errors import VesuviusError, disk_errors
 from vesuvius_monai.io.atomic import atomic_path
 from vesuvius_monai.io.nifti import affine_to_spacing, spacing_to_affine
 
@@ -101,15 +103,17 @@ class PredictionStore:
         if path.exists():
             raise VesuviusError(f"{path}: already exists; refusing to overwrite it")
         matrix = spacing_to_affine((1.0, 1.0, 1.0)) if affine is None else np.asarray(affine, dtype=np.float64)
-        group = zarr.open_group(str(path), mode="w-", zarr_format=2)
         chunks = tuple(max(1, min(int(b), int(d))) for b, d in zip(block_size, shape))
-        group.create_array(ARRAY_NAME, shape=tuple(int(d) for d in shape), chunks=chunks, dtype=dtype, fill_value=0)
-        group.attrs.update({
-            "multiscales": _ome_attrs(affine_to_spacing(matrix), tuple(float(t) for t in matrix[2::-1, 3])),
-            "affine": matrix.tolist(),
-            META_KEY: {**json.loads(json.dumps(meta or {})), "dtype": dtype, "complete": False},
-        })
-        (path / MARKER_DIR).mkdir()
+        with disk_errors(path):
+            group = zarr.open_group(str(path), mode="w-", zarr_format=2)
+            group.create_array(ARRAY_NAME, shape=tuple(int(d) for d in shape), chunks=chunks, dtype=dtype,
+                               fill_value=0)
+            group.attrs.update({
+                "multiscales": _ome_attrs(affine_to_spacing(matrix), tuple(float(t) for t in matrix[2::-1, 3])),
+                "affine": matrix.tolist(),
+                META_KEY: {**json.loads(json.dumps(meta or {})), "dtype": dtype, "complete": False},
+            })
+            (path / MARKER_DIR).mkdir()
         return cls(path, group)
 
     @classmethod
@@ -150,12 +154,14 @@ class PredictionStore:
 
     def write_block(self, index: BlockIndex, region: tuple[slice, slice, slice], probs: np.ndarray) -> None:
         """Write float probabilities (shape of ``region``) into ``region``, then mark block ``index`` done."""
-        self.array[region] = encode_probabilities(probs, str(self.array.dtype))
-        self._marker(index).touch()
+        with disk_errors(self.path):
+            self.array[region] = encode_probabilities(probs, str(self.array.dtype))
+            self._marker(index).touch()
 
     def mark_complete(self) -> None:
         """Record that every block is written and drop the markers (the store is then final)."""
-        self.group.attrs[META_KEY] = {**self.meta, "complete": True}
+        with disk_errors(self.path):
+            self.group.attrs[META_KEY] = {**self.meta, "complete": True}
         shutil.rmtree(self.path / MARKER_DIR, ignore_errors=True)
         shutil.rmtree(self.path / SPILL_DIR, ignore_errors=True)
 

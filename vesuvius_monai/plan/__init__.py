@@ -12,6 +12,8 @@ sees more context per step but gets fewer steps. :func:`make_plan`:
 3. **measures** each candidate on the actual device (one warm-up and ``repeats`` timed optimiser steps with the
    run's loss, one inference pass, the time to read a patch from disk; seconds each), climbing until a candidate
    no longer fits the budget (:func:`measure_candidate`);
+   a budget that cannot hold the set-up and ``PlanRules.least_steps`` steps of the first candidate is refused,
+   naming the least budget that works;
 4. **chooses** the largest measured candidate that still leaves ``PlanRules.min_steps`` optimiser steps after the
    validation passes and set-up, and fits the device memory (:func:`choose`); from it: ``train.steps`` (the steps
    the budget holds), ``train.val_every`` (``PlanRules.validations`` passes within ``PlanRules.val_share`` of the

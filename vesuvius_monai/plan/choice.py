@@ -4,6 +4,7 @@ steps, and the planned config values with their reasons (:func:`make_plan`)."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -47,6 +48,24 @@ def budget_for(timing: dict[str, float], fingerprint: dict, cfg: Config, rules: 
     steps = int(max(train_seconds, 0) // (timing["step_s"] + timing["read_s"]))
     fits = free_bytes is None or timing["peak_bytes"] <= rules.memory_share * free_bytes
     return Budget(validations=passes, val_seconds=passes * one_pass, steps=steps, fits_memory=fits)
+
+
+def least_seconds(timing: dict[str, float], rules: PlanRules) -> float:
+    """The smallest budget that holds the set-up and ``rules.least_steps`` steps of a candidate with ``timing``."""
+    return rules.setup_seconds + rules.least_steps * (timing["step_s"] + timing["read_s"])
+
+
+def check_budget(timing: dict[str, float], cfg: Config, rules: PlanRules) -> None:
+    """Refuse a budget that cannot hold the set-up (``rules.setup_seconds``) and ``rules.least_steps`` steps of the
+    smallest candidate (``timing``); the error names ``train.max_minutes`` and the least budget that works."""
+    need = least_seconds(timing, rules)
+    if cfg.train.max_minutes * 60 >= need:
+        return
+    steps = "1 training step" if rules.least_steps == 1 else f"{rules.least_steps} training steps"
+    raise VesuviusError(f"config key 'train.max_minutes': {cfg.train.max_minutes:g} min cannot hold the set-up "
+                        f"({rules.setup_seconds:g} s) and {steps} of the smallest network "
+                        f"({timing['step_s'] + timing['read_s']:.3f} s/step measured); give at least "
+                        f"train.max_minutes={math.ceil(need / 60 * 100) / 100:g}")
 
 
 def choose(ladder: list[Candidate], timings: list[dict[str, float]], fingerprint: dict, cfg: Config,
@@ -108,7 +127,9 @@ def plan_from_measurements(cfg: Config, fingerprint: dict, measure: Callable[[Ca
                            rules: PlanRules = PlanRules(), keep: Iterable[str] = (),
                            device: torch.device = torch.device("cpu"), free_bytes: float | None = None) -> Plan:
     """The planning itself, given a ``measure(candidate) -> timing`` function (:func:`measure_candidate` on the
-    device in :func:`make_plan`; a cost model in tests): climb the ladder while candidates fit, then choose."""
+    device in :func:`make_plan`; a cost model in tests): climb the ladder while candidates fit, then choose. A budget
+    that cannot hold the set-up and ``rules.least_steps`` steps of the first (smallest) candidate is refused before
+    more is measured (:func:`check_budget`)."""
     from vesuvius_monai.models import size_divisor
 
     if cfg.train.max_minutes <= 0:
@@ -122,6 +143,8 @@ def plan_from_measurements(cfg: Config, fingerprint: dict, measure: Callable[[Ca
     timings, started = [], time.perf_counter()
     for cand in ladder:
         timings.append(measure(cand))
+        if len(timings) == 1:
+            check_budget(timings[0], cfg, rules)
         budget = budget_for(timings[-1], fingerprint, cfg, rules, free_bytes)
         log.info("measured %s: %.3f s/step, %.2f Mvox/s inference -> %d steps", cand, timings[-1]["step_s"],
                  timings[-1]["infer_vox_s"] / 1e6, budget.steps)

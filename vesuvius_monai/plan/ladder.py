@@ -27,6 +27,9 @@ class PlanRules:
         1000: on the benchmark families at 6 CPU minutes, the half-resolution network at width 8 (2150-2700
         steps) beat width 16 (967 steps), and the MONAI networks that made 500-800 steps trailed (README,
         "Choosing the default recipe"); 300 let the plan pick width 16 and 80^3 patches for 378 steps.
+    least_steps: the fewest steps of the smallest candidate a budget must hold after the set-up; a smaller budget is
+        refused, naming the least one that works (``min_steps`` is what a plan aims for; a budget between the two
+        gets the smallest candidate, and its reason says to raise ``train.max_minutes``).
     val_share: the most of the budget that validation passes may take.
     validations: how many validation passes to aim for (fewer when they would exceed ``val_share``).
     setup_seconds: time kept for set-up, the surface index, saving and the final validation's margin.
@@ -40,6 +43,7 @@ class PlanRules:
     """
 
     min_steps: int = 1000
+    least_steps: int = 1
     val_share: float = 0.1
     validations: int = 5
     setup_seconds: float = 15.0
