@@ -207,3 +207,19 @@ def test_train_refuses_a_split_without_a_labelled_voxel(synthetic_root, tmp_path
     assert f"the {split} fragments have no labelled voxel" in line and f"labels/{named}.nii.gz" in line, line
     assert not (tmp_path / "run" / "checkpoints" / "best.pt").exists()
     assert _snapshot(root) == before
+
+
+@pytest.mark.parametrize("command", ["train", "synth", "plan"])
+def test_a_run_or_data_folder_through_an_existing_file_is_one_line(synthetic_root, tmp_path, capsys, tiny_args,
+                                                                    command):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    args = tiny_args(synthetic_root, afile / "run")
+    if command == "synth":
+        args = [*args, f"data.root={afile / 'data'}"]
+    if command == "plan":
+        args = [*args, "train.max_minutes=1"]
+    assert main([command, *args]) == 2
+    line = _error_line(capsys)
+    assert "afile is a file, not a folder" in line
+    assert afile.read_text() == "keep me"

@@ -23,6 +23,7 @@ from typing import Callable, Iterator, TypeVar
 
 from vesuvius_monai.errors import VesuviusError, disk_errors
 from vesuvius_monai.io.lock import Holder
+from vesuvius_monai.io.paths import check_parents
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterato
     quota met while writing is a VesuviusError naming ``target`` (see :func:`disk_errors`); the temporary is removed.
     """
     target = Path(target)
+    check_parents(target, "output")
     target.parent.mkdir(parents=True, exist_ok=True)
     if suffix is None:
         suffix = "".join(target.suffixes)
@@ -131,6 +133,7 @@ def check_replaceable(target: str | os.PathLike, kind: str, name: str = "output 
     the folder and one of the files in the way.
     """
     target = Path(target)
+    check_parents(target, name)
     if not target.exists():
         return
     if not target.is_dir():

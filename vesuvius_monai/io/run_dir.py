@@ -34,6 +34,7 @@ from vesuvius_monai import __version__
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.atomic import write_text
 from vesuvius_monai.io.lock import Lock
+from vesuvius_monai.io.paths import check_parents
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,7 @@ class RunDir:
     def check_new(self) -> None:
         """Raise unless a new run may start here: a new or empty folder, or one of our runs stopped before its first
         checkpoint (its config.yaml, splits.json and logs are then replaced)."""
+        check_parents(self.path, "output_dir")
         if self.last.exists():
             raise VesuviusError(f"output_dir {self.path} already holds a run ({self.last}); pass --resume to "
                                 f"continue it or set output_dir to a new folder")
@@ -169,6 +171,7 @@ class RunDir:
     def lock(self, command: str) -> Lock:
         """The folder's lock for ``command`` ("train", "plan", ...): ``with run.lock("train"): ...`` makes the folder
         if needed and holds :data:`LOCK_FILE` in it; VesuviusError naming the holder while another process has it."""
+        check_parents(self.path, "output_dir")
         if self.path.exists() and not self.path.is_dir():
             raise VesuviusError(f"output_dir {self.path} is a file; set output_dir to a new folder")
         return Lock(self.lock_file, f"run folder {self.path}", command)
