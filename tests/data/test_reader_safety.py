@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import math
 import os
 import re
 import time
@@ -16,17 +17,20 @@ import nibabel as nib
 import numpy as np
 import pytest
 import tifffile
+import torch
 import zarr
 
 from vesuvius_monai.cli import main
 from vesuvius_monai.config import load_config
-from vesuvius_monai.data.readers import block_grid, open_volume
-from vesuvius_monai.data.regions import BlockIndices
+from vesuvius_monai.data.readers import block_grid, open_volume, sample_regions
+from vesuvius_monai.data.regions import BlockIndices, region_shape
+from vesuvius_monai.engine.infer import infer_volume
 from vesuvius_monai.engine.windows import MAX_BLOCKS, WindowGrid
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io import memory
 from vesuvius_monai.io.nifti import MAX_DEFLATE_RATIO
 from vesuvius_monai.io.zarr_store import PredictionStore
+from vesuvius_monai.models import build_model
 
 
 def _error_line(capsys) -> str:
@@ -196,6 +200,24 @@ def test_reading_more_than_memory_is_refused(tmp_path, monkeypatch):
                                             r"needs at least 1\.0 GiB of memory, more than the 512\.0 MiB"):
         reader.read()
     assert reader.read((slice(0, 16), slice(0, 16), slice(0, 16))).shape == (16, 16, 16)  # small reads: unchecked
+
+
+def test_prediction_into_memory_larger_than_memory_is_refused(tmp_path, monkeypatch):
+    """evaluate, tune-postprocess, validation and predict to NIfTI hold a float32 prediction of the whole volume."""
+    zarr.create_array(tmp_path / "big.zarr", shape=(512, 512, 512), chunks=(128, 128, 128), dtype="uint8",
+                      fill_value=0)
+    reader = open_volume(tmp_path / "big.zarr", missing_chunks="allow")
+    monkeypatch.setattr(memory, "available_memory", lambda: 256 * 2**20)
+    cfg = load_config(None, ["model.name=unet", "model.kwargs={}", "infer.tta_flip_axes=[]"])
+    with pytest.raises(VesuviusError, match=r"big\.zarr: a float32 prediction of shape \(512, 512, 512\) needs at "
+                                            r"least 512\.0 MiB of memory, more than the 256\.0 MiB available"):
+        infer_volume(build_model("unet"), reader, cfg, device=torch.device("cpu"))
+
+
+def test_sampled_regions_of_an_absurd_volume_stay_few():
+    """The voxel count of a (10^9)^3 volume overflows int64 (it was taken for a small volume, read whole)."""
+    regions = sample_regions((10**9, 10**9, 10**9), 2_000_000)
+    assert 1 < len(regions) and sum(math.prod(region_shape(r)) for r in regions) <= 2_000_000
 
 
 # ------------------------------------------------------------------------------------------ missing Zarr chunks

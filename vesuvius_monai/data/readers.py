@@ -301,10 +301,10 @@ def sample_regions(shape: tuple[int, int, int], max_voxels: int, edge: int = 32)
 
     The whole volume is one region when it has no more than ``max_voxels`` voxels.
     """
-    if int(np.prod(shape)) <= max_voxels:
+    if math.prod(shape) <= max_voxels:
         return [tuple(slice(0, d) for d in shape)]  # type: ignore[list-item]
     edges = [min(edge, d) for d in shape]
-    n_blocks = max(1, max_voxels // int(np.prod(edges)))
+    n_blocks = max(1, max_voxels // math.prod(edges))
     per_axis = max(1, int(n_blocks ** (1 / 3) + 1e-9))
     starts = [np.unique(np.linspace(0, d - e, per_axis).round().astype(int)) for d, e in zip(shape, edges)]
     return [
