@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-FLOAT_BYTES = 4
 OPTIMIZER_COPIES = 4  # weights, gradients and AdamW's two moments, float32 each
 
 
