@@ -114,6 +114,7 @@ class DataConfig:
     cache_dir: str | None = None  # foreground-index cache; default <output_dir>/cache
     zarr_level: int = 0  # OME-Zarr pyramid level to read (0 = full resolution)
     zarr_key: str | None = None  # array inside a plain Zarr group
+    missing_chunks: str = "warn"  # chunks missing from a Zarr store (read as its fill value): warn | error | allow
 
     def __post_init__(self) -> None:
         check_fields(self, "data")
@@ -128,6 +129,7 @@ class DataConfig:
         require(not (self.dataset and self.ids_csv), "data.ids_csv",
                 "cannot be combined with data.dataset (list the fragments in the dataset YAML instead)")
         require(self.zarr_level >= 0, "data.zarr_level", f"must be >= 0, got {self.zarr_level}")
+        choice("data.missing_chunks", self.missing_chunks, ("warn", "error", "allow"))
 
 
 @dataclass(kw_only=True)

@@ -195,10 +195,12 @@ def check_label_values(reader: VolumeReader, ignore_index: int, block: int = 128
 
 def open_fragment(files: FragmentFiles, cfg: DataConfig, *, check_labels: bool = True) -> Fragment:
     """Open both volumes lazily and check that they fit together."""
-    image = open_volume(files.image, spacing=cfg.spacing, level=cfg.zarr_level, key=cfg.zarr_key)
+    image = open_volume(files.image, spacing=cfg.spacing, level=cfg.zarr_level, key=cfg.zarr_key,
+                        missing_chunks=cfg.missing_chunks)
     label = None
     if files.label:
-        label = open_volume(files.label, spacing=cfg.spacing, level=cfg.zarr_level, key=cfg.zarr_key)
+        label = open_volume(files.label, spacing=cfg.spacing, level=cfg.zarr_level, key=cfg.zarr_key,
+                            missing_chunks=cfg.missing_chunks)
     if label is not None:
         if tuple(label.shape) != tuple(image.shape):
             raise VesuviusError(f"label {files.label} has shape {tuple(label.shape)} but image {files.image} "

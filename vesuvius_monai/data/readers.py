@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import re
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 import tifffile
 import zarr
 
-from vesuvius_monai.data.ome_zarr import open_zarr_array
+from vesuvius_monai.data.ome_zarr import MissingChunks, leaves_out_empty_chunks, open_zarr_array
 from vesuvius_monai.data.regions import (  # noqa: F401  (re-exported: readers were their first home)
     Region,
     block_grid,
@@ -29,7 +29,9 @@ from vesuvius_monai.data.regions import (  # noqa: F401  (re-exported: readers w
     normalize_region,
     region_shape,
 )
+from vesuvius_monai.data.tiff import check_one_channel, read_tiff_pages, tiff_memmappable, tiff_spacing
 from vesuvius_monai.errors import VesuviusError
+from vesuvius_monai.io.memory import check_memory
 from vesuvius_monai.io.nifti import is_nifti_path, load_nifti_image, spacing_to_affine
 
 logger = logging.getLogger(__name__)
@@ -38,6 +40,7 @@ Spacing = tuple[float, float, float]
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 ZARR_MARKERS = (".zarray", ".zgroup", "zarr.json")
+LARGE_READ = 256 * 2**20  # reads of more bytes are first checked against the available memory
 
 
 # ----------------------------------------------------------------------------------------------- readers
@@ -68,9 +71,13 @@ class VolumeReader:
     def read(self, region: Region | None = None) -> np.ndarray:
         """Read a (z, y, x) region (whole volume if None) into memory; returns an array of ``dtype``.
 
-        Raises VesuviusError naming the file and the region when the data cannot be read.
+        Raises VesuviusError naming the file and the region when the data cannot be read, or would not fit the
+        host's available memory.
         """
         region = normalize_region(region, self.shape)
+        nbytes = math.prod(region_shape(region)) * self.dtype.itemsize
+        if nbytes > LARGE_READ:
+            check_memory(nbytes, f"{self.path}: reading region {format_region(region)} ({self.dtype})")
         try:
             data = self._read(region)
         except VesuviusError:
@@ -121,11 +128,14 @@ class TiffReader(VolumeReader):
             with tifffile.TiffFile(path) as tif:
                 series = tif.series[0]
                 shape, dtype = series.shape, series.dtype
-                file_spacing = _tiff_spacing(tif)
+                file_spacing = tiff_spacing(tif)
+                check_one_channel(path, tif)
+        except VesuviusError:
+            raise
         except Exception as exc:
             raise VesuviusError(f"{path}: not a readable TIFF file ({exc})") from exc
         super().__init__(path, shape, dtype, _pick_spacing(path, file_spacing, spacing))
-        self._mode = "memmap" if _tiff_memmappable(path) else "zarr"
+        self._mode = "memmap" if tiff_memmappable(path) else "zarr"
 
     def _read(self, region: Region) -> np.ndarray:
         if self._mode == "memmap":
@@ -152,6 +162,9 @@ class TiffFolderReader(VolumeReader):
         try:
             with tifffile.TiffFile(self.files[0]) as tif:
                 page_shape, dtype = tif.series[0].shape, tif.series[0].dtype
+                check_one_channel(self.files[0], tif)
+        except VesuviusError:
+            raise
         except Exception as exc:
             raise VesuviusError(f"{self.files[0]}: not a readable TIFF slice ({exc})") from exc
         if len(page_shape) != 2:
@@ -168,7 +181,7 @@ class TiffFolderReader(VolumeReader):
     def _read_slice(self, file: Path, ys: slice, xs: slice) -> np.ndarray:
         """Read rows ``ys`` and columns ``xs`` of one slice file, memory-mapped when possible."""
         try:
-            if _tiff_memmappable(file):
+            if tiff_memmappable(file):
                 page = tifffile.memmap(file, mode="r")
             else:
                 page = tifffile.imread(file)
@@ -182,13 +195,20 @@ class TiffFolderReader(VolumeReader):
 class ZarrReader(VolumeReader):
     """A zarr (v2 or v3) array, an array of a plain group (``key``), or a level of an OME-Zarr pyramid.
 
-    Leading singleton axes (e.g. OME-Zarr (t, c, z, y, x) with t = c = 1) are dropped.
+    Leading singleton axes (e.g. OME-Zarr (t, c, z, y, x) with t = c = 1) are dropped. Chunks missing from the
+    store read as the fill value; ``missing_chunks`` (``data.missing_chunks``) says whether that warns (once),
+    raises or stays silent (see :class:`vesuvius_monai.data.ome_zarr.MissingChunks`); a prediction store of this
+    package leaves empty blocks out on purpose and is read silently.
     """
 
-    def __init__(self, path: Path, spacing: Spacing | None, level: int = 0, key: str | None = None) -> None:
+    def __init__(self, path: Path, spacing: Spacing | None, level: int = 0, key: str | None = None,
+                 missing_chunks: str = "warn") -> None:
         array, file_spacing, translation = open_zarr_array(path, level, key)
         self._array = array
         self._lead = _leading_singletons(path, array.shape)
+        if missing_chunks != "allow" and leaves_out_empty_chunks(path):
+            missing_chunks = "allow"
+        self._missing = MissingChunks(path, array, self._lead, missing_chunks)
         spacing_zyx = _pick_spacing(path, file_spacing, spacing)
         affine = spacing_to_affine(spacing_zyx)
         if translation is not None:
@@ -196,7 +216,9 @@ class ZarrReader(VolumeReader):
         super().__init__(path, array.shape[self._lead :], array.dtype, spacing_zyx, affine)
 
     def _read(self, region: Region) -> np.ndarray:
-        return np.asarray(self._array[(0,) * self._lead + region])
+        data = np.asarray(self._array[(0,) * self._lead + region])
+        self._missing.check(region, data)
+        return data
 
 
 class NpyReader(VolumeReader):
@@ -223,13 +245,15 @@ def open_volume(
     spacing: Spacing | None = None,
     level: int = 0,
     key: str | None = None,
+    missing_chunks: str = "warn",
 ) -> VolumeReader:
     """Open a 3D volume lazily; the format is chosen from the name / folder contents.
 
     ``.nii``/``.nii.gz``, ``.tif``/``.tiff`` (multi-page), a folder of ``.tif`` slices, ``.zarr`` (array,
     plain group with ``key``, or OME-Zarr with pyramid ``level``) and ``.npy``. ``spacing`` (z, y, x) is
-    used when the file carries none. Raises VesuviusError naming the path for a missing, unknown,
-    unreadable or non-3D volume.
+    used when the file carries none. ``missing_chunks`` (Zarr only): ``warn``, ``error`` or ``allow`` chunks
+    missing from the store (see :class:`ZarrReader`). Raises VesuviusError naming the path for a missing, unknown,
+    unreadable or non-3D volume (a colour TIFF included), or a NIfTI file too small for its header.
     """
     path = Path(path)
     if not path.exists():
@@ -244,7 +268,7 @@ def open_volume(
     if kind == "npy":
         return NpyReader(path, spacing)
     if kind == "zarr":
-        return ZarrReader(path, spacing, level=level, key=key)
+        return ZarrReader(path, spacing, level=level, key=key, missing_chunks=missing_chunks)
     if kind == "tiff_folder":
         return TiffFolderReader(path, spacing)
     raise VesuviusError(
@@ -277,10 +301,10 @@ def sample_regions(shape: tuple[int, int, int], max_voxels: int, edge: int = 32)
 
     The whole volume is one region when it has no more than ``max_voxels`` voxels.
     """
-    if int(np.prod(shape)) <= max_voxels:
+    if math.prod(shape) <= max_voxels:
         return [tuple(slice(0, d) for d in shape)]  # type: ignore[list-item]
     edges = [min(edge, d) for d in shape]
-    n_blocks = max(1, max_voxels // int(np.prod(edges)))
+    n_blocks = max(1, max_voxels // math.prod(edges))
     per_axis = max(1, int(n_blocks ** (1 / 3) + 1e-9))
     starts = [np.unique(np.linspace(0, d - e, per_axis).round().astype(int)) for d, e in zip(shape, edges)]
     return [
@@ -312,41 +336,6 @@ def sample_percentiles(
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-
-
-def read_tiff_pages(tif: tifffile.TiffFile, region: Region) -> np.ndarray:
-    """Read a (z, y, x) region of an open multi-page TIFF page by page (only pages z in the region)."""
-    zs, ys, xs = region
-    pages = tif.series[0].pages
-    out = np.empty(region_shape(region), dtype=tif.series[0].dtype)
-    for i, z in enumerate(range(zs.start, zs.stop)):
-        out[i] = pages[z].asarray()[ys, xs]
-    return out
-
-
-def _tiff_memmappable(path: Path) -> bool:
-    """True when tifffile can memory-map the file's first series (uncompressed, contiguous)."""
-    try:
-        tifffile.memmap(path, mode="r")
-    except ValueError:
-        return False
-    return True
-
-
-def _tiff_spacing(tif: tifffile.TiffFile) -> Spacing | None:
-    """(z, y, x) spacing from OME-TIFF PhysicalSize* or ImageJ ``spacing`` + resolution tags, else None."""
-    if tif.is_ome and tif.ome_metadata:
-        pixels = next((e for e in ET.fromstring(tif.ome_metadata).iter() if e.tag.endswith("Pixels")), None)
-        sizes = [pixels.get(f"PhysicalSize{a}") for a in "ZYX"] if pixels is not None else [None]
-        if all(s is not None for s in sizes):
-            return tuple(float(s) for s in sizes)  # type: ignore[return-value]
-    if tif.is_imagej and tif.imagej_metadata and "spacing" in tif.imagej_metadata:
-        tags = tif.pages[0].tags
-        x_res, y_res = tags.get("XResolution"), tags.get("YResolution")
-        if x_res is not None and y_res is not None:
-            (xn, xd), (yn, yd) = x_res.value, y_res.value
-            return (float(tif.imagej_metadata["spacing"]), yd / yn, xd / xn)
-    return None
 
 
 def _pick_spacing(path: Path, file_spacing: Spacing | None, spacing: Spacing | None) -> Spacing:

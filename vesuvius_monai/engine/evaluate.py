@@ -150,7 +150,7 @@ def evaluate(cfg: Config, checkpoint: str | Path | Checkpoint, out_dir: str | Pa
     rename; an existing folder is only replaced when it holds nothing but an earlier evaluation.
     """
     ckpt = as_checkpoint(checkpoint)
-    ckpt.check_window(cfg.infer.roi_size)
+    ckpt.check_window(cfg.infer)
     out = (Path(out_dir) if out_dir else RunDir(cfg.output_dir).eval).resolve()
     check_parents(out, "evaluation folder")
     check_replaceable(out, EVAL_KIND, "evaluation folder")  # before the model is loaded: fail fast

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from typing import Iterator
 
 import numpy as np
@@ -29,6 +30,7 @@ from vesuvius_monai.engine.device import autocast, channels_last, channels_last_
 from vesuvius_monai.engine.tta import tta_predict
 from vesuvius_monai.engine.windows import WindowGrid
 from vesuvius_monai.engine.zarr_output import checked_roi
+from vesuvius_monai.io.memory import check_memory
 
 
 def make_predictor(model: nn.Module, cfg: InferConfig, device: torch.device, amp: bool = True) -> Predictor:
@@ -114,11 +116,13 @@ def infer_volume(model: nn.Module, reader: VolumeReader, cfg: Config, *, device:
     The volume is normalised with its own percentile window (``transforms.percentiles``, sampled over the whole
     volume), then predicted with the ``infer`` settings (window, overlap, blending, TTA, batch, block size, AMP
     on CUDA). The ROI is predicted as a volume of its own. ``device``: where the model is (default: its
-    parameters' device). The model is in eval mode while it predicts, and back in its own mode after.
+    parameters' device). The model is in eval mode while it predicts, and back in its own mode after. A volume whose
+    prediction would not fit the host's available memory is refused (VesuviusError naming the file).
     """
     device = device or next(model.parameters()).device
     with evaluating(model, cfg.infer, device) as predictor:
         job = volume_job(reader, cfg, predictor, device, roi)
+        check_memory(4 * math.prod(job.grid.shape), f"{reader.path}: a float32 prediction of shape {job.grid.shape}")
         sink = ArraySink(job.grid.shape)
         run_blocks(job, sink, MemorySpills(), progress=progress)
     return sink.array

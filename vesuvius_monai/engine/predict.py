@@ -69,7 +69,8 @@ def parse_roi(text: str | None) -> Region | None:
 
 def _open(path: Path, cfg: Config) -> VolumeReader:
     """The volume at ``path`` as ``data`` says to read it (spacing, Zarr level and key)."""
-    return open_volume(path, spacing=cfg.data.spacing, level=cfg.data.zarr_level, key=cfg.data.zarr_key)
+    return open_volume(path, spacing=cfg.data.spacing, level=cfg.data.zarr_level, key=cfg.data.zarr_key,
+                       missing_chunks=cfg.data.missing_chunks)
 
 
 def _check_outputs(inputs: Sequence[Path], outputs: dict[str, Path | None]) -> None:
@@ -154,7 +155,7 @@ def predict(cfg: Config, checkpoint: str | Path | Checkpoint, input_path: str | 
     the ranks share the blocks); ``nifti_output`` then also exports it as NIfTI (when it fits in memory).
     """
     ckpt = as_checkpoint(checkpoint)
-    ckpt.check_window(cfg.infer.roi_size)
+    ckpt.check_window(cfg.infer)
     inputs = [Path(p) for p in ([input_path] if isinstance(input_path, (str, Path)) else input_path)]
     output = Path(output)
     for flag, path in (("--output", output), ("--mask", mask_output), ("--nifti", nifti_output)):

@@ -37,6 +37,7 @@ from vesuvius_monai.io.run_dir import RunDir
 from vesuvius_monai.losses import build_loss
 from vesuvius_monai.metrics.overlap import dice
 from vesuvius_monai.models import check_input_sizes, check_model
+from vesuvius_monai.models.memory import check_training_memory
 from vesuvius_monai.report import plot_learning_curve
 
 log = logging.getLogger(__name__)
@@ -160,6 +161,7 @@ def train(cfg: Config, *, resume: bool = False, stop_at_step: int | None = None)
     clock = RunClock(budget_s=cfg.train.max_minutes * 60)
     check_model(cfg.model.name, cfg.model.kwargs)
     check_sizes(cfg)
+    check_training_memory(cfg)
     ctx, device = init_distributed(cfg.train.device)
     set_threads(cfg.train)
     splits = load_splits(cfg.data)

@@ -44,7 +44,7 @@ def tune_postprocess(cfg: Config, checkpoint: str | Path | Checkpoint, out_dir: 
     ``out_dir`` defaults to the checkpoint's run folder (``<run>/checkpoints/x.pt`` -> ``<run>``).
     """
     ckpt = as_checkpoint(checkpoint)
-    ckpt.check_window(cfg.infer.roi_size)
+    ckpt.check_window(cfg.infer)
     path = Path(out_dir) / POSTPROCESS_FILE if out_dir else ckpt.run.postprocess
     check_parents(path, "--out")
     check_replaceable_choice(path)

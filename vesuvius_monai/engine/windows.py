@@ -24,7 +24,12 @@ import torch
 from monai.data.utils import compute_importance_map, dense_patch_slices
 from monai.inferers.utils import _get_scan_interval
 
-from vesuvius_monai.data.regions import Region, Triple, intersect, region_shape, relative
+from vesuvius_monai.data.regions import BlockIndices, Region, Triple, intersect, region_shape, relative
+from vesuvius_monai.errors import VesuviusError
+from vesuvius_monai.io.memory import check_memory
+
+MAX_BLOCKS = 10_000_000  # a grid of more blocks is refused (each block has its files and bookkeeping)
+BLOCK_BUFFERS = 4  # block extents of float32 the engine holds at a time
 
 OFFSETS = [o for o in itertools.product((0, 1), repeat=3) if any(o)]  # successor = index + o, in this order
 
@@ -69,25 +74,48 @@ class Axis:
         return tuple(t for t in self.starts if t < hi and t + self.window > lo)
 
 
+def axis_steps(size: int, window: int, overlap: float, block: int) -> tuple[int, int]:
+    """(stride, block edge) of the axis of MONAI's grid for a volume axis of ``size`` (see the module docstring)."""
+    padded = max(size, window)
+    stride = _get_scan_interval((padded,), (window,), 1, (overlap,))[0]
+    edge = padded if padded == window else stride * math.ceil(max(block, window) / stride)  # one window: one block
+    return stride, edge
+
+
 def make_axis(size: int, window: int, overlap: float, block: int) -> Axis:
     """The axis of MONAI's grid for a volume axis of ``size``; ``block`` is rounded up (see module docstring)."""
     padded = max(size, window)
-    stride = _get_scan_interval((padded,), (window,), 1, (overlap,))[0]
+    stride, edge = axis_steps(size, window, overlap, block)
     starts = tuple(int(s[0].start) for s in dense_patch_slices((padded,), (window,), (stride,)))
-    edge = padded if len(starts) == 1 else stride * math.ceil(max(block, window) / stride)
     return Axis(size=size, window=window, stride=stride, pad_lo=(padded - size) // 2, starts=starts, block=edge)
+
+
+def check_blocks(shape: Triple, window: Triple, edges: Triple) -> None:
+    """Raise a VesuviusError naming ``infer.block_size`` when blocks of ``edges`` cut the (padded) volume of
+    ``shape`` into more than :data:`MAX_BLOCKS` blocks, or when the engine's block buffers (``BLOCK_BUFFERS`` float32
+    blocks at a time, see :mod:`vesuvius_monai.engine.blockwise`) cannot fit the CPU's available memory."""
+    padded = [max(d, w) for d, w in zip(shape, window)]
+    n = math.prod(math.ceil(p / e) for p, e in zip(padded, edges))
+    if n > MAX_BLOCKS:
+        raise VesuviusError(f"config key 'infer.block_size': blocks of {list(edges)} cut the volume of shape "
+                            f"{tuple(shape)} into {n:,} blocks, more than {MAX_BLOCKS:,}; choose larger blocks")
+    block = [min(e, p) for e, p in zip(edges, padded)]
+    check_memory(BLOCK_BUFFERS * 4 * math.prod(block), f"config key 'infer.block_size': inference in blocks of {block}")
 
 
 class WindowGrid:
     """MONAI's sliding-window grid of a (z, y, x) volume, cut into blocks (see the module docstring).
 
     ``shape``: the volume (z, y, x); ``window``: the window size; ``overlap``: MONAI's overlap in [0, 1);
-    ``block``: wanted block edges (rounded up to multiples of the stride, at least one window).
+    ``block``: wanted block edges (rounded up to multiples of the stride, at least one window). A grid of more than
+    :data:`MAX_BLOCKS` blocks, or with blocks too large for memory, is refused before anything is listed.
     """
 
     def __init__(self, shape: Triple, window: Triple, overlap: float, block: Triple) -> None:
         self.shape = tuple(int(d) for d in shape)
         self.window = tuple(int(w) for w in window)
+        steps = [axis_steps(d, w, overlap, b) for d, w, b in zip(self.shape, self.window, block)]
+        check_blocks(self.shape, self.window, tuple(edge for _, edge in steps))  # type: ignore[arg-type]
         self.axes = tuple(make_axis(d, w, overlap, b) for d, w, b in zip(self.shape, self.window, block))
 
     @property
@@ -108,9 +136,9 @@ class WindowGrid:
         """Windows in the whole grid (each is computed exactly once)."""
         return math.prod(len(a.starts) for a in self.axes)
 
-    def blocks(self) -> list[Triple]:
-        """Every block index, in C order (the processing order: predecessors come first)."""
-        return list(itertools.product(*(range(c) for c in self.counts)))  # type: ignore[arg-type]
+    def blocks(self) -> BlockIndices:
+        """Every block index, in C order (the processing order: predecessors come first), made on demand."""
+        return BlockIndices(self.counts)
 
     def block_region(self, index: Triple) -> Region:
         """The block (padded coordinates)."""

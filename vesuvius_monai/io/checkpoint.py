@@ -20,11 +20,13 @@ import torch
 from torch import nn
 
 from vesuvius_monai import __version__
-from vesuvius_monai.config import Config, config_from_raw, to_dict
+from vesuvius_monai.config import Config, InferConfig, config_from_raw, to_dict
+from vesuvius_monai.engine.device import resolve_device
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.atomic import atomic_path
 from vesuvius_monai.io.run_dir import RunDir
 from vesuvius_monai.models import build_model, check_input_sizes, check_model
+from vesuvius_monai.models.memory import check_window_memory
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +124,11 @@ class Checkpoint:
         """The run config stored in the checkpoint, read with today's defaults, plus ``key=value`` overrides."""
         return config_from_raw(self.config, overrides)
 
-    def check_window(self, roi_size: tuple[int, int, int]) -> None:
-        """Raise a VesuviusError naming ``infer.roi_size`` unless the checkpoint's network can take that window."""
-        check_input_sizes(self.model_name, self.model_kwargs, {"infer.roi_size": roi_size})
+    def check_window(self, infer: InferConfig) -> None:
+        """Raise a VesuviusError naming ``infer.roi_size`` unless the checkpoint's network can take that window and
+        a batch of ``infer.sw_batch_size`` of them fits the memory of ``infer.device``."""
+        check_input_sizes(self.model_name, self.model_kwargs, {"infer.roi_size": infer.roi_size})
+        check_window_memory(self.model_name, self.model_kwargs, infer, resolve_device(infer.device))
 
     def digest(self) -> str:
         """SHA-256 of the checkpoint's file (hex): tells two checkpoints apart, also two of the same step."""

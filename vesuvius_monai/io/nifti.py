@@ -8,6 +8,7 @@ reverses the axes and the writer reverses them back. The 4x4 ``affine`` is alway
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import numpy as np
 
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.atomic import atomic_path, check_replaceable_file
+from vesuvius_monai.io.memory import format_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +46,8 @@ def affine_to_spacing(affine: np.ndarray) -> tuple[float, float, float]:
 def load_nifti_image(path: str | os.PathLike) -> nib.Nifti1Image:
     """Open a NIfTI file lazily (header only; data stay on disk, uncompressed files are memory-mapped).
 
-    Raises VesuviusError naming the file when it is missing, unreadable or not 3D, or when an
-    uncompressed ``.nii`` is shorter than its header says.
+    Raises VesuviusError naming the file when it is missing, unreadable or not 3D, or when it cannot hold the data
+    its header claims (a truncated ``.nii``, a ``.nii.gz`` too small by far).
     """
     path = Path(path)
     if not path.is_file():
@@ -56,19 +58,29 @@ def load_nifti_image(path: str | os.PathLike) -> nib.Nifti1Image:
         raise VesuviusError(f"{path}: not a readable NIfTI file ({exc})") from exc
     if len(img.shape) != 3:
         raise VesuviusError(f"{path}: expected a 3D NIfTI volume, got shape {tuple(img.shape)} (x, y, z, ...)")
-    _check_uncompressed_size(path, img)
+    _check_data_size(path, img)
     return img
 
 
-def _check_uncompressed_size(path: Path, img: nib.Nifti1Image) -> None:
-    """Raise VesuviusError when an uncompressed ``.nii`` file is truncated (too short for its data)."""
-    if not str(path).lower().endswith(".nii"):
-        return
+# deflate (gzip) expands at most about 1032:1; a compressed file claiming more data than that is damaged or hostile
+MAX_DEFLATE_RATIO = 1032
+
+
+def _check_data_size(path: Path, img: nib.Nifti1Image) -> None:
+    """Raise VesuviusError when the file cannot hold the data its header claims: an uncompressed ``.nii`` shorter
+    than its data (truncated), or a ``.nii.gz`` claiming more than :data:`MAX_DEFLATE_RATIO` times its size."""
     header = img.header
-    needed = int(header.get_data_offset()) + int(np.prod(img.shape)) * header.get_data_dtype().itemsize
+    needed = int(header.get_data_offset()) + math.prod(img.shape) * header.get_data_dtype().itemsize
     size = path.stat().st_size
-    if size < needed:
-        raise VesuviusError(f"{path}: NIfTI file is truncated ({size} bytes, header needs {needed})")
+    if not str(path).lower().endswith(".gz"):
+        if size < needed:
+            raise VesuviusError(f"{path}: NIfTI file is truncated ({size} bytes, header needs {needed})")
+        return
+    if needed > MAX_DEFLATE_RATIO * size + 1024:  # + the gzip header and a little slack
+        shape = "x".join(str(d) for d in img.shape)
+        raise VesuviusError(f"{path}: NIfTI header claims {shape} voxels of {header.get_data_dtype()} "
+                            f"({format_bytes(needed)}), more than a gzip file of {format_bytes(size)} can hold "
+                            f"(at most {format_bytes(MAX_DEFLATE_RATIO * size)}); the header is damaged")
 
 
 def read_nifti_header_spacing(path: str | os.PathLike) -> tuple[float, float, float]:
