@@ -211,3 +211,13 @@ def test_bad_write_arguments_raise_vesuvius_error(tmp_path) -> None:
 def test_bad_seed_raises_vesuvius_error(seed: object) -> None:
     with pytest.raises(VesuviusError, match="seed"):
         make_fragment(seed, SMALL)  # type: ignore[arg-type]
+
+
+def test_a_fragment_too_large_for_memory_is_refused_naming_the_key(tmp_path) -> None:
+    from vesuvius_monai.cli import main
+
+    root = tmp_path / "data"
+    assert main(["synth", f"data.root={root}", "synth.params.shape=[100000,100000,100000]"]) == 2
+    assert not root.exists()
+    with pytest.raises(VesuviusError, match=r"synth\.params\.shape \[100000, 100000, 100000\] needs at least"):
+        make_fragment(0, SynthParams(shape=(100000, 100000, 100000)))

@@ -49,12 +49,14 @@ from tqdm import tqdm
 from vesuvius_monai.config import SynthParams, integer, require, to_dict
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.atomic import atomic_path, write_text
+from vesuvius_monai.io.memory import check_memory
 from vesuvius_monai.io.nifti import write_nifti
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("nii.gz", "nii", "tif")
 TEXTURE_SIZE = 256  # periodic fibre texture, (z, arc) pixels
+BYTES_PER_VOXEL = 40  # peak memory of make_fragment per voxel (float32 fields; tracemalloc: 32-35 B at 48^3-64^3)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -298,6 +300,7 @@ def make_fragment(seed: int | tuple[int, ...], params: SynthParams = SynthParams
     """
     if not isinstance(params, SynthParams):
         raise VesuviusError(f"params must be a SynthParams, got {type(params).__name__}")
+    check_memory(BYTES_PER_VOXEL * math.prod(params.shape), f"synth.params.shape {list(params.shape)}")
     rng = np.random.default_rng(_check_seed(seed))
     shape = params.shape
     sheets = _sheet_geometry(rng, params)

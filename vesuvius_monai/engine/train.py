@@ -55,7 +55,7 @@ def check_sizes(cfg: Config) -> None:
 # Keys a resumed run may change. train.batch_size too: the patch stream goes on from the patches drawn so far, and
 # with the same effective batch (processes x batch_size, e.g. 2 x 2 resumed as 1 x 4) the run is the same.
 RESUME_MAY_DIFFER = {"train.max_minutes", "train.num_workers", "train.num_threads", "train.device",
-                     "train.log_every", "data.cache_dir", "train.batch_size",
+                     "train.log_every", "data.cache_dir", "data.missing_chunks", "train.batch_size",
                      "tune.thresholds", "tune.min_sizes", "tune.max_dice_drop"}  # tune: used after training only
 
 
