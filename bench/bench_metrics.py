@@ -23,7 +23,6 @@ and a pool of ``--workers`` processes (what the metrics use for large tiles).
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import resource
 import time
@@ -35,6 +34,7 @@ from scipy.spatial import cKDTree
 
 from _common import format_table, run_main, write_json
 from vesuvius_monai.config import LeaderboardWeights
+from vesuvius_monai.metrics.fallback import cells_touched
 from vesuvius_monai.metrics import METRIC_NAMES, MetricContext, check_metric_names, topo_matching_used
 from vesuvius_monai.metrics import betti_matching as bm
 from vesuvius_monai.metrics._common import prepare_pair, tile_slices
@@ -94,14 +94,7 @@ def euler_hand(mask: np.ndarray) -> int:
     padded = np.pad(mask, 1)
 
     def touched(sizes: tuple[int, int, int]) -> int:
-        options = []
-        for axis, size in enumerate(sizes):
-            n = padded.shape[axis] - 2
-            options.append([slice(1, n + 1)] if size == 1 else [slice(0, n + 1), slice(1, n + 2)])
-        out = None
-        for index in itertools.product(*options):
-            out = padded[index].copy() if out is None else out | padded[index]
-        return int(np.count_nonzero(out))
+        return int(np.count_nonzero(cells_touched(padded, sizes)))
 
     edges = sum(touched(s) for s in ((1, 2, 2), (2, 1, 2), (2, 2, 1)))
     faces = sum(touched(s) for s in ((2, 1, 1), (1, 2, 1), (1, 1, 2)))

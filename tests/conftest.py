@@ -6,6 +6,7 @@ Tests marked ``slow`` (subprocesses, torchrun, training, anything over about a s
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from vesuvius_monai.config import load_config
 from vesuvius_monai.data.synthetic import SynthParams, write_synthetic_dataset
 
 torch.set_num_threads(2)
+sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py: error_line, snapshot
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from helpers import error_line, snapshot
 from vesuvius_monai.cli import main
 from vesuvius_monai.io.nifti import write_nifti
 
@@ -19,13 +20,6 @@ def trained(trained_run, synthetic_root, tmp_path_factory, tiny_args):
     out = tmp_path_factory.mktemp("cli") / "run"
     shutil.copytree(trained_run, out)
     return tiny_args(synthetic_root, out), out
-
-
-def _error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    errors = [line for line in err if line.startswith("error:")]
-    assert len(errors) == 1, err
-    return errors[0]
 
 
 def test_synth_writes_fragments(tmp_path):
@@ -66,12 +60,12 @@ def test_train_evaluate_predict(trained, synthetic_root, tmp_path, capsys):
 
 def test_unknown_config_key(capsys, tmp_path):
     assert main(["train", f"output_dir={tmp_path}", "train.stepz=3"]) == 2
-    assert "train.stepz" in _error_line(capsys)
+    assert "train.stepz" in error_line(capsys)
 
 
 def test_unknown_model_name(synthetic_root, tmp_path, capsys, tiny_args):
     assert main(["train", *tiny_args(synthetic_root, tmp_path / "r"), "model.name=resunt3d"]) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "resunt3d" in line and "resunet3d" in line
 
 
@@ -104,7 +98,7 @@ def test_bad_data_gets_one_clear_error(problem, expect, synthetic_root, tmp_path
     before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
     args = tiny_args(root, tmp_path / "run") + ["data.val_fragments=[frag_000]", "data.test_fragments=[frag_004]"]
     assert main(["train", *args]) == 2
-    assert re.search(expect, _error_line(capsys))
+    assert re.search(expect, error_line(capsys))
     assert before == {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}  # inputs untouched
     assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
 
@@ -115,13 +109,13 @@ def test_predict_errors_leave_existing_output(trained, tmp_path, capsys):
     out.write_bytes(b"previous result")
     assert main(["predict", "--checkpoint", str(run / "checkpoints/best.pt"), "--input", str(tmp_path / "none.nii.gz"),
                  "--output", str(out)]) == 2
-    assert "none.nii.gz" in _error_line(capsys)
+    assert "none.nii.gz" in error_line(capsys)
     assert out.read_bytes() == b"previous result"
     bad_ckpt = tmp_path / "bad.pt"
     bad_ckpt.write_bytes(b"not a checkpoint")
     assert main(["predict", "--checkpoint", str(bad_ckpt), "--input", str(tmp_path / "x.nii.gz"),
                  "--output", str(out)]) == 2
-    assert "bad.pt" in _error_line(capsys)
+    assert "bad.pt" in error_line(capsys)
 
 
 @pytest.mark.slow
@@ -155,7 +149,7 @@ def test_evaluate_refuses_training_fragments(trained, capsys):
     ckpt = str(run / "checkpoints/best.pt")
     assert main(["evaluate", "--checkpoint", ckpt, *args, "data.test_fragments=[frag_000]",
                  "data.val_fragments=[frag_003]"]) == 2
-    assert "frag_000" in _error_line(capsys)
+    assert "frag_000" in error_line(capsys)
 
 
 def test_mask_may_not_replace_the_input(trained, synthetic_root, tmp_path, capsys):
@@ -164,28 +158,24 @@ def test_mask_may_not_replace_the_input(trained, synthetic_root, tmp_path, capsy
     before = image.read_bytes()
     assert main(["predict", "--checkpoint", str(run / "checkpoints/best.pt"), "--input", str(image),
                  "--output", str(tmp_path / "p.nii.gz"), "--mask", str(image)]) == 2
-    assert "--mask" in _error_line(capsys)
+    assert "--mask" in error_line(capsys)
     assert image.read_bytes() == before
 
 
 # ----------------------------------------------------------------------------------------- nothing lost
 
 
-def _snapshot(folder):
-    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-
-
 def test_evaluate_never_replaces_a_foreign_folder(trained, tmp_path, capsys):
     args, run = trained
     ckpt = str(run / "checkpoints/best.pt")
-    before = _snapshot(run)  # the run folder: checkpoints, config.yaml, logs, tensorboard
+    before = snapshot(run)  # the run folder: checkpoints, config.yaml, logs, tensorboard
     (run / "notes.txt").write_text("my notes")
-    before[run.joinpath("notes.txt").relative_to(run)] = b"my notes"
+    before["notes.txt"] = b"my notes"
     assert main(["evaluate", "--checkpoint", ckpt, "--out", str(run), *args]) == 2
-    assert str(run) in _error_line(capsys)
-    assert _snapshot(run) == before  # byte for byte
+    assert str(run) in error_line(capsys)
+    assert snapshot(run) == before  # byte for byte
     assert main(["evaluate", "--checkpoint", ckpt, "--out", ".", *args]) == 2
-    assert "did not write" in _error_line(capsys)  # one line, no traceback for '.'
+    assert "did not write" in error_line(capsys)  # one line, no traceback for '.'
 
 
 @pytest.mark.slow
@@ -196,25 +186,25 @@ def test_evaluate_rerun_replaces_only_its_own_folder(trained, capsys):
     assert main(["evaluate", "--checkpoint", ckpt, "--out", str(out), *args]) == 0
     assert main(["evaluate", "--checkpoint", ckpt, "--out", str(out), *args]) == 0  # an earlier evaluation: replaced
     (out / "predictions" / "my_annotation.txt").write_text("keep me")
-    before = _snapshot(out)
+    before = snapshot(out)
     assert main(["evaluate", "--checkpoint", ckpt, "--out", str(out), *args]) == 2
-    assert "my_annotation.txt" in _error_line(capsys)
-    assert _snapshot(out) == before
+    assert "my_annotation.txt" in error_line(capsys)
+    assert snapshot(out) == before
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".eval_rerun")]  # no work folder left behind
 
 
 def test_synth_refuses_a_folder_with_other_files(tmp_path, capsys):
     (tmp_path / "mine.txt").write_text("x")
     assert main(["synth", f"data.root={tmp_path}", "synth.n_fragments=1", "synth.params.shape=[16,16,16]"]) == 2
-    assert "data.root" in _error_line(capsys)
-    assert _snapshot(tmp_path) == {tmp_path.joinpath("mine.txt").relative_to(tmp_path): b"x"}
+    assert "data.root" in error_line(capsys)
+    assert snapshot(tmp_path) == {"mine.txt": b"x"}
 
 
 def test_tune_postprocess_refuses_training_fragments(trained, capsys):
     args, run = trained
     assert main(["tune-threshold", "--checkpoint", str(run / "checkpoints/best.pt"), *args,  # the old name still works
                  "data.val_fragments=[frag_000]", "data.test_fragments=[frag_004]"]) == 2
-    assert "frag_000" in _error_line(capsys)
+    assert "frag_000" in error_line(capsys)
     assert not (run / "postprocess.json").exists()
 
 
@@ -224,7 +214,7 @@ def test_tune_postprocess_never_replaces_a_file_it_did_not_write(trained, tmp_pa
     foreign.write_text('{"my": "notes"}')
     assert main(["tune-postprocess", "--checkpoint", str(run / "checkpoints/best.pt"), "--out", str(tmp_path),
                  *args]) == 2
-    assert "postprocess.json" in _error_line(capsys)
+    assert "postprocess.json" in error_line(capsys)
     assert foreign.read_text() == '{"my": "notes"}'
 
 
@@ -248,7 +238,7 @@ def test_checkpoint_with_code_objects_is_refused_as_unsafe(tmp_path, capsys):
     bad = tmp_path / "evil.pt"
     torch.save({"format": "vesuvius_monai.checkpoint/1", "payload": np.random.default_rng(0)}, bad)
     assert main(["evaluate", "--checkpoint", str(bad), f"output_dir={tmp_path}"]) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "evil.pt" in line and "not allowed to load" in line
 
 
@@ -274,7 +264,7 @@ def test_plan_then_train_uses_the_plan_for_keys_the_config_leaves_out(synthetic_
 def test_bad_window_is_named_at_every_entry(trained, command, capsys):
     args, run = trained
     assert main([command, "--checkpoint", str(run / "checkpoints/best.pt"), *args, "infer.roi_size=[18,18,18]"]) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "infer.roi_size" in line and "[18, 18, 18]" in line
 
 
@@ -328,7 +318,7 @@ def test_evaluate_removes_what_a_killed_evaluate_left(trained, capsys):
 def test_plan_refuses_a_budget_that_cannot_hold_the_set_up(synthetic_root, tmp_path, capsys, tiny_args):
     out = tmp_path / "planned"
     assert main(["plan", *tiny_args(synthetic_root, out), "train.max_minutes=0.001"]) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert re.search(r"train.max_minutes': 0.001 min cannot hold the set-up .*give at least train.max_minutes="
                      r"0\.\d+", line), line
     assert not out.exists()
@@ -336,16 +326,15 @@ def test_plan_refuses_a_budget_that_cannot_hold_the_set_up(synthetic_root, tmp_p
 
 @pytest.mark.slow
 def test_plan_and_tune_postprocess_refuse_a_run_folder_in_use(trained, capsys, tiny_args, synthetic_root):
-    from pathlib import Path
 
     from vesuvius_monai.io.run_dir import LOCK_FILE, RunDir
 
     args, run = trained
-    before = _snapshot(run)
+    before = snapshot(run)
     with RunDir(run).lock("train"):  # a train running there (this process)
         assert main(["tune-postprocess", "--checkpoint", str(run / "checkpoints/best.pt"), *args]) == 2
-        assert f"run folder {run} is in use by 'train'" in _error_line(capsys)
+        assert f"run folder {run} is in use by 'train'" in error_line(capsys)
         assert main(["plan", *args, "train.max_minutes=1"]) == 2
-        assert f"run folder {run} is in use by 'train'" in _error_line(capsys)
-        assert set(_snapshot(run)) == set(before) | {Path(LOCK_FILE)}
-    assert _snapshot(run) == before  # no postprocess.json, no plan.yaml
+        assert f"run folder {run} is in use by 'train'" in error_line(capsys)
+        assert set(snapshot(run)) == set(before) | {LOCK_FILE}
+    assert snapshot(run) == before  # no postprocess.json, no plan.yaml

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from helpers import snapshot
 from vesuvius_monai.cli import main
 from vesuvius_monai.engine.train import train
 from vesuvius_monai.io.zarr_store import PredictionStore
@@ -31,10 +32,6 @@ def run_limited(limit: int, argv: list[str]) -> str:
     errors = re.findall(r"error: [^\r\n]*", done.stderr)
     assert done.returncode == 2 and len(errors) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
     return errors[0]
-
-
-def snapshot(folder) -> dict:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.slow

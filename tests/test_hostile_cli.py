@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from helpers import error_line, snapshot
 from vesuvius_monai.cli import main
 from vesuvius_monai.config import load_config
 from vesuvius_monai.io.checkpoint import Checkpoint
@@ -17,17 +18,6 @@ from vesuvius_monai.models import build_model
 
 
 NO_FIXED_SPLIT = ["data.val_fragments=[]", "data.test_fragments=[]"]  # the dataset YAML's splits decide
-
-
-def _error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    errors = [line for line in err if line.startswith("error:")]
-    assert len(errors) == 1, err
-    return errors[0]
-
-
-def _snapshot(folder):
-    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
 @pytest.fixture
@@ -58,14 +48,14 @@ def _dataset(folder, synthetic_root, entries):
 def test_evaluate_refuses_an_id_that_leaves_the_output_folder(checkpoint, synthetic_root, tmp_path, capsys):
     deep = tmp_path / "a" / "b" / "c"
     dataset = _dataset(deep, synthetic_root, [{"id": "../../../ESCAPED", "frag": "frag_004"}])
-    before = _snapshot(synthetic_root)
+    before = snapshot(synthetic_root)
     assert main(["evaluate", "--checkpoint", str(checkpoint), "--out", str(deep / "eval"),
                  f"data.dataset={dataset}", *NO_FIXED_SPLIT]) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "data.yaml: fragments[0].id '../../../ESCAPED' holds a path separator" in line
     assert not [p for p in tmp_path.rglob("*ESCAPED*")]
     assert not (deep / "eval").exists()
-    assert _snapshot(synthetic_root) == before
+    assert snapshot(synthetic_root) == before
 
 
 def test_evaluate_refuses_duplicate_ids_naming_both_entries(checkpoint, synthetic_root, tmp_path, capsys):
@@ -73,7 +63,7 @@ def test_evaluate_refuses_duplicate_ids_naming_both_entries(checkpoint, syntheti
                                                         {"id": "same", "frag": "frag_004"}])
     assert main(["evaluate", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "eval"),
                  f"data.dataset={dataset}", *NO_FIXED_SPLIT]) == 2
-    assert "fragments[0] and fragments[1] have the same id 'same'" in _error_line(capsys)
+    assert "fragments[0] and fragments[1] have the same id 'same'" in error_line(capsys)
     assert not (tmp_path / "eval").exists()
 
 
@@ -83,7 +73,7 @@ def test_predict_refuses_an_input_whose_name_cannot_be_an_output_name(checkpoint
     shutil.copy(synthetic_root / "images" / "frag_000.nii.gz", inputs / "a\tb.nii.gz")
     assert main(["predict", "--checkpoint", str(checkpoint), "--input", str(inputs),
                  "--output", str(tmp_path / "out")]) == 2
-    assert "holds a control character" in _error_line(capsys)
+    assert "holds a control character" in error_line(capsys)
     assert not (tmp_path / "out").exists()
 
 
@@ -128,7 +118,7 @@ def test_a_checkpoint_that_does_not_fit_its_model_is_one_line(checkpoint, synthe
     where = (["--input", str(synthetic_root / "images" / "frag_000.nii.gz"), "--output", str(out)]
              if command == "predict" else ["--out", str(out)])
     assert main([command, "--checkpoint", str(bad), *where]) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "bad.pt" in line and expect in line, line
     assert not out.exists() and bad.read_bytes() == before
 
@@ -147,7 +137,7 @@ def test_a_dataset_path_that_is_not_a_string_is_one_line(checkpoint, synthetic_r
     dataset.write_text(yaml.safe_dump({"fragments": [entry]}))
     assert main(["evaluate", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "eval"),
                  f"data.dataset={dataset}", *NO_FIXED_SPLIT]) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "data.yaml" in line and expect in line, line
 
 
@@ -162,7 +152,7 @@ def test_an_output_through_an_existing_file_is_one_line_and_writes_nothing(check
     args = [a for flag_, path in outputs.items() for a in (flag_, path)]
     assert main(["predict", "--checkpoint", str(checkpoint), "--input",
                  str(synthetic_root / "images" / "frag_000.nii.gz"), *args]) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert f"{flag} {tmp_path / 'work' / name}" in line and "afile is a file, not a folder" in line, line
     assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["afile"]
     assert afile.read_bytes() == b"the user's file"
@@ -171,7 +161,7 @@ def test_an_output_through_an_existing_file_is_one_line_and_writes_nothing(check
 def test_an_evaluation_folder_through_an_existing_file_is_one_line(checkpoint, tmp_path, capsys):
     (tmp_path / "afile").write_bytes(b"mine")
     assert main(["evaluate", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "afile" / "eval")]) == 2
-    assert "afile is a file, not a folder" in _error_line(capsys)
+    assert "afile is a file, not a folder" in error_line(capsys)
     assert (tmp_path / "afile").read_bytes() == b"mine"
 
 
@@ -185,7 +175,7 @@ def test_an_untrained_checkpoint_still_predicts(checkpoint, synthetic_root, tmp_
 def test_a_tuning_folder_through_an_existing_file_is_one_line(checkpoint, tmp_path, capsys):
     (tmp_path / "afile").write_bytes(b"mine")
     assert main(["tune-postprocess", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "afile" / "t")]) == 2
-    assert "--out" in (line := _error_line(capsys)) and "afile is a file, not a folder" in line
+    assert "--out" in (line := error_line(capsys)) and "afile is a file, not a folder" in line
     assert (tmp_path / "afile").read_bytes() == b"mine"
 
 
@@ -201,12 +191,12 @@ def test_train_refuses_a_split_without_a_labelled_voxel(synthetic_root, tmp_path
     shutil.copytree(synthetic_root, root)
     for frag_id in ignored:
         write_nifti(root / "labels" / f"{frag_id}.nii.gz", np.full((32, 40, 40), 2, np.uint8))
-    before = _snapshot(root)
+    before = snapshot(root)
     assert main(["train", *tiny_args(root, tmp_path / "run")]) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert f"the {split} fragments have no labelled voxel" in line and f"labels/{named}.nii.gz" in line, line
     assert not (tmp_path / "run" / "checkpoints" / "best.pt").exists()
-    assert _snapshot(root) == before
+    assert snapshot(root) == before
 
 
 @pytest.mark.parametrize("command", ["train", "synth", "plan"])
@@ -220,6 +210,6 @@ def test_a_run_or_data_folder_through_an_existing_file_is_one_line(synthetic_roo
     if command == "plan":
         args = [*args, "train.max_minutes=1"]
     assert main([command, *args]) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "afile is a file, not a folder" in line
     assert afile.read_text() == "keep me"

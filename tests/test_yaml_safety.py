@@ -4,6 +4,7 @@ nesting with one line naming the file (issue 20, case 9); ``model.kwargs`` are c
 import pytest
 import yaml
 
+from helpers import error_line
 from vesuvius_monai.cli import main
 from vesuvius_monai.config import DataConfig, read_yaml_mapping
 from vesuvius_monai.config.resolve import MAX_ALIAS_NODES, load_yaml
@@ -18,13 +19,6 @@ def alias_bomb(levels: int = 8, width: int = 9, indent: str = "") -> str:
     for level in range(1, levels + 1):
         lines.append(f"{indent}l{level}: &l{level} [{', '.join([f'*l{level - 1}'] * width)}]")
     return "\n".join(lines) + "\n"
-
-
-def _error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    errors = [line for line in err if line.startswith("error:")]
-    assert len(errors) == 1, err
-    return errors[0]
 
 
 def test_an_alias_bomb_is_refused_quickly():
@@ -71,7 +65,7 @@ def test_train_refuses_a_bomb_under_model_kwargs_before_creating_anything(tmp_pa
     config.write_text(f"output_dir: {tmp_path / 'run'}\nmodel:\n  kwargs:\n" + alias_bomb(indent="    "))
     before = config.read_bytes()
     assert main(["train", "--config", str(config)]) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "config file" in line and "bomb.yaml was refused" in line
     assert not (tmp_path / "run").exists() and config.read_bytes() == before
 
@@ -81,7 +75,7 @@ def test_an_override_bomb_is_refused(tmp_path, capsys):
             "&c [*b, *b, *b, *b, *b, *b, *b, *b, *b], &d [*c, *c, *c, *c, *c, *c, *c, *c, *c], " \
             "&e [*d, *d, *d, *d, *d, *d, *d, *d, *d], [*e, *e, *e, *e, *e, *e, *e, *e, *e]]"
     assert main(["train", f"output_dir={tmp_path / 'run'}", f"model.kwargs.bomb={value}"]) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "override 'model.kwargs.bomb=" in line and "was refused" in line
     assert not (tmp_path / "run").exists()
 
@@ -98,25 +92,25 @@ def test_a_plan_file_bomb_is_refused(tmp_path, capsys):
     run.mkdir()
     (run / "plan.yaml").write_text("format: vesuvius_monai.plan/1\n" + alias_bomb())
     assert main(["train", f"output_dir={run}"]) == 2
-    assert "plan file" in (line := _error_line(capsys)) and "plan.yaml was refused" in line
+    assert "plan file" in (line := error_line(capsys)) and "plan.yaml was refused" in line
     assert sorted(p.name for p in run.iterdir()) == ["plan.yaml"]
 
 
 def test_a_synth_record_bomb_is_refused(tmp_path, capsys):
     (tmp_path / "synth.yaml").write_text(alias_bomb())
     assert main(["synth", f"data.root={tmp_path}"]) == 2
-    assert "synth.yaml was refused" in _error_line(capsys)
+    assert "synth.yaml was refused" in error_line(capsys)
 
 
 def test_unknown_model_keywords_are_refused_before_the_run_folder_exists(tmp_path, capsys):
     assert main(["train", f"output_dir={tmp_path / 'run'}", "model.kwargs.bogus=1"]) == 2
-    assert "unknown keyword 'bogus'" in _error_line(capsys)
+    assert "unknown keyword 'bogus'" in error_line(capsys)
     assert not (tmp_path / "run").exists()
 
 
 def test_model_keyword_values_are_refused_before_the_run_folder_exists(tmp_path, capsys):
     assert main(["train", f"output_dir={tmp_path / 'run'}", "model.kwargs.depth=0"]) == 2
-    assert "model.kwargs.depth" in _error_line(capsys)
+    assert "model.kwargs.depth" in error_line(capsys)
     assert not (tmp_path / "run").exists()
 
 

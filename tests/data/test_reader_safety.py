@@ -20,6 +20,7 @@ import tifffile
 import torch
 import zarr
 
+from helpers import error_line
 from vesuvius_monai.cli import main
 from vesuvius_monai.config import load_config
 from vesuvius_monai.data.readers import block_grid, open_volume, sample_regions
@@ -31,13 +32,6 @@ from vesuvius_monai.io import memory
 from vesuvius_monai.io.nifti import MAX_DEFLATE_RATIO
 from vesuvius_monai.io.zarr_store import PredictionStore
 from vesuvius_monai.models import build_model
-
-
-def _error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    errors = [line for line in err if line.startswith("error:")]
-    assert len(errors) == 1, err
-    return errors[0]
 
 
 def _predict(trained_run: Path, volume: Path, out: Path, *overrides: str) -> int:
@@ -93,7 +87,7 @@ def test_predict_refuses_a_single_page_rgb_tiff(trained_run, tmp_path, capsys):
     path = _colour_tiffs(tmp_path)["single"]
     before = path.read_bytes()
     assert _predict(trained_run, path, tmp_path / "p.nii.gz") == 2
-    assert re.search(r"rgb\.tif: TIFF has 3 samples per pixel \(photometric RGB\)", _error_line(capsys))
+    assert re.search(r"rgb\.tif: TIFF has 3 samples per pixel \(photometric RGB\)", error_line(capsys))
     assert path.read_bytes() == before
     assert not (tmp_path / "p.nii.gz").exists()
 
@@ -137,7 +131,7 @@ def test_predict_refuses_a_nifti_bomb_in_one_line(trained_run, tmp_path, capsys)
     start = time.perf_counter()
     assert _predict(trained_run, path, tmp_path / "p.zarr") == 2
     assert time.perf_counter() - start < 30  # was a MemoryError (or hours) listing the blocks
-    assert "bomb.nii.gz: NIfTI header claims 30000x30000x30000" in _error_line(capsys)
+    assert "bomb.nii.gz: NIfTI header claims 30000x30000x30000" in error_line(capsys)
     assert path.read_bytes() == before
     assert not any(p.name.startswith("p.zarr") for p in tmp_path.iterdir())
 
@@ -315,7 +309,7 @@ def test_predict_stops_on_a_missing_chunk_when_asked(trained_run, tmp_path, caps
     _, key = _store_with_a_hole(path, 3)
     listing = {p: p.read_bytes() for p in path.rglob("*") if p.is_file()}
     assert _predict(trained_run, path, tmp_path / "p.zarr", "data.missing_chunks=error") == 2
-    assert f"chunk {key} is missing from the store" in _error_line(capsys)
+    assert f"chunk {key} is missing from the store" in error_line(capsys)
     assert {p: p.read_bytes() for p in path.rglob("*") if p.is_file()} == listing
     with caplog.at_level(logging.WARNING):
         assert _predict(trained_run, path, tmp_path / "q.zarr") == 0

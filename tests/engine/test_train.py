@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import vesuvius_monai.engine.trainer as trainer
+from helpers import snapshot
 from vesuvius_monai.config import TrainConfig
 from vesuvius_monai.engine.schedule import LR_FLOOR, RunClock, lr_factor
 from vesuvius_monai.engine.train import prepare_run_dir, train
@@ -202,10 +203,6 @@ def test_no_budget_never_stops_on_time():
 # ---------------------------------------------------------------- run folders
 
 
-def _snapshot(folder):
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def test_refuses_a_folder_that_is_not_a_run_and_leaves_it_intact(make_tiny_config, tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -213,12 +210,12 @@ def test_refuses_a_folder_that_is_not_a_run_and_leaves_it_intact(make_tiny_confi
     (mine / "train_log.csv").write_text("my,own\n1,2\n")
     (mine / "notes").mkdir()
     (mine / "notes" / "a.txt").write_bytes(b"\x00\x01keep")
-    before = _snapshot(mine)
+    before = snapshot(mine)
     with pytest.raises(VesuviusError, match=rf"output_dir {mine} is not empty and is not a vesuvius_monai run"):
         train(make_tiny_config("mine"))
     with pytest.raises(VesuviusError, match="cannot resume"):
         train(make_tiny_config("mine"), resume=True)
-    assert _snapshot(mine) == before
+    assert snapshot(mine) == before
     assert sorted(p.name for p in mine.iterdir()) == ["config.yaml", "notes", "train_log.csv"]
 
 
@@ -290,9 +287,9 @@ def test_a_second_train_into_a_run_in_use_is_refused(make_tiny_config, tiny_args
     def second_train(self, row, *, final=False):
         if not seen:
             seen.append("running")
-            before = _snapshot(run)
+            before = snapshot(run)
             code = main(["train", *tiny_args(synthetic_root, run)])
-            seen[0] = (code, capsys.readouterr().err, _snapshot(run) == before)
+            seen[0] = (code, capsys.readouterr().err, snapshot(run) == before)
         real(self, row, final=final)
 
     monkeypatch.setattr(trainer.Trainer, "_checkpoint", second_train)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import error_line
 from vesuvius_monai.cli import main
 from vesuvius_monai.config import InferConfig, load_config
 from vesuvius_monai.errors import VesuviusError
@@ -26,13 +27,6 @@ ROOT = Path(__file__).resolve().parents[2]
 def cpu_of_16_gib(monkeypatch):
     """A host with 16 GiB available, whatever this machine has."""
     monkeypatch.setattr(host, "available_memory", lambda: 16 * GIB)
-
-
-def _error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    errors = [line for line in err if line.startswith("error:")]
-    assert len(errors) == 1, err
-    return errors[0]
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -107,7 +101,7 @@ def test_train_refuses_sizes_that_cannot_fit_before_creating_anything(override, 
                                                                       tiny_args, capsys):
     out = tmp_path / "run"
     assert main(["train", *tiny_args(synthetic_root, out), override]) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert line.startswith(f"error: config key '{key}': ") and re.search(r"needs at least [\d.]+ TiB of memory", line)
     assert not out.exists()
 
@@ -123,7 +117,7 @@ def test_inference_commands_refuse_a_window_that_cannot_fit(command, trained_run
     args = [command, "--checkpoint", str(run / "checkpoints" / "best.pt"), *extra, "infer.roi_size=[10000,10000,10000]"]
     assert main(args) == 2
     assert re.match(r"error: config key 'infer\.roi_size': a batch of 4 \(infer\.sw_batch_size\) windows of "
-                    r"\[10000, 10000, 10000\] through model 'resunet3d' needs at least [\d.]+ TiB", _error_line(capsys))
+                    r"\[10000, 10000, 10000\] through model 'resunet3d' needs at least [\d.]+ TiB", error_line(capsys))
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
     assert not (tmp_path / "p.zarr").exists()
 

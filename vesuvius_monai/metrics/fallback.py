@@ -126,14 +126,14 @@ def _intersection_components(pred: np.ndarray, label: np.ndarray) -> int:
     """
     pred_pad, label_pad = np.pad(pred, 1), np.pad(label, 1)
     grid = np.zeros(tuple(2 * s + 1 for s in pred.shape), dtype=bool)
-    grid[0::2, 0::2, 0::2] = _cells_touched(pred_pad, _VERTEX) & _cells_touched(label_pad, _VERTEX)
-    grid[1::2, 0::2, 0::2] = _cells_touched(pred_pad, _EDGES[0]) & _cells_touched(label_pad, _EDGES[0])
-    grid[0::2, 1::2, 0::2] = _cells_touched(pred_pad, _EDGES[1]) & _cells_touched(label_pad, _EDGES[1])
-    grid[0::2, 0::2, 1::2] = _cells_touched(pred_pad, _EDGES[2]) & _cells_touched(label_pad, _EDGES[2])
+    grid[0::2, 0::2, 0::2] = cells_touched(pred_pad, _VERTEX) & cells_touched(label_pad, _VERTEX)
+    grid[1::2, 0::2, 0::2] = cells_touched(pred_pad, _EDGES[0]) & cells_touched(label_pad, _EDGES[0])
+    grid[0::2, 1::2, 0::2] = cells_touched(pred_pad, _EDGES[1]) & cells_touched(label_pad, _EDGES[1])
+    grid[0::2, 0::2, 1::2] = cells_touched(pred_pad, _EDGES[2]) & cells_touched(label_pad, _EDGES[2])
     return label_components(grid, 6)[1]
 
 
-def _cells_touched(padded: np.ndarray, sizes: tuple[int, int, int]) -> np.ndarray:
+def cells_touched(padded: np.ndarray, sizes: tuple[int, int, int]) -> np.ndarray:
     """Which cells of one kind touch the foreground of a volume padded by one background voxel.
 
     Along an axis, size 2 means the cell sits on a grid plane between two voxels (it touches both), size 1
