@@ -11,6 +11,8 @@ requests and bytes, and can fail on purpose (5xx answers, dropped connections, t
         server.down_after = 5 # ... once 5 more chunks have been sent
 
 Python's own ``http.server`` in a daemon thread; GET and HEAD only, no ranges, ``Content-Length`` always sent.
+The faults of ``fail``, ``drop`` and ``truncate`` go to the next requests of chunks that exist (not metadata, not
+missing chunks).
 """
 
 from __future__ import annotations
@@ -124,11 +126,12 @@ class LoopbackServer:
         path = unquote(urlsplit(handler.path).path)
         if self.delay_s:
             time.sleep(self.delay_s)
+        file = (self.root / path.lstrip("/")).resolve()
+        chunk = Hit(path, 0, 0).is_chunk and self.root in file.parents and file.is_file()
         with self._lock:
             if self.down_after is not None and self.down_after <= 0:
                 self.down, self.down_after = True, None
-            fault = ("status", 503) if self.down else (self._faults.pop(0) if self._faults else None)
-        file = (self.root / path.lstrip("/")).resolve()
+            fault = ("status", 503) if self.down else (self._faults.pop(0) if self._faults and chunk else None)
         if fault is not None and fault[0] == "drop":
             self._record(path, 0, 0)
             handler.close_connection = True

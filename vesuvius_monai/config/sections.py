@@ -115,7 +115,7 @@ class DataConfig:
     zarr_level: int = 0  # OME-Zarr pyramid level to read (0 = full resolution)
     zarr_key: str | None = None  # array inside a plain Zarr group
     missing_chunks: str = "warn"  # chunks missing from a Zarr store (read as its fill value): warn | error | allow
-    remote_cache_mb: int = 1024  # http(s):// and s3:// volumes: memory chunk cache (MiB, least recently used dropped)
+    remote_cache_mb: float = 1024.0  # http(s):// and s3:// volumes: memory chunk cache (MiB)
     remote_cache_dir: str | None = None  # and an optional disk chunk cache folder, reused by later runs
     remote_retries: int = 5  # tries per request (dropped connection, timeout, 5xx) before the run stops
     remote_backoff_s: float = 0.5  # wait before the second try, doubled for each further one
@@ -135,7 +135,7 @@ class DataConfig:
                 "cannot be combined with data.dataset (list the fragments in the dataset YAML instead)")
         require(self.zarr_level >= 0, "data.zarr_level", f"must be >= 0, got {self.zarr_level}")
         choice("data.missing_chunks", self.missing_chunks, ("warn", "error", "allow"))
-        integer("data.remote_cache_mb", self.remote_cache_mb, 0)
+        finite("data.remote_cache_mb", self.remote_cache_mb, 0.0)
         integer("data.remote_retries", self.remote_retries, 1)
         finite("data.remote_backoff_s", self.remote_backoff_s, 0.0)
         finite("data.remote_timeout_s", self.remote_timeout_s, 0.0, open_low=True)

@@ -78,7 +78,7 @@ class RemoteOptions:
     """How remote stores are read (the ``data.remote_*`` keys): memory cache (MiB), disk cache folder, tries per
     request, first backoff (seconds, doubled per try) and the timeout of one request (seconds)."""
 
-    cache_mb: int = 1024
+    cache_mb: float = 1024.0
     cache_dir: str | None = None
     retries: int = 5
     backoff_s: float = 0.5
@@ -122,5 +122,5 @@ def open_remote_store(address: RemoteAddress, options: RemoteOptions):
     except Exception as exc:  # fsspec's own check of the address
         raise VesuviusError(f"{address}: not a usable address ({type(exc).__name__}: {exc})") from None
     disk = cache_folder(options.cache_dir, address) if options.cache_dir else None
-    return ChunkCache(store, address=str(address), memory_bytes=options.cache_mb * 2**20, disk=disk,
+    return ChunkCache(store, address=str(address), memory_bytes=int(options.cache_mb * 2**20), disk=disk,
                       retries=options.retries, backoff_s=options.backoff_s)

@@ -159,10 +159,10 @@ def predict(cfg: Config, checkpoint: str | Path | Checkpoint, input_path: str | 
     applies to each). A ``.zarr`` output is predicted block by block and resumes an interrupted run (under torchrun
     the ranks share the blocks); ``nifti_output`` then also exports it as NIfTI (when it fits in memory).
     """
+    _check_outputs([], {"--output": output, "--mask": mask_output, "--nifti": nifti_output})  # (no address)
     ckpt = as_checkpoint(checkpoint)
     ckpt.check_window(cfg.infer)
     inputs = [as_location(p) for p in ([input_path] if isinstance(input_path, (str, Path)) else input_path)]
-    _check_outputs([], {"--output": output, "--mask": mask_output, "--nifti": nifti_output})  # (no address)
     output = Path(output)
     for flag, path in (("--output", output), ("--mask", mask_output), ("--nifti", nifti_output)):
         if path is not None:

@@ -66,7 +66,7 @@ def peak_live_chunks(reads: list[list[Chunk]]) -> int:
     return peak
 
 
-def plan_remote_reads(reader: VolumeReader, grid: WindowGrid, roi: Region, blocks: list[Triple], cache_mb: int,
+def plan_remote_reads(reader: VolumeReader, grid: WindowGrid, roi: Region, blocks: list[Triple], cache_mb: float,
                       cache_dir: str | None) -> None:
     """Tell the chunk cache of a remote ``reader`` the reads of this run (``blocks``, in order, after the percentile
     sample); log the memory it needs to fetch each chunk once, warning when ``cache_mb`` is less and there is no
@@ -80,10 +80,10 @@ def plan_remote_reads(reader: VolumeReader, grid: WindowGrid, roi: Region, block
     needed_mb = peak_live_chunks(reads) * size / 2**20
     unique = len({c for read in reads for c in read})
     logger.info("%s: %d chunks to read (%.0f MiB uncompressed); fetching each once takes a memory cache of up to "
-                "%.0f MiB (data.remote_cache_mb=%d%s)", reader.path, unique, unique * size / 2**20, needed_mb,
+                "%.0f MiB (data.remote_cache_mb=%g%s)", reader.path, unique, unique * size / 2**20, needed_mb,
                 cache_mb, f", disk cache {cache_dir}" if cache_dir else "")
     if needed_mb > cache_mb and not cache_dir:
-        logger.warning("%s: data.remote_cache_mb=%d may be too small to fetch each chunk once (up to %.0f MiB needed, "
+        logger.warning("%s: data.remote_cache_mb=%g may be too small to fetch each chunk once (up to %.0f MiB needed, "
                        "less when the chunks are compressed): raise it, or set data.remote_cache_dir", reader.path,
                        cache_mb, needed_mb)
 
