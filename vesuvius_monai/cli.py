@@ -118,6 +118,14 @@ def cmd_tune_postprocess(args: argparse.Namespace) -> None:
     tune_postprocess(cfg, checkpoint, args.out)
 
 
+def _location(text: str):
+    """A command-line volume or output: an ``http(s)://`` / ``s3://`` address stays a string (``Path`` would turn
+    ``http://host`` into ``http:/host``), anything else is a ``Path``."""
+    from vesuvius_monai.data.remote import is_remote
+
+    return text if is_remote(text) else Path(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vesuvius-monai", description="3D papyrus-surface detection for Vesuvius "
                                      "Challenge scroll CT: synth, plan, train, tune-postprocess, evaluate, predict.")
@@ -150,14 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
         "a process died is finished by the same command with any number of processes. A folder --output (a name "
         "without suffix) gets one <id>.zarr per input volume: repeat --input, or give folders of volumes "
         "(a.nii.gz -> OUT/a.zarr).")
-    pr.add_argument("--input", type=Path, required=True, action="append",
-                    help="volume: .nii(.gz), .tif, folder of .tif, .zarr, .npy; with a folder --output: repeat it, "
+    pr.add_argument("--input", type=_location, required=True, action="append",
+                    help="volume: .nii(.gz), .tif, folder of .tif, .zarr, .npy, or an http(s):// or s3:// address of a "
+                         "Zarr / OME-Zarr (data.remote_* keys: cache, retries); with a folder --output: repeat it, "
                          "or give a folder of such volumes")
-    pr.add_argument("--output", type=Path, required=True,
+    pr.add_argument("--output", type=_location, required=True,
                     help="probability map: .nii.gz, .nii or .zarr; or a folder (a name without suffix) for one "
                          "<id>.zarr per input volume (files there not written by predict are left alone)")
-    pr.add_argument("--mask", type=Path, help="also write the post-processed binary mask here (NIfTI)")
-    pr.add_argument("--nifti", type=Path, help="with a .zarr --output: also export the probabilities as NIfTI")
+    pr.add_argument("--mask", type=_location, help="also write the post-processed binary mask here (NIfTI)")
+    pr.add_argument("--nifti", type=_location, help="with a .zarr --output: also export the probabilities as NIfTI")
     pr.add_argument("--roi", help="region of interest z0:z1,y0:y1,x0:x1 (of every input volume)")
     tt = add("tune-postprocess", cmd_tune_postprocess, "choose threshold and small-component removal on the "
              "validation fragments (leaderboard score); later commands use the choice", checkpoint=True,

@@ -34,11 +34,13 @@ from vesuvius_monai.data.dataset import VOLUME_SUFFIXES, volume_id
 from vesuvius_monai.data.readers import (Region, VolumeReader, format_region, open_volume, region_shape,
                                          volume_kind)
 from vesuvius_monai.data.regions import Triple
+from vesuvius_monai.data.remote import RemoteAddress, RemoteOptions, as_location, is_remote
 from vesuvius_monai.engine.blockwise import RunStats, run_blocks
 from vesuvius_monai.engine.distributed import (DistContext, gather_results, init_distributed, make_wait_group,
                                                on_main, split_contiguous)
 from vesuvius_monai.engine.infer import infer_volume, volume_job, window_grid
 from vesuvius_monai.engine.networks import CheckpointNetwork, NetworkSource
+from vesuvius_monai.engine.remote_reads import log_fetched, plan_remote_reads
 from vesuvius_monai.engine.zarr_output import (check_output_store, checked_roi, export_nifti, open_work_store,
                                                output_lock, publish_store, roi_affine, run_meta, work_path)
 from vesuvius_monai.errors import VesuviusError
@@ -67,18 +69,20 @@ def parse_roi(text: str | None) -> Region | None:
         raise VesuviusError(f"--roi '{text}': bounds must be integers") from None
 
 
-def _open(path: Path, cfg: Config) -> VolumeReader:
-    """The volume at ``path`` as ``data`` says to read it (spacing, Zarr level and key)."""
+def _open(path: Path | RemoteAddress, cfg: Config) -> VolumeReader:
+    """The volume at ``path`` as ``data`` says to read it (spacing, Zarr level and key, remote chunk cache)."""
     return open_volume(path, spacing=cfg.data.spacing, level=cfg.data.zarr_level, key=cfg.data.zarr_key,
-                       missing_chunks=cfg.data.missing_chunks)
+                       missing_chunks=cfg.data.missing_chunks, remote=RemoteOptions.from_config(cfg.data))
 
 
-def _check_outputs(inputs: Sequence[Path], outputs: dict[str, Path | None]) -> None:
-    """No output may replace an input volume or another output."""
-    seen = {Path(p).resolve(): f"--input {p}" for p in inputs}
+def _check_outputs(inputs: Sequence[Path | RemoteAddress], outputs: dict[str, Path | None]) -> None:
+    """No output may replace an input volume or another output; outputs are local files."""
+    seen = {as_location(p).resolve(): f"--input {p}" for p in inputs}
     for flag, path in outputs.items():
         if path is None:
             continue
+        if is_remote(str(path)):
+            raise VesuviusError(f"{flag} {path}: outputs are written to local files, not to addresses")
         resolved = Path(path).resolve()
         if resolved in seen:
             raise VesuviusError(f"{flag} {path} is the same file as {seen[resolved]}; nothing was written")
@@ -105,16 +109,17 @@ def _check_kind(output: Path, region: Region, input_path: str | Path, mask_outpu
                             f"memory; write to a .zarr output (block-wise) or give --roi")
 
 
-def folder_targets(inputs: Sequence[Path], output: Path) -> list[tuple[Path, Path]]:
+def folder_targets(inputs: Sequence[Path | RemoteAddress], output: Path) -> list[tuple[Path | RemoteAddress, Path]]:
     """(input volume, ``output/<id>.zarr``) for every volume of ``inputs``, in order.
 
     An input folder that is not a Zarr stands for the volumes in it (files ``.nii(.gz)``, ``.tif(f)``, ``.npy``,
-    ``.zarr`` folders and folders of TIFF slices; hidden names skipped). Two volumes with the same id, an output
+    ``.zarr`` folders and folders of TIFF slices; hidden names skipped); an address is one volume, its id the last
+    component of its path. Two volumes with the same id, an output
     folder inside an input folder, or an output that is an existing file are errors.
     """
     if output.exists() and not output.is_dir():
         raise VesuviusError(f"--output {output} is an existing file, not a folder; choose another --output")
-    volumes: list[Path] = []
+    volumes: list[Path | RemoteAddress] = []
     for path in inputs:
         if not path.is_dir() or volume_kind(path) == "zarr":
             volumes.append(path)  # (a missing volume is named when it is opened)
@@ -131,7 +136,7 @@ def folder_targets(inputs: Sequence[Path], output: Path) -> list[tuple[Path, Pat
             raise VesuviusError(f"--input {path}: no volumes in this folder ({', '.join(VOLUME_SUFFIXES)} or "
                                 f"folders of TIFF slices)")
         volumes += found
-    by_id: dict[str, Path] = {}
+    by_id: dict[str, Path | RemoteAddress] = {}
     for path in volumes:
         vid = volume_id(path)
         if vid in by_id:
@@ -154,9 +159,10 @@ def predict(cfg: Config, checkpoint: str | Path | Checkpoint, input_path: str | 
     applies to each). A ``.zarr`` output is predicted block by block and resumes an interrupted run (under torchrun
     the ranks share the blocks); ``nifti_output`` then also exports it as NIfTI (when it fits in memory).
     """
+    _check_outputs([], {"--output": output, "--mask": mask_output, "--nifti": nifti_output})  # (no address)
     ckpt = as_checkpoint(checkpoint)
     ckpt.check_window(cfg.infer)
-    inputs = [Path(p) for p in ([input_path] if isinstance(input_path, (str, Path)) else input_path)]
+    inputs = [as_location(p) for p in ([input_path] if isinstance(input_path, (str, Path)) else input_path)]
     output = Path(output)
     for flag, path in (("--output", output), ("--mask", mask_output), ("--nifti", nifti_output)):
         if path is not None:
@@ -211,7 +217,7 @@ def _predict_nifti(cfg: Config, ckpt: Checkpoint, reader, region: Region, output
 class OutputVolume:
     """One Zarr output of a run: its input, final store, region, number of blocks and whether it is done."""
 
-    input: Path
+    input: Path | RemoteAddress
     output: Path
     region: Region
     n_blocks: int
@@ -266,7 +272,8 @@ def prepare_outputs(cfg: Config, network: NetworkSource, targets: list[tuple[Pat
     volumes, units, costs = [], [], []
     for v, ((input_path, out), (reader, region, meta, state)) in enumerate(zip(targets, opened)):
         grid = window_grid(region, cfg.infer)
-        volumes.append(OutputVolume(Path(input_path), Path(out), region, len(grid.blocks()), state == "complete"))
+        volumes.append(OutputVolume(as_location(input_path), Path(out), region, len(grid.blocks()),
+                                    state == "complete"))
         if state == "complete":
             log.info("%s: already complete, nothing to do", out)
             continue
@@ -332,9 +339,15 @@ def _run_share(network: NetworkSource, cfg: Config, work: Work, ctx: DistContext
             if len(work.volumes) > 1 or ctx.active:
                 log.info("%s -> %s: %d of its %d blocks in this process", volume.input, volume.output, len(blocks),
                          volume.n_blocks)
-            job = volume_job(_open(volume.input, cfg), cfg, predictor, device, volume.region)
+            reader = _open(volume.input, cfg)
+            grid = window_grid(volume.region, cfg.infer)
+            done = store.done_blocks()
+            todo = [b for b in (sorted(blocks) if ctx.active else grid.blocks()) if b not in done]
+            plan_remote_reads(reader, grid, volume.region, todo, cfg.data.remote_cache_mb, cfg.data.remote_cache_dir)
+            job = volume_job(reader, cfg, predictor, device, volume.region)
             stats += run_blocks(job, store, store.spills(), blocks=blocks if ctx.active else None,
                                 progress=ctx.is_main)
+            log_fetched(reader)
             if not ctx.active:  # one process: publish each volume when done (under torchrun: after every rank is)
                 publish_store(store, volume.output, blocks=volume.n_blocks)
     return stats
