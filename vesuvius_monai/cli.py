@@ -101,9 +101,28 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     cfg = _config(args)
     path = RunDir(cfg.output_dir).plan
-    if path.is_file() and not args.resume:
-        cfg = _config(args, fills=[load_plan(path).layer(str(path))])
+    plan = [load_plan(path).layer(str(path))] if path.is_file() and not args.resume else []
+    if args.seeds or args.folds:
+        _train_many(args, cfg, plan)
+        return
+    if plan:
+        cfg = _config(args, fills=plan)
     train(cfg, resume=args.resume)
+
+
+def _train_many(args: argparse.Namespace, cfg: Config, plan: list[Layer]) -> None:
+    """``train --seeds`` / ``--folds``: one run per seed or fold under output_dir (see engine.multi_run)."""
+    from vesuvius_monai.engine.multi_run import fold_overrides, parse_seeds, seed_overrides, train_runs
+    from vesuvius_monai.engine.train import train
+
+    if args.seeds and args.folds:
+        raise VesuviusError("--seeds and --folds: give one of them (runs differing by seed, or by fold)")
+    runs = seed_overrides(parse_seeds(args.seeds)) if args.seeds else fold_overrides(cfg, args.folds)
+
+    def config_of(extra: list[str]) -> Config:
+        return _config(argparse.Namespace(config=args.config, overrides=[*args.overrides, *extra]), fills=plan)
+
+    train_runs(runs, cfg.output_dir, config_of, lambda run_cfg: train(run_cfg, resume=args.resume))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -156,8 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("synth", cmd_synth, "write synthetic scroll fragments to data.root")
     add("plan", cmd_plan, "choose patch size, network, batch and steps for the data and train.max_minutes; "
         "saved in output_dir for train")
-    add("train", cmd_train, "train a model").add_argument("--resume", action="store_true",
-                                                         help="continue the run in output_dir from checkpoints/last.pt")
+    tr = add("train", cmd_train, "train a model")
+    tr.add_argument("--resume", action="store_true", help="continue the run in output_dir from checkpoints/last.pt")
+    tr.add_argument("--seeds", metavar="S0,S1,...", help="train one run per seed into <output_dir>/seed<s> (for an "
+                    "ensemble); logs the evaluate command of their ensemble")
+    tr.add_argument("--folds", type=int, metavar="K", help="train K runs into <output_dir>/fold<i>: run i validates "
+                    "on fold i of the train + val fragments and trains on the others (test fragments stay out)")
     ev = add("evaluate", cmd_evaluate, "score a checkpoint on held-out fragments", checkpoint=True)
     ev.add_argument("--out", type=Path, help="evaluation folder (default: <output_dir>/eval)")
     ev.add_argument("--postprocess", type=Path, metavar="FILE", help=POSTPROCESS_HELP)
