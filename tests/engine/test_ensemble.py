@@ -51,7 +51,7 @@ def ckpts(tmp_path_factory):
             "infer.roi_size=[12,12,12]", "infer.tta_flip_axes=[]", "infer.overlap=0.5", "infer.blend=constant"]
     paths = {"a": save_checkpoint(root / "a.pt", res, 0), "b": save_checkpoint(root / "b.pt", unet, 1),
              "c": save_checkpoint(root / "c.pt", res, 2)}
-    np.save(root / "vol.npy", np.random.default_rng(3).normal(1000, 200, (20, 30, 26)).astype(np.float32))
+    np.save(root / "vol.npy", np.random.default_rng(3).normal(1000, 200, (16, 22, 20)).astype(np.float32))
     return root, paths
 
 
@@ -113,6 +113,7 @@ def test_member_config_keeps_its_own_window_unless_the_user_sets_it(ckpts):
     assert (theirs.infer.roi_size, theirs.infer.tta_flip_axes, theirs.infer.overlap) == ((16, 16, 16), [0], 0.5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".nii.gz", ".zarr"])
 def test_an_ensemble_of_one_is_the_single_model_bit_for_bit(ckpts, suffix):
     root, paths = ckpts
@@ -126,6 +127,7 @@ def test_an_ensemble_of_one_is_the_single_model_bit_for_bit(ckpts, suffix):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fusion", ["prob", "logit"])
 def test_two_members_equal_their_own_predictions_fused_by_hand(ckpts, fusion, tmp_path):
     """A resunet3d (window 16, flips) and a MONAI UNet (window 12, overlap 0.5, constant blending, no TTA), weights
@@ -175,6 +177,7 @@ def tiny_ensemble(nets, fusion="logit"):
     return cfgs[0], Ensemble(tuple(Member(ModuleNetwork(n), c, w) for n, c, w in zip(nets, cfgs, [0.4, 0.6])), fusion)
 
 
+@pytest.mark.slow
 def test_a_killed_zarr_ensemble_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
     """A crash in the second member, then one in the fusion: each rerun computes only what is missing (the first
     member's store is kept, fused blocks are not fused again) and ends bit-identical to an uninterrupted run."""
@@ -216,9 +219,9 @@ def test_a_killed_zarr_ensemble_resumes_to_the_uninterrupted_result(tmp_path, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.zarr", "ref.zarr", "v.npy"]
 
 
+@pytest.mark.slow
 def test_other_members_weights_or_fusion_are_refused_naming_the_difference(ckpts, tmp_path):
     root, paths = ckpts
-    cfg = run_cfg(paths["a"])
     out = tmp_path / "e.zarr"
 
     def run(names, weights=None, fusion="prob"):
@@ -236,7 +239,6 @@ def test_other_members_weights_or_fusion_are_refused_naming_the_difference(ckpts
         with pytest.raises(VesuviusError, match=r"e\.zarr: exists from a prediction with other settings .*" + pattern):
             run(names, weights, fusion)
     np.testing.assert_array_equal(open_volume(out).read(), before)
-    del cfg
 
 
 def test_command_line_errors(ckpts, tmp_path, capsys):
@@ -257,6 +259,7 @@ def test_command_line_errors(ckpts, tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_evaluate_and_tune_an_ensemble(trained_run, tmp_path, caplog):
     """tune-postprocess of two checkpoints records the members in --out; evaluate takes it with --postprocess (a
     warning when the members differ) and records the ensemble; its fused probabilities are the members' fused."""
@@ -277,3 +280,32 @@ def test_evaluate_and_tune_an_ensemble(trained_run, tmp_path, caplog):
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["ensemble"]["n_members"] == 2
     assert metrics["config"]["postprocess"]["threshold"] == choice["postprocess"]["threshold"]
+
+
+def test_the_fusion_pass_holds_a_few_blocks_whatever_the_volume_size(tmp_path):
+    """fuse_blocks reads, fuses and writes block by block: its peak memory is a few blocks (2 members, float64 sums)
+    for a volume of 8 or 64 blocks."""
+    import tracemalloc
+
+    from vesuvius_monai.engine.ensemble_zarr import FusedOutput, fuse_blocks, store_blocks
+
+    peaks = []
+    for size in (32, 64):
+        out = tmp_path / f"o{size}.zarr"
+        shape, block = (size, size, size), (16, 16, 16)
+        target = PredictionStore.create(out.with_name(out.name + ".partial"), shape, block_size=block, dtype="uint8")
+        for i in range(2):
+            store = PredictionStore.create(member_path(out, i), shape, block_size=block, dtype="float32")
+            for index, region in store_blocks(store):
+                store.write_block(index, region, np.random.default_rng(i).random((16, 16, 16), dtype=np.float32))
+        blocks = [index for index, _ in store_blocks(target)]
+        cfg, ensemble = tiny_ensemble([TinyNet(0), TinyNet(1)])
+        tracemalloc.start()
+        try:
+            fuse_blocks(ensemble, [FusedOutput(tmp_path, out, blocks, len(blocks), False)], [(0, b) for b in blocks])
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+        assert len(target.done_blocks()) == len(blocks)
+    block_bytes = 16**3 * 8
+    assert max(peaks) < 12 * block_bytes, [p / block_bytes for p in peaks]
