@@ -167,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="a .pt written by train; repeat it for an ensemble (probabilities fused as "
                                 "infer.fusion says: prob or logit; each member with its own window and TTA)")
             p.add_argument("--weights", type=float, nargs="+", metavar="W",
-                           help="ensemble weights, one per --checkpoint, > 0 (normalised; default equal)")
+                           help="ensemble weights, one per --checkpoint, > 0 (normalised; default equal); "
+                                "key=value overrides go before it")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=50")
         p.set_defaults(func=func)
         return p
