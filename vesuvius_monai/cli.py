@@ -27,15 +27,27 @@ def _config(args: argparse.Namespace, *, base: Layer | None = None, fills: list[
 
 
 def _checkpoint_and_config(args: argparse.Namespace):
-    """The ``--checkpoint`` (read once) and the run config: without ``--config``, the checkpoint's own config is the
-    base; the post-processing that ``tune-postprocess`` chose for the checkpoint's run fills the ``postprocess`` keys
-    the user's config file and overrides leave out."""
-    from vesuvius_monai.engine.tune import tuned_layer
+    """The ensemble of the ``--checkpoint`` s (each read once; one checkpoint: an ensemble of one) with their
+    ``--weights``, and the run config: without ``--config``, the first checkpoint's own config is the base; the
+    post-processing of ``--postprocess FILE``, or else the one ``tune-postprocess`` chose for a single checkpoint's
+    run, fills the ``postprocess`` keys the user's config file and overrides leave out. Each member predicts with its
+    own checkpoint's window and TTA unless the user sets them (:func:`~vesuvius_monai.engine.ensemble.member_config`).
+    """
+    from vesuvius_monai.engine.ensemble import checkpoint_ensemble, normalized_weights
+    from vesuvius_monai.engine.tune import choice_layer, read_choice, tuned_layer
     from vesuvius_monai.io.checkpoint import Checkpoint
 
-    checkpoint = Checkpoint.load(args.checkpoint)
-    base = mapping_layer(str(checkpoint.path), checkpoint.config) if args.config is None else None
-    return checkpoint, _config(args, base=base, fills=[tuned_layer(checkpoint)])
+    normalized_weights(args.weights, len(args.checkpoint))  # a wrong --weights fails before anything is read
+    checkpoints = [Checkpoint.load(path) for path in args.checkpoint]
+    base = mapping_layer(str(checkpoints[0].path), checkpoints[0].config) if args.config is None else None
+    choice = getattr(args, "postprocess", None)
+    fill = read_choice(choice) if choice else tuned_layer(checkpoints[0]) if len(checkpoints) == 1 else None
+    cfg = _config(args, base=base, fills=[fill])
+    raw = read_yaml_mapping(args.config, "config file") if args.config is not None else {}
+    ensemble = checkpoint_ensemble(cfg, checkpoints, args.weights, explicit_keys(raw, args.overrides))
+    if choice:
+        choice_layer(choice, ensemble)  # warns when tuned on other members
+    return ensemble, cfg
 
 
 SYNTH_KIND = "synthetic data"
@@ -89,9 +101,28 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     cfg = _config(args)
     path = RunDir(cfg.output_dir).plan
-    if path.is_file() and not args.resume:
-        cfg = _config(args, fills=[load_plan(path).layer(str(path))])
+    plan = [load_plan(path).layer(str(path))] if path.is_file() and not args.resume else []
+    if args.seeds or args.folds:
+        _train_many(args, cfg, plan)
+        return
+    if plan:
+        cfg = _config(args, fills=plan)
     train(cfg, resume=args.resume)
+
+
+def _train_many(args: argparse.Namespace, cfg: Config, plan: list[Layer]) -> None:
+    """``train --seeds`` / ``--folds``: one run per seed or fold under output_dir (see engine.multi_run)."""
+    from vesuvius_monai.engine.multi_run import fold_overrides, parse_seeds, seed_overrides, train_runs
+    from vesuvius_monai.engine.train import train
+
+    if args.seeds and args.folds:
+        raise VesuviusError("--seeds and --folds: give one of them (runs differing by seed, or by fold)")
+    runs = seed_overrides(parse_seeds(args.seeds)) if args.seeds else fold_overrides(cfg, args.folds)
+
+    def config_of(extra: list[str]) -> Config:
+        return _config(argparse.Namespace(config=args.config, overrides=[*args.overrides, *extra]), fills=plan)
+
+    train_runs(runs, cfg.output_dir, config_of, lambda run_cfg: train(run_cfg, resume=args.resume))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -126,6 +157,10 @@ def _location(text: str):
     return text if is_remote(text) else Path(text)
 
 
+POSTPROCESS_HELP = ("a postprocess.json written by tune-postprocess (e.g. with --out for an ensemble): its choice "
+                    "fills the postprocess keys the config leaves out (a warning when tuned on other checkpoints)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vesuvius-monai", description="3D papyrus-surface detection for Vesuvius "
                                      "Challenge scroll CT: synth, plan, train, tune-postprocess, evaluate, predict.")
@@ -136,7 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, aliases=list(aliases))
         p.add_argument("--config", type=Path, help="YAML config (default: built-in defaults, or the checkpoint's)")
         if checkpoint:
-            p.add_argument("--checkpoint", type=Path, required=True, help="a .pt written by train")
+            p.add_argument("--checkpoint", type=Path, required=True, action="append",
+                           help="a .pt written by train; repeat it for an ensemble (probabilities fused as "
+                                "infer.fusion says: prob or logit; each member with its own window and TTA)")
+            p.add_argument("--weights", type=float, nargs="+", metavar="W",
+                           help="ensemble weights, one per --checkpoint, > 0 (normalised; default equal); "
+                                "key=value overrides go before it")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=50")
         p.set_defaults(func=func)
         return p
@@ -144,10 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("synth", cmd_synth, "write synthetic scroll fragments to data.root")
     add("plan", cmd_plan, "choose patch size, network, batch and steps for the data and train.max_minutes; "
         "saved in output_dir for train")
-    add("train", cmd_train, "train a model").add_argument("--resume", action="store_true",
-                                                         help="continue the run in output_dir from checkpoints/last.pt")
+    tr = add("train", cmd_train, "train a model")
+    tr.add_argument("--resume", action="store_true", help="continue the run in output_dir from checkpoints/last.pt")
+    tr.add_argument("--seeds", metavar="S0,S1,...", help="train one run per seed into <output_dir>/seed<s> (for an "
+                    "ensemble); logs the evaluate command of their ensemble")
+    tr.add_argument("--folds", type=int, metavar="K", help="train K runs into <output_dir>/fold<i>: run i validates "
+                    "on fold i of the train + val fragments and trains on the others (test fragments stay out)")
     ev = add("evaluate", cmd_evaluate, "score a checkpoint on held-out fragments", checkpoint=True)
     ev.add_argument("--out", type=Path, help="evaluation folder (default: <output_dir>/eval)")
+    ev.add_argument("--postprocess", type=Path, metavar="FILE", help=POSTPROCESS_HELP)
     pr = add("predict", cmd_predict, "predict volumes (in one process, or shared by the processes of torchrun)",
              checkpoint=True)
     pr.description = (
@@ -168,10 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--mask", type=_location, help="also write the post-processed binary mask here (NIfTI)")
     pr.add_argument("--nifti", type=_location, help="with a .zarr --output: also export the probabilities as NIfTI")
     pr.add_argument("--roi", help="region of interest z0:z1,y0:y1,x0:x1 (of every input volume)")
+    pr.add_argument("--postprocess", type=Path, metavar="FILE", help=POSTPROCESS_HELP)
     tt = add("tune-postprocess", cmd_tune_postprocess, "choose threshold and small-component removal on the "
              "validation fragments (leaderboard score); later commands use the choice", checkpoint=True,
              aliases=["tune-threshold"])
-    tt.add_argument("--out", type=Path, help="where to write postprocess.json (default: the checkpoint's run folder)")
+    tt.add_argument("--out", type=Path, help="where to write postprocess.json (default: the checkpoint's run folder; "
+                    "required with several --checkpoint)")
     return parser
 
 

@@ -266,6 +266,7 @@ class InferConfig:
     out_dtype: str = "uint8"  # zarr probability output: uint8 (p*255), float16 or float32
     device: str = "auto"  # auto | cpu | cuda (evaluate, predict, tune-postprocess; validation runs on train.device)
     amp: bool = True  # mixed precision, CUDA only (never on CPU)
+    fusion: str = "prob"  # ensembles (several --checkpoint): weighted mean of probabilities, or of logits (logit)
 
     def __post_init__(self) -> None:
         check_fields(self, "infer")
@@ -279,6 +280,7 @@ class InferConfig:
                 "infer.tta_flip_axes", f"distinct axes 0, 1 or 2, got {self.tta_flip_axes}")
         choice("infer.out_dtype", self.out_dtype, ("uint8", "float16", "float32"))
         choice("infer.device", self.device, ("auto", "cpu", "cuda"))
+        choice("infer.fusion", self.fusion, ("prob", "logit"))
 
 
 

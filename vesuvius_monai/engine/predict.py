@@ -38,13 +38,14 @@ from vesuvius_monai.data.remote import RemoteAddress, RemoteOptions, as_location
 from vesuvius_monai.engine.blockwise import RunStats, run_blocks
 from vesuvius_monai.engine.distributed import (DistContext, gather_results, init_distributed, make_wait_group,
                                                on_main, split_contiguous)
-from vesuvius_monai.engine.infer import infer_volume, volume_job, window_grid
-from vesuvius_monai.engine.networks import CheckpointNetwork, NetworkSource
+from vesuvius_monai.engine.ensemble import Ensemble, as_ensemble, ensemble_volume
+from vesuvius_monai.engine.infer import volume_job, window_grid
+from vesuvius_monai.engine.networks import NetworkSource
 from vesuvius_monai.engine.remote_reads import log_fetched, plan_remote_reads
 from vesuvius_monai.engine.zarr_output import (check_output_store, checked_roi, export_nifti, open_work_store,
                                                output_lock, publish_store, roi_affine, run_meta, work_path)
 from vesuvius_monai.errors import VesuviusError
-from vesuvius_monai.io.checkpoint import Checkpoint, as_checkpoint
+from vesuvius_monai.io.checkpoint import Checkpoint
 from vesuvius_monai.io.nifti import PREDICTION_MARK, check_replaceable_nifti, is_nifti_path, write_nifti
 from vesuvius_monai.io.paths import check_parents, inside, safe_name
 from vesuvius_monai.io.zarr_store import PredictionStore
@@ -149,19 +150,21 @@ def folder_targets(inputs: Sequence[Path | RemoteAddress], output: Path) -> list
     return targets
 
 
-def predict(cfg: Config, checkpoint: str | Path | Checkpoint, input_path: str | Path | Sequence[str | Path],
+def predict(cfg: Config, checkpoint: str | Path | Checkpoint | Ensemble, input_path: str | Path | Sequence[str | Path],
             output: str | Path, *, mask_output: str | Path | None = None, nifti_output: str | Path | None = None,
             roi: Region | None = None) -> Path:
     """Write the probability map of ``input_path`` (optionally within ``roi``) to ``output``; returns ``output``.
 
-    ``checkpoint``: read once by the caller (a path is read here). ``input_path``: one volume, or several volumes and
-    folders of volumes with a folder ``output`` (one ``<id>.zarr`` each, see :func:`folder_targets`; ``roi``
+    ``checkpoint``: read once by the caller (a path is read here), or an ensemble of several (see
+    :mod:`vesuvius_monai.engine.ensemble`; a Zarr output then goes through
+    :func:`~vesuvius_monai.engine.ensemble_zarr.predict_ensemble_zarr`). ``input_path``: one volume, or several
+    volumes and folders of volumes with a folder ``output`` (one ``<id>.zarr`` each, see :func:`folder_targets`; ``roi``
     applies to each). A ``.zarr`` output is predicted block by block and resumes an interrupted run (under torchrun
     the ranks share the blocks); ``nifti_output`` then also exports it as NIfTI (when it fits in memory).
     """
     _check_outputs([], {"--output": output, "--mask": mask_output, "--nifti": nifti_output})  # (no address)
-    ckpt = as_checkpoint(checkpoint)
-    ckpt.check_window(cfg.infer)
+    ensemble = as_ensemble(checkpoint, cfg)
+    ensemble.check_windows()
     inputs = [as_location(p) for p in ([input_path] if isinstance(input_path, (str, Path)) else input_path)]
     output = Path(output)
     for flag, path in (("--output", output), ("--mask", mask_output), ("--nifti", nifti_output)):
@@ -171,7 +174,7 @@ def predict(cfg: Config, checkpoint: str | Path | Checkpoint, input_path: str | 
         if mask_output or nifti_output:
             raise VesuviusError("--mask and --nifti go with one volume; a folder --output holds one <id>.zarr per "
                                 "input volume")
-        predict_zarr(cfg, CheckpointNetwork(ckpt), folder_targets(inputs, output), roi)
+        _predict_zarr(cfg, ensemble, folder_targets(inputs, output), roi)
         return output
     if len(inputs) != 1:
         raise VesuviusError(f"{len(inputs)} --input volumes need a folder --output (a name without suffix, one "
@@ -188,19 +191,31 @@ def predict(cfg: Config, checkpoint: str | Path | Checkpoint, input_path: str | 
         if path is not None and is_nifti_path(Path(path)):
             check_replaceable_nifti(path, flag)
     if output.suffix == ".zarr":
-        predict_zarr(cfg, CheckpointNetwork(ckpt), [(input_path, output)], roi, nifti_output=nifti_output)
+        _predict_zarr(cfg, ensemble, [(input_path, output)], roi, nifti_output=nifti_output)
         return output
     ctx, device = init_distributed(cfg.infer.device)
     if ctx.active:
         raise VesuviusError(f"--output {output}: a NIfTI output is predicted in memory by one process and cannot be "
                             f"shared by the {ctx.world_size} processes of torchrun; write a .zarr --output (the "
                             f"processes share its blocks, and --nifti exports it), or run without torchrun")
-    return _predict_nifti(cfg, ckpt, reader, region, output, mask_output, device)
+    return _predict_nifti(cfg, ensemble, reader, region, output, mask_output, device)
 
 
-def _predict_nifti(cfg: Config, ckpt: Checkpoint, reader, region: Region, output: Path,
+def _predict_zarr(cfg: Config, ensemble: Ensemble, targets: list[tuple[Path, Path]], roi: Region | None,
+                  nifti_output: str | Path | None = None) -> None:
+    """One network: :func:`predict_zarr` with its own config; several: their stores fused block by block."""
+    if ensemble.single:
+        member = ensemble.members[0]
+        predict_zarr(member.cfg, member.network, targets, roi, nifti_output=nifti_output)
+        return
+    from vesuvius_monai.engine.ensemble_zarr import predict_ensemble_zarr
+
+    predict_ensemble_zarr(cfg, ensemble, targets, roi, nifti_output=nifti_output)
+
+
+def _predict_nifti(cfg: Config, ensemble: Ensemble, reader, region: Region, output: Path,
                    mask_output: str | Path | None, device) -> Path:
-    probs = infer_volume(ckpt.model(device), reader, cfg, roi=region, progress=True)
+    probs = ensemble_volume(ensemble, reader, device, roi=region, progress=True)
     affine = roi_affine(reader.affine, region)
     write_nifti(output, probs, affine=affine, description=PREDICTION_MARK)
     if mask_output:
