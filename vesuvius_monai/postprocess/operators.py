@@ -81,11 +81,18 @@ def closing_per_sheet(mask: np.ndarray, radius: Radius, connectivity: int = 26) 
         box = tuple(slice(max(s.start - r, 0), min(s.stop + r, n))
                     for s, r, n in zip(stats["bounding_boxes"][i], radius, mask.shape))
         crop = labels[box]
-        added = closing(crop == i, radius) & (crop == 0)
+        sheet = crop == i
+        added = closing(sheet, radius) & (crop == 0)
         if added.any():
-            others = ndimage.binary_dilation((crop != 0) & (crop != i), element)
-            crop[added & ~others] = i
+            added &= ~ndimage.binary_dilation((crop != 0) & (crop != i), element)
+            crop[_attached(sheet, added, connectivity)] = i
     return labels != 0
+
+
+def _attached(sheet: np.ndarray, added: np.ndarray, connectivity: int) -> np.ndarray:
+    """The voxels of ``added`` connected (``connectivity``) to the connected bool ``sheet`` through ``added``."""
+    labels = cc3d.connected_components(sheet | added, connectivity=connectivity)
+    return added & (labels == labels[tuple(np.argwhere(sheet)[0])])
 
 
 def remove_small_components(mask: np.ndarray, min_size: int, connectivity: int = 26) -> np.ndarray:
@@ -115,7 +122,8 @@ def fill_small_holes(mask: np.ndarray, max_size: int) -> np.ndarray:
 def fill_cavities(mask: np.ndarray) -> np.ndarray:
     """Fill every enclosed background cavity (6-connected background not touching the border) of a bool (Z, Y, X)
     mask: ``fill_voids.fill`` (the same as ``scipy.ndimage.binary_fill_holes``, tested, and faster)."""
-    return fill_voids.fill(np.ascontiguousarray(mask), in_place=False).astype(bool, copy=False)
+    padded = fill_voids.fill(np.pad(mask, 1), in_place=True)  # (unpadded, it fills some background on the border)
+    return np.ascontiguousarray(padded[1:-1, 1:-1, 1:-1], dtype=bool)
 
 
 # ----------------------------------------------------------------------------------------- 2x2x2 hole plugging
@@ -125,7 +133,7 @@ def fill_cavities(mask: np.ndarray) -> np.ndarray:
 # only along an edge or at a corner leave a 1-voxel gap through which the background passes: a hole through the
 # sheet. So every 2x2x2 cube of the volume whose foreground (>= 2 voxels) is not one 6-connected set gets the fewest
 # voxels that make it one (ties: the set of smallest bit mask, bit 4 dz + 2 dy + dx). The 256 cubes' answers are a
-# lookup table; one parallel pass reads every cube of the input and adds the union of the answers.
+# lookup table; a parallel pass reads every cube and adds the union of the answers.
 
 CUBE = [(dz, dy, dx) for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)]  # bit 4 dz + 2 dy + dx
 
@@ -161,20 +169,32 @@ def _plug_of(bits: int) -> int:
 PLUG_TABLE = np.array([_plug_of(bits) for bits in range(256)], dtype=np.uint8)
 
 
-def plug_holes(mask: np.ndarray) -> np.ndarray:
-    """One pass of the 2x2x2 rule (see :data:`PLUG_TABLE`) over every 2x2x2 cube of a bool (Z, Y, X) mask; bool.
+PLUG_PASSES = 4  # at most this many passes: a voxel's output depends on the input within 4 voxels
 
-    A voxel's output depends on the input within 1 voxel. One pass may leave a cube made disconnected by voxels
-    added in its neighbours (rare); running it again adds them.
-    """
+
+def plug_holes(mask: np.ndarray, max_passes: int = PLUG_PASSES) -> np.ndarray:
+    """The 2x2x2 rule (see :data:`PLUG_TABLE`) on a bool (Z, Y, X) mask: passes over every 2x2x2 cube until none
+    adds a voxel (voxels added for one cube can leave a neighbouring cube disconnected), at most ``max_passes``;
+    bool. A voxel's output depends on the input within ``max_passes`` voxels."""
+    out = mask.copy()
+    for _ in range(max_passes):
+        if not _plug_pass(out):
+            break
+    return out
+
+
+def _plug_pass(mask: np.ndarray) -> bool:
+    """One parallel pass of the 2x2x2 rule over ``mask``, in place; False when it added nothing."""
     if min(mask.shape) < 2:
-        return mask.copy()
+        return False
     inner = tuple(s - 1 for s in mask.shape)
     codes = np.zeros(inner, dtype=np.uint8)
-    for bit, (dz, dy, dx) in enumerate(CUBE):
-        codes |= mask[dz:dz + inner[0], dy:dy + inner[1], dx:dx + inner[2]].astype(np.uint8) << bit
+    views = [mask[dz:dz + inner[0], dy:dy + inner[1], dx:dx + inner[2]] for dz, dy, dx in CUBE]
+    for bit, view in enumerate(views):
+        codes |= view.astype(np.uint8) << bit
     added = PLUG_TABLE[codes]
-    out = mask.copy()
-    for bit, (dz, dy, dx) in enumerate(CUBE):
-        out[dz:dz + inner[0], dy:dy + inner[1], dx:dx + inner[2]] |= (added >> bit & 1).astype(bool)
-    return out
+    if not added.any():
+        return False
+    for bit, view in enumerate(views):
+        view |= (added >> bit & 1).astype(bool)
+    return True

@@ -122,7 +122,7 @@ def _along(values: np.ndarray, known: np.ndarray) -> tuple[np.ndarray, np.ndarra
     lo, hi = np.clip(before, 0, n - 1), np.clip(after, 0, n - 1)
     v_lo, v_hi = np.take_along_axis(values, lo[None], -1), np.take_along_axis(values, hi[None], -1)
     has_lo, has_hi = before >= 0, after < n
-    span = np.where(has_lo & has_hi, after - before, 1)
+    span = np.where(has_lo & has_hi, np.maximum(after - before, 1), 1)  # (0 on a known pixel)
     frac = np.where(has_lo & has_hi, (index - before) / span, np.where(has_lo, 0.0, 1.0))
     value = v_lo + (v_hi - v_lo) * frac
     gap = np.where(has_lo & has_hi, np.minimum(index - before, after - index), np.inf).astype(float)
