@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--output", type=Path, required=True,
                     help="probability map: .nii.gz, .nii or .zarr; or a folder (a name without suffix) for one "
                          "<id>.zarr per input volume (files there not written by predict are left alone)")
-    pr.add_argument("--mask", type=Path, help="also write the post-processed binary mask here (NIfTI)")
+    pr.add_argument("--mask", type=Path, help="also write the post-processed binary mask here (NIfTI; .zarr with a "
+                    ".zarr --output, post-processed block by block)")
     pr.add_argument("--nifti", type=Path, help="with a .zarr --output: also export the probabilities as NIfTI")
     pr.add_argument("--roi", help="region of interest z0:z1,y0:y1,x0:x1 (of every input volume)")
     tt = add("tune-postprocess", cmd_tune_postprocess, "choose threshold and small-component removal on the "

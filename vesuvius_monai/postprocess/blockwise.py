@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from vesuvius_monai.config import PostprocessConfig, to_dict
 from vesuvius_monai.errors import VesuviusError, disk_errors
-from vesuvius_monai.io.atomic import build_dir
+from vesuvius_monai.io.atomic import build_dir, check_replaceable
 from vesuvius_monai.io.zarr_store import ARRAY_NAME, PredictionStore
 from vesuvius_monai.postprocess.chain import apply_chain, check_prob
 from vesuvius_monai.postprocess.operators import PLUG_PASSES
@@ -60,13 +60,8 @@ def postprocess_blocks(read: Callable[[Region], np.ndarray], write: Callable[[Re
     that needs whole components on a volume of more than ``cfg.max_whole_voxels`` voxels is a VesuviusError naming
     the key.
     """
-    if keys := whole_keys(cfg):
-        voxels = math.prod(shape)
-        if voxels > cfg.max_whole_voxels:
-            raise VesuviusError(f"config key 'postprocess.{keys[0]}' needs the whole volume in memory (connected "
-                                f"components), and this one has {voxels} voxels, more than "
-                                f"postprocess.max_whole_voxels = {cfg.max_whole_voxels}: turn "
-                                f"{', '.join('postprocess.' + k for k in keys)} off or raise max_whole_voxels")
+    if whole_keys(cfg):
+        check_whole(shape, cfg)
         whole = tuple(slice(0, n) for n in shape)
         write(whole, _chain(read(whole), cfg))  # type: ignore[arg-type]
         return
@@ -77,6 +72,23 @@ def postprocess_blocks(read: Callable[[Region], np.ndarray], write: Callable[[Re
         outer = tuple(slice(max(r.start - m, 0), min(r.stop + m, n)) for r, m, n in zip(inner, margin, shape))
         mask = _chain(read(outer), cfg)  # type: ignore[arg-type]
         write(inner, mask[tuple(slice(i.start - o.start, i.stop - o.start) for i, o in zip(inner, outer))])  # type: ignore[arg-type]
+
+
+def check_whole(shape: Triple, cfg: PostprocessConfig) -> None:
+    """Raise a VesuviusError naming the key when ``cfg`` needs the whole volume and ``shape`` has more voxels than
+    ``cfg.max_whole_voxels``."""
+    keys, voxels = whole_keys(cfg), math.prod(shape)
+    if keys and voxels > cfg.max_whole_voxels:
+        raise VesuviusError(f"config key 'postprocess.{keys[0]}' needs the whole volume in memory (connected "
+                            f"components), and this one has {voxels} voxels, more than "
+                            f"postprocess.max_whole_voxels = {cfg.max_whole_voxels}: turn "
+                            f"{', '.join('postprocess.' + k for k in keys)} off or raise max_whole_voxels")
+
+
+def check_mask_target(out: str | Path, shape: Triple, cfg: PostprocessConfig) -> None:
+    """Before predicting: raise unless :func:`write_mask_zarr` could write ``out`` for a volume of ``shape``."""
+    check_whole(shape, cfg)
+    check_replaceable(out, MASK_KIND, "--mask")
 
 
 def _chain(prob: np.ndarray, cfg: PostprocessConfig) -> np.ndarray:
