@@ -89,6 +89,17 @@ def test_open_close_away_from_the_border_are_scipy(seed, radius):
     assert np.array_equal(ops.opening(mask, radius), ndimage.binary_opening(mask, element))
 
 
+@FEW
+@given(st.integers(0, 10**6), st.tuples(st.integers(0, 3), st.integers(0, 3), st.integers(0, 3)), st.floats(0.2, 0.8))
+def test_open_close_are_scipy_on_the_edge_padded_mask(seed, radius, density):
+    mask = random_mask(seed, density=density, smooth=0.8)
+    padded = np.pad(mask, [(2 * r, 2 * r) for r in radius], mode="edge")
+    crop = tuple(slice(2 * r, 2 * r + n) for r, n in zip(radius, mask.shape))
+    element = ops.ellipsoid(radius)
+    assert np.array_equal(ops.closing(mask, radius), ndimage.binary_closing(padded, element)[crop])
+    assert np.array_equal(ops.opening(mask, radius), ndimage.binary_opening(padded, element)[crop])
+
+
 def test_closing_does_not_erode_at_the_border():
     mask = np.zeros((10, 8, 8), bool)
     mask[0:3] = True  # a slab through the z = 0 face and every side face

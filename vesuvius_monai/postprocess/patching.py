@@ -9,7 +9,7 @@ For each ``connectivity``-connected component (a sheet), within its bounding box
 4. every hole pixel gets height and thickness by linear interpolation between the nearest sheet pixels of its row,
    and of its column; the two are averaged, each weighted by the inverse of its distance to the nearer of its two
    sheet pixels; the patch is the voxels ``round(h - (t - 1) / 2) .. round(h + (t - 1) / 2)`` of those columns,
-   where they are background and touch no other component;
+   where they are background and touch no other component, and only those connected to the sheet;
 5. all patches of the sheet are tried at once, and when that makes the sheet worse, each hole's patch alone. A patch
    is kept only when none of the sheet's Betti numbers (components, tunnels, cavities; foreground ``connectivity``,
    18 counted as 26) grows.
@@ -23,6 +23,7 @@ from scipy import ndimage
 from skimage.measure import euler_number
 
 from vesuvius_monai.metrics.components import CONNECTIVITY_RANK
+from vesuvius_monai.postprocess.operators import attached
 
 Betti = tuple[int, int, int]
 
@@ -42,7 +43,7 @@ def patch_holes(mask: np.ndarray, connectivity: int = 26) -> np.ndarray:
         if not patches:
             continue
         free = (crop == 0) & ~ndimage.binary_dilation((crop != 0) & (crop != i), element)
-        out[box] |= _accepted(sheet, [p & free for p in patches], connectivity)
+        out[box] |= _accepted(sheet, [attached(sheet, p & free, connectivity) for p in patches], connectivity)
     return out
 
 
