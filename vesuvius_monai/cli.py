@@ -210,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--output", type=_location, required=True,
                     help="probability map: .nii.gz, .nii or .zarr; or a folder (a name without suffix) for one "
                          "<id>.zarr per input volume (files there not written by predict are left alone)")
-    pr.add_argument("--mask", type=_location, help="also write the post-processed binary mask here (NIfTI)")
+    pr.add_argument("--mask", type=_location, help="also write the post-processed binary mask here (NIfTI; .zarr "
+                    "with a .zarr --output, post-processed block by block)")
     pr.add_argument("--nifti", type=_location, help="with a .zarr --output: also export the probabilities as NIfTI")
     pr.add_argument("--roi", help="region of interest z0:z1,y0:y1,x0:x1 (of every input volume)")
     pr.add_argument("--postprocess", type=Path, metavar="FILE", help=POSTPROCESS_HELP)

@@ -50,6 +50,7 @@ from vesuvius_monai.io.nifti import PREDICTION_MARK, check_replaceable_nifti, is
 from vesuvius_monai.io.paths import check_parents, inside, safe_name
 from vesuvius_monai.io.zarr_store import PredictionStore
 from vesuvius_monai.postprocess import postprocess
+from vesuvius_monai.postprocess.blockwise import check_mask_target, write_mask_zarr
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,9 @@ def _check_kind(output: Path, region: Region, input_path: str | Path, mask_outpu
     if output.suffix != ".zarr" and not is_nifti_path(output):
         raise VesuviusError(f"--output {output}: use a .nii.gz, .nii or .zarr file name, or a folder name without "
                             f"suffix (one <id>.zarr per input volume)")
-    if output.suffix == ".zarr" and mask_output:
-        raise VesuviusError("--mask is only written with a NIfTI --output; threshold the Zarr probabilities instead")
+    if mask_output and (Path(mask_output).suffix == ".zarr") != (output.suffix == ".zarr"):
+        raise VesuviusError(f"--mask {mask_output}: a .zarr --output takes a .zarr --mask (post-processed block by "
+                            f"block), a NIfTI --output a NIfTI --mask")
     if output.suffix != ".zarr" and nifti_output:
         raise VesuviusError("--nifti goes with a .zarr --output (the NIfTI --output is written directly)")
     if output.suffix != ".zarr" and np.prod(region_shape(region), dtype=np.int64) > MAX_IN_MEMORY_VOXELS:
@@ -191,7 +193,11 @@ def predict(cfg: Config, checkpoint: str | Path | Checkpoint | Ensemble, input_p
         if path is not None and is_nifti_path(Path(path)):
             check_replaceable_nifti(path, flag)
     if output.suffix == ".zarr":
+        if mask_output:
+            check_mask_target(mask_output, region_shape(region), cfg.postprocess)
         _predict_zarr(cfg, ensemble, [(input_path, output)], roi, nifti_output=nifti_output)
+        if mask_output:
+            on_main(init_distributed(cfg.infer.device)[0], write_mask_zarr, output, mask_output, cfg.postprocess)
         return output
     ctx, device = init_distributed(cfg.infer.device)
     if ctx.active:
