@@ -39,6 +39,7 @@ from vesuvius_monai.io.paths import check_parents, inside
 from vesuvius_monai.io.run_dir import RunDir
 from vesuvius_monai.metrics import compute_metrics, topo_matching_used
 from vesuvius_monai.postprocess import postprocess
+from vesuvius_monai.tuning.space import describe_chain
 from vesuvius_monai.report import component_sizes, save_component_histogram, save_slices_png, write_html_report
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ def write_report(out: Path, results: dict[str, FragmentResult], mean: dict[str, 
     notes = [f"checkpoint: {checkpoint}", f"split: {cfg.evaluate.split}",
              f"inference: window {list(cfg.infer.roi_size)}, overlap {cfg.infer.overlap}, {cfg.infer.blend} blending, "
              f"TTA flips {cfg.infer.tta_flip_axes}, rot90 {cfg.infer.tta_rot90}",
-             f"post-processing: {dataclasses.asdict(cfg.postprocess)}",
+             f"post-processing chain: {describe_chain(cfg.postprocess)} ({dataclasses.asdict(cfg.postprocess)})",
              f"TopoScore matching: {_matching_note(topo_matching_used(cfg.evaluate.leaderboard))}",
              "ignore-label voxels are excluded from every metric"]
     write_html_report(out / "report.html", title="vesuvius_monai evaluation", per_fragment={
@@ -170,13 +171,15 @@ def _evaluate_into(work: Path, model: nn.Module, fragments: list[Fragment], cfg:
                    checkpoint: Path) -> dict:
     """Predict, score and export every fragment into ``work``; write the tables and the report there."""
     results = {}
+    log.info("post-processing chain: %s", describe_chain(cfg.postprocess))
     for fragment in tqdm(fragments, desc="evaluate", unit="fragment", dynamic_ncols=True):
         results[fragment.id] = evaluate_fragment(model, fragment, cfg, device, work)
         log.info("%s: %s", fragment.id, ", ".join(f"{k} {v:.4f}" for k, v in results[fragment.id].scores.items()))
     per_fragment = {frag_id: r.scores for frag_id, r in results.items()}
     mean = summarize(per_fragment)
     meta = {"checkpoint": str(checkpoint), "split": cfg.evaluate.split, "n_fragments": len(fragments),
-            "topo_matching": topo_matching_used(cfg.evaluate.leaderboard), "config": to_dict(cfg)}
+            "topo_matching": topo_matching_used(cfg.evaluate.leaderboard),
+            "postprocess_chain": describe_chain(cfg.postprocess), "config": to_dict(cfg)}
     payload = write_tables(work, per_fragment, mean, meta)
     write_report(work, results, mean, cfg, checkpoint)
     return payload

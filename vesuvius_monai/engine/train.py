@@ -12,6 +12,7 @@ folder is refused meanwhile), and removes a folder it made when it fails before 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from vesuvius_monai.config import Config, TrainConfig, config_from_raw, flatten, save_config, to_dict
+from vesuvius_monai.config import Config, TrainConfig, TuneConfig, config_from_raw, flatten, save_config, to_dict
 from vesuvius_monai.data.dataset import Fragment, load_splits
 from vesuvius_monai.data.patches import PatchDataset, PatchSource, prepare_sources, rank_items
 from vesuvius_monai.engine.distributed import DistContext, init_distributed, on_main
@@ -56,7 +57,7 @@ def check_sizes(cfg: Config) -> None:
 # with the same effective batch (processes x batch_size, e.g. 2 x 2 resumed as 1 x 4) the run is the same.
 RESUME_MAY_DIFFER = {"train.max_minutes", "train.num_workers", "train.num_threads", "train.device",
                      "train.log_every", "data.cache_dir", "data.missing_chunks", "train.batch_size",
-                     "tune.thresholds", "tune.min_sizes", "tune.max_dice_drop"}  # tune: used after training only
+                     *(f"tune.{f.name}" for f in dataclasses.fields(TuneConfig))}  # tune: used after training only
 
 
 def check_resume_config(cfg: Config, saved: dict, path: Path) -> None:
