@@ -20,7 +20,7 @@ class PostprocessConfig:
 
     threshold: foreground is ``prob > threshold``, in [0, 1].
     hysteresis_high: 0 (off) or in (threshold, 1]: keep only the components of ``prob > threshold`` that touch
-        ``prob > hysteresis_high`` (26-connected; ``skimage.filters.apply_hysteresis_threshold``).
+        ``prob > hysteresis_high`` (``connectivity``-connected; with 6, ``skimage.filters.apply_hysteresis_threshold``).
     open_radius, close_radius: (z, y, x) radii >= 0 of the ellipsoid of a binary opening / closing ((0, 0, 0): off).
     close_per_sheet: close each connected component (``connectivity``) on its own, so that closing never bridges two
         sheets (nothing to do without ``close_radius``).
@@ -28,8 +28,8 @@ class PostprocessConfig:
     connectivity: neighbourhood of foreground components, 6, 18 or 26.
     patch_holes: fill each component's holes by interpolating its height map along its dominant axis; a patch that
         adds a tunnel or cavity is rejected.
-    plug_holes: plug 1-voxel holes through a sheet (the 2x2x2 rule of
-        :func:`vesuvius_monai.postprocess.operators.plug_holes`).
+    plug_holes: plug 1-voxel holes through a sheet: every 2x2x2 cube whose voxels are not face-connected gets the
+        fewest voxels that make them so (:func:`vesuvius_monai.postprocess.operators.plug_holes`).
     fill_holes_max: enclosed background cavities of at most this many voxels are filled (0 fills none).
     fill_voids: fill every enclosed background cavity (``fill_voids.fill``).
     max_whole_voxels: the operators that need whole components (hysteresis, min_size, close_per_sheet, patch_holes,
