@@ -37,7 +37,7 @@ from vesuvius_monai.data.regions import Triple
 from vesuvius_monai.engine.blockwise import RunStats, run_blocks
 from vesuvius_monai.engine.distributed import (DistContext, gather_results, init_distributed, make_wait_group,
                                                on_main, split_contiguous)
-from vesuvius_monai.engine.infer import infer_volume, volume_job, window_grid
+from vesuvius_monai.engine.infer import infer_volume, volume_grid, volume_job
 from vesuvius_monai.engine.networks import CheckpointNetwork, NetworkSource
 from vesuvius_monai.engine.zarr_output import (check_output_store, checked_roi, export_nifti, open_work_store,
                                                output_lock, publish_store, roi_affine, run_meta, work_path)
@@ -247,7 +247,7 @@ def output_meta(reader: VolumeReader, region: Region, cfg: Config, run_info: dic
     """What a Zarr output's resumed run must share with the interrupted one (see ``run_meta``): the geometry, the
     ``infer`` settings, the normalisation and the network's ``run_info``."""
     extra = {"percentiles": list(cfg.transforms.percentiles), "infer": to_dict(cfg.infer), **run_info}
-    return run_meta(reader, region, window_grid(region, cfg.infer).block_size, cfg.infer.out_dtype, extra)
+    return run_meta(reader, region, volume_grid(reader, region, cfg.infer)[0].block_size, cfg.infer.out_dtype, extra)
 
 
 def prepare_outputs(cfg: Config, network: NetworkSource, targets: list[tuple[Path, Path]], roi: Region | None,
@@ -265,15 +265,15 @@ def prepare_outputs(cfg: Config, network: NetworkSource, targets: list[tuple[Pat
         opened.append((reader, region, meta, check_output_store(out, cfg.infer.out_dtype, meta, resume)))
     volumes, units, costs = [], [], []
     for v, ((input_path, out), (reader, region, meta, state)) in enumerate(zip(targets, opened)):
-        grid = window_grid(region, cfg.infer)
-        volumes.append(OutputVolume(Path(input_path), Path(out), region, len(grid.blocks()), state == "complete"))
+        grid, blocks = volume_grid(reader, region, cfg.infer)
+        volumes.append(OutputVolume(Path(input_path), Path(out), region, len(blocks), state == "complete"))
         if state == "complete":
             log.info("%s: already complete, nothing to do", out)
             continue
         store = open_work_store(out, reader, region, grid.block_size, cfg.infer.out_dtype, meta, resume)
-        done = set(grid.blocks()) if store.meta.get("complete") else store.done_blocks()  # type: ignore[union-attr]
+        done = set(blocks) if store.meta.get("complete") else store.done_blocks()  # type: ignore[union-attr]
         planes: dict[int, list[Triple]] = {}  # the blocks not done yet, by z-plane, in the grid's order
-        for block in grid.blocks():
+        for block in blocks:
             if block not in done:
                 planes.setdefault(block[0], []).append(block)
         for z in sorted(planes):
