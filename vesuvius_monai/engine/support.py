@@ -71,7 +71,7 @@ class VolumeInput:
         self.reader, self.window, self.background, self.support = reader, window, background, support
         self.pad_lo = grid.pad_lo
         self.inside = tuple(slice(p, p + d) for p, d in zip(grid.pad_lo, grid.shape))
-        self._raw: dict[Region, np.ndarray] = {}  # raw values read by content(), for the read() that follows
+        self._raw: dict[tuple, np.ndarray] = {}  # raw values read by content(), for the read() that follows
 
     @property
     def skips(self) -> bool:
@@ -91,7 +91,7 @@ class VolumeInput:
             raw = self.reader.read(self._volume(part))
             inner &= raw != self.background
             if inner.any():
-                self._raw[region] = raw
+                self._raw[_key(region)] = raw
         out[relative(part, region)] = inner
         return out
 
@@ -101,10 +101,15 @@ class VolumeInput:
         padded = np.zeros(region_shape(region), dtype=np.float32)
         if part is None:
             return padded
-        raw = self._raw.pop(region, None)
+        raw = self._raw.pop(_key(region), None)
         volume = self._volume(part)
         data = normalize_read(self.reader, self.reader.read(volume) if raw is None else raw, self.window, volume)
         if part == region:
             return data
         padded[relative(part, region)] = data
         return padded
+
+
+def _key(region: Region) -> tuple:
+    """A region as a dict key (slices are not hashable before Python 3.12)."""
+    return tuple((s.start, s.stop) for s in region)
