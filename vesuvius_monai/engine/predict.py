@@ -45,6 +45,7 @@ from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.checkpoint import Checkpoint, as_checkpoint
 from vesuvius_monai.io.nifti import PREDICTION_MARK, check_replaceable_nifti, is_nifti_path, write_nifti
 from vesuvius_monai.io.paths import check_parents, inside, safe_name
+from vesuvius_monai.io.pyramid import n_levels
 from vesuvius_monai.io.zarr_store import PredictionStore
 from vesuvius_monai.postprocess import postprocess
 
@@ -209,13 +210,15 @@ def _predict_nifti(cfg: Config, ckpt: Checkpoint, reader, region: Region, output
 
 @dataclass(frozen=True)
 class OutputVolume:
-    """One Zarr output of a run: its input, final store, region, number of blocks and whether it is done."""
+    """One Zarr output of a run: its input, final store, region, number of blocks, whether it is done and its
+    number of OME-Zarr pyramid levels."""
 
     input: Path
     output: Path
     region: Region
     n_blocks: int
     complete: bool
+    levels: int = 1
 
 
 @dataclass(frozen=True)
@@ -266,7 +269,8 @@ def prepare_outputs(cfg: Config, network: NetworkSource, targets: list[tuple[Pat
     volumes, units, costs = [], [], []
     for v, ((input_path, out), (reader, region, meta, state)) in enumerate(zip(targets, opened)):
         grid, blocks = volume_grid(reader, region, cfg.infer)
-        volumes.append(OutputVolume(Path(input_path), Path(out), region, len(blocks), state == "complete"))
+        volumes.append(OutputVolume(Path(input_path), Path(out), region, len(blocks), state == "complete",
+                                    n_levels(region_shape(region), cfg.infer.pyramid_levels)))
         if state == "complete":
             log.info("%s: already complete, nothing to do", out)
             continue
@@ -336,7 +340,7 @@ def _run_share(network: NetworkSource, cfg: Config, work: Work, ctx: DistContext
             stats += run_blocks(job, store, store.spills(), blocks=blocks if ctx.active else None,
                                 progress=ctx.is_main)
             if not ctx.active:  # one process: publish each volume when done (under torchrun: after every rank is)
-                publish_store(store, volume.output, blocks=volume.n_blocks)
+                _finish_store(store, volume)
     return stats
 
 
@@ -351,10 +355,22 @@ def _log_shares(results: list[RunStats]) -> None:
              len(results), sum(s.blocks for s in results), windows, recomputed, 100 * recomputed / max(windows, 1))
 
 
+def _finish_store(store: PredictionStore, volume: OutputVolume) -> None:
+    """Build the pyramid of a store whose blocks are all written (in this process, once), log the windows it ran
+    and skipped, and publish it."""
+    if len(store.done_blocks()) == volume.n_blocks or store.meta.get("complete"):
+        store.build_pyramid(volume.levels, progress=True)
+    counts = store.window_counts()
+    if counts and counts["skipped"]:
+        log.info("%s: %d windows run, %d skipped (empty space or outside the ROI)", volume.output, counts["run"],
+                 counts["skipped"])
+    publish_store(store, volume.output, blocks=volume.n_blocks)
+
+
 def _publish(work: Work, nifti_output: str | Path | None) -> None:
     """Publish every store of ``work`` (once, after every process has finished), then the optional NIfTI export."""
     for volume in work.volumes:
         if not volume.complete and work_path(volume.output).exists():  # (one process published it already)
-            publish_store(PredictionStore.open(work_path(volume.output)), volume.output, blocks=volume.n_blocks)
+            _finish_store(PredictionStore.open(work_path(volume.output)), volume)
     if nifti_output:
         export_nifti(work.volumes[0].output, nifti_output)
