@@ -89,6 +89,8 @@ def tiny_runs(tmp: Path) -> dict[str, tuple[list[list[str]], list[str]]]:
                                    str(tmp / "model_speed.json")]],
                                  ["setting", "infer Mvox/s", "train off s/step", "train on s/step", "off/on", "steps"]),
         "bench_metrics.py": ([["--size", "32", "--out", str(tmp / "metrics.json")]], ["metric", "seconds", "value"]),
+        "bench_skip_empty.py": ([["--z", "32", "--n", "96", "--out", str(tmp / "skip.json")]],
+                                ["setting", "windows run", "skipped", "seconds", "speed-up"]),
     }
 
 
