@@ -91,6 +91,8 @@ def tiny_runs(tmp: Path) -> dict[str, tuple[list[list[str]], list[str]]]:
         "bench_metrics.py": ([["--size", "32", "--out", str(tmp / "metrics.json")]], ["metric", "seconds", "value"]),
         "bench_remote.py": ([["--size", "48", "--chunk", "16", "--window", "16", "--block", "16"]],
                             ["fetched MiB", "requests", "fetched/needed", "equal"]),
+        "bench_skip_empty.py": ([["--z", "32", "--n", "96", "--out", str(tmp / "skip.json")]],
+                                ["setting", "windows run", "skipped", "seconds", "speed-up"]),
     }
 
 

@@ -138,6 +138,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from vesuvius_monai.engine.predict import parse_roi, predict
 
     checkpoint, cfg = _checkpoint_and_config(args)
+    if args.support is not None:  # the flag is the config key infer.support
+        cfg.infer.support = str(args.support)
     predict(cfg, checkpoint, args.input, args.output, mask_output=args.mask, nifti_output=args.nifti,
             roi=parse_roi(args.roi))
 
@@ -215,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--nifti", type=_location, help="with a .zarr --output: also export the probabilities as NIfTI")
     pr.add_argument("--roi", help="region of interest z0:z1,y0:y1,x0:x1 (of every input volume)")
     pr.add_argument("--postprocess", type=Path, metavar="FILE", help=POSTPROCESS_HELP)
+    pr.add_argument("--support", type=Path, help="mask volume of where the scroll is (values > "
+                    "infer.support_threshold; the input's size or a coarser one): windows outside it are not run "
+                    "(infer.support)")
     tt = add("tune-postprocess", cmd_tune_postprocess, "choose threshold and small-component removal on the "
              "validation fragments (leaderboard score); later commands use the choice", checkpoint=True,
              aliases=["tune-threshold"])

@@ -18,8 +18,7 @@ from monai.inferers import sliding_window_inference
 from monai.inferers.utils import _get_scan_interval
 
 from vesuvius_monai.config import load_config
-from vesuvius_monai.data.readers import open_volume, sample_percentiles
-from vesuvius_monai.data.transforms import normalize
+from vesuvius_monai.data.readers import open_volume
 from vesuvius_monai.engine.blockwise import BlockJob, run_blocks
 from vesuvius_monai.engine.infer import infer_volume, load_normalized, make_predictor, volume_job
 from vesuvius_monai.engine.networks import ModuleNetwork
@@ -159,20 +158,19 @@ def test_tta_and_uint8(tmp_path):
     assert np.abs(out.read() / 255.0 - expected).max() <= 0.5 / 255 + 1e-6
 
 
-def test_roi_is_predicted_as_a_volume_of_its_own(tmp_path):
-    """The ROI is predicted like a volume of its own, normalised with the whole volume's percentile window."""
+def test_roi_lies_on_the_whole_volume_grid(tmp_path):
+    """The ROI is the whole volume's prediction restricted to it (MONAI over the whole volume, then cropped); its
+    store records its offset (affine / OME translation and the run metadata)."""
     reader = save_volume(tmp_path, (30, 40, 40), 5)
     roi = (slice(5, 30), slice(10, None), slice(-19, None))
     cfg = make_cfg((8, 8, 8), (8, 8, 8))
     out = open_volume(predict_store(TinyNet(), reader, cfg, tmp_path / "roi.zarr", roi=roi))
     assert out.shape == (25, 30, 19)
     np.testing.assert_allclose(out.affine[:3, 3], [21.0, 10.0, 5.0])  # origin at the ROI's first voxel (x, y, z)
-    crop = normalize(reader.read(roi), sample_percentiles(reader, q=cfg.transforms.percentiles))
-    with torch.inference_mode():
-        expected = sliding_window_inference(torch.from_numpy(crop)[None, None], (8, 8, 8), 2,
-                                            make_predictor(TinyNet(), cfg.infer, CPU, False), overlap=0.25,
-                                            mode="gaussian")[0, 0].numpy()
+    assert PredictionStore.open(tmp_path / "roi.zarr").meta["roi"] == [[5, 30], [10, 40], [21, 40]]
+    expected = monai_reference(TinyNet(), reader, cfg)[roi]
     np.testing.assert_allclose(out.read(), expected, rtol=0, atol=2e-6)
+    np.testing.assert_allclose(infer_volume(TinyNet(), reader, cfg, roi=roi), expected, rtol=0, atol=2e-6)
 
 
 def test_crash_then_resume_is_identical_and_skips_finished_blocks(tmp_path):

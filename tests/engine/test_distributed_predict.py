@@ -30,7 +30,8 @@ from vesuvius_monai.io.zarr_store import PredictionStore
 from vesuvius_monai.models import build_model
 
 # window 16, overlap 0.25: stride 12, blocks of 24
-OVERRIDES = ["infer.block_size=[16,16,16]", "infer.out_dtype=float32", "infer.sw_batch_size=3"]
+OVERRIDES = ["infer.block_size=[16,16,16]", "infer.out_dtype=float32", "infer.sw_batch_size=3",
+             "infer.pyramid_levels=2"]
 SHAPES = {"a": (72, 40, 40), "b": (50, 30, 45), "c": (30, 20, 26)}  # 3 x 2 x 2, 3 x 2 x 2 and 2 x 1 x 2 blocks
 
 SCRIPT = r"""
@@ -146,10 +147,32 @@ def launch(setup) -> tuple[subprocess.CompletedProcess, list[dict]]:
         {"argv": argv(setup, [setup / "vols"], many), "outputs": [str(many / f"{n}.zarr") for n in SHAPES]},
         {"argv": argv(setup, [vol], setup / "failed.zarr"), "outputs": [], "fail": "raise"},
         {"argv": argv(setup, [vol], setup / "failed.zarr"), "outputs": [str(setup / "failed.zarr")]},
+        {"argv": argv(setup, [vol], setup / "roi.zarr") + ["--roi", ROI], "outputs": [str(setup / "roi.zarr")]},
     ]
     done, events = torchrun(setup, "launch", commands)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     return done, events
+
+
+ROI = "5:70,3:37,:"  # its z offset is not a multiple of the blocks' 24: chunks of 1 in z keep one writer each
+
+
+@pytest.mark.slow
+def test_ranks_share_the_pyramid_and_an_roi(setup, references, launch):
+    """The pyramid that rank 0 builds after every rank is done equals the single process's, read by ome-zarr's
+    reader; an ROI shared by the ranks equals the whole volume's prediction restricted to it."""
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    levels = [[np.asarray(d) for d in list(Reader(parse_url(str(path)))())[0].data]
+              for path in (setup / "one.zarr", setup / "single" / "a.zarr")]
+    assert len(levels[0]) == len(levels[1]) == 2
+    for mine, single in zip(*levels):
+        np.testing.assert_array_equal(mine, single)
+    roi = tuple(slice(*(int(v) if v else None for v in part.split(":"))) for part in ROI.split(","))
+    np.testing.assert_allclose(probabilities(setup / "roi.zarr"), references["a"][roi], rtol=0, atol=1e-6)
+    store = PredictionStore.open(setup / "roi.zarr", "r")
+    assert store.array.chunks == (1, 24, 24)  # z: gcd(block 24, offset 5) (no chunk straddles a plane of blocks)
 
 
 def returned(events: list[dict], command: int) -> list[dict]:
@@ -190,7 +213,7 @@ def test_stores_are_published_once_after_every_rank_is_done(launch):
     _, events = launch
     published = [e for e in events if e["kind"] == "publish"]
     assert sorted(e["store"] for e in published) == sorted(["one.zarr", *(f"{n}.zarr" for n in SHAPES),
-                                                             "failed.zarr"])
+                                                             "failed.zarr", "roi.zarr"])
     assert {e["rank"] for e in published} == {0}
     for event in published:
         writes = [e["t"] for e in events if e["kind"] == "write" and e["store"] == event["store"] + ".partial"]

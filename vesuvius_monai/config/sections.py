@@ -267,9 +267,23 @@ class InferConfig:
     device: str = "auto"  # auto | cpu | cuda (evaluate, predict, tune-postprocess; validation runs on train.device)
     amp: bool = True  # mixed precision, CUDA only (never on CPU)
     fusion: str = "prob"  # ensembles (several --checkpoint): weighted mean of probabilities, or of logits (logit)
+    # skipping empty space (engine/support.py): a window whose raw input is all skip_background, or lies outside the
+    # support (the volume `support`, or the input's OME-Zarr level support_level, > support_threshold), is not run
+    skip_background: float | None = None  # raw value of empty space (e.g. 0); None: every window runs
+    support: str | None = None  # a mask volume (any size: scaled to the input) whose values > threshold hold scroll
+    support_level: int | None = None  # pyramid level of `support` (default 0), or of the input when support is None
+    support_threshold: float = 0.0
+    pyramid_levels: int = 0  # Zarr outputs: OME-Zarr levels (2x each); 0 = until the coarsest is <= 128 per side
 
     def __post_init__(self) -> None:
         check_fields(self, "infer")
+        if self.skip_background is not None:
+            finite("infer.skip_background", self.skip_background)
+        finite("infer.support_threshold", self.support_threshold)
+        require(self.support_level is None or self.support_level >= 0, "infer.support_level",
+                f"must be >= 0, got {self.support_level}")
+        require(self.pyramid_levels >= 0, "infer.pyramid_levels", f"must be >= 0 (0: automatic), got "
+                f"{self.pyramid_levels}")
         require(0.0 <= self.overlap < 1.0, "infer.overlap", f"must be in [0, 1), got {self.overlap}")
         require(min(self.roi_size) >= 1, "infer.roi_size", f"every size must be >= 1, got {self.roi_size}")
         require(min(self.block_size) >= 1, "infer.block_size", f"every size must be >= 1, got {self.block_size}")

@@ -35,7 +35,14 @@ def normalize(image: np.ndarray, window: tuple[float, float]) -> np.ndarray:
 
 def read_normalized(reader: VolumeReader, window: tuple[float, float], region: Region | None = None) -> np.ndarray:
     """Read a region (default: all) of a volume as float32 (Z, Y, X), check it is finite, normalise it."""
-    image = reader.read(region).astype(np.float32)
+    return normalize_read(reader, reader.read(region), window, region)
+
+
+def normalize_read(reader: VolumeReader, raw: np.ndarray, window: tuple[float, float],
+                   region: Region | None = None) -> np.ndarray:
+    """``raw``, read from ``region`` of ``reader``, as float32, checked finite (VesuviusError naming the file and
+    region), normalised."""
+    image = raw.astype(np.float32)
     if not np.isfinite(image).all():
         where = f" in region {format_region(region)}" if region is not None else ""
         raise VesuviusError(f"image {reader.path} holds NaN or inf values{where}")

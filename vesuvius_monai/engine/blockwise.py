@@ -17,6 +17,12 @@ resumes: a block's spills are written before its done-marker). A block's result 
 windows (batched per z-start plane, see ``WindowGrid.window_batches``) and the stored spills, added in a fixed
 order, so a resumed run is bit-identical to an uninterrupted one.
 
+Only the windows the output needs are run: those touching the job's ``roi`` (the blocks written are those it
+touches; their predecessors outside it are recomputed like another process's, see below), and, with a ``content``
+function (:mod:`vesuvius_monai.engine.support`), only windows whose input holds some scroll. A window left out
+contributes nothing to the sums but keeps its blending weight: the output is that of a network predicting 0 on it.
+An ROI's output is thus the whole volume's prediction restricted to the ROI (same grid, same windows).
+
 Several processes share a volume by each predicting a set of blocks (``run_blocks(blocks=...)``, see
 :mod:`vesuvius_monai.engine.predict`: contiguous slabs of z-planes of blocks). A predecessor that another process
 owns and has not finished yet has left no spill: its spilling z-planes of windows are recomputed here (same
@@ -37,13 +43,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from vesuvius_monai.data.regions import Region, Triple, region_shape, relative
+from vesuvius_monai.data.regions import Region, Triple, intersect, region_shape, relative, shift_region
 from vesuvius_monai.engine.windows import WindowGrid, importance
 
 logger = logging.getLogger(__name__)
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]  # (B, 1, z, y, x) -> probabilities (B, C, z, y, x), C >= 1
 Reader = Callable[[Region], np.ndarray]  # padded-coordinate region -> normalised float32 input of its shape
+Content = Callable[[Region], np.ndarray]  # padded-coordinate region -> bool (its shape): True where there is scroll
 SpillKey = tuple[Triple, Triple]  # (source block, destination block)
 
 
@@ -111,7 +118,11 @@ class ArraySink:
 class BlockJob:
     """What the engine computes and how: MONAI's window ``grid`` over a volume in blocks, the reader of its
     normalised input (padded coordinates), the ``predictor``, windows per network call (``batch``), the blending
-    (``blend`` "gaussian" or "constant", ``sigma_scale``) and the ``device`` where the sums are accumulated."""
+    (``blend`` "gaussian" or "constant", ``sigma_scale``) and the ``device`` where the sums are accumulated.
+
+    ``roi``: the part of the volume (volume coordinates) written to the sink, whose origin is the ROI's first voxel
+    (None: the whole volume). ``content``: where the input holds scroll (None: everywhere); windows without any are
+    skipped (see the module docstring)."""
 
     grid: WindowGrid
     read: Reader
@@ -120,6 +131,37 @@ class BlockJob:
     blend: str
     sigma_scale: float
     device: torch.device
+    roi: Region | None = None
+    content: Content | None = None
+
+    def output_roi(self) -> Region:
+        """The region written (volume coordinates)."""
+        return self.roi or tuple(slice(0, d) for d in self.grid.shape)  # type: ignore[return-value]
+
+    def blocks(self) -> list[Triple]:
+        """The blocks that write part of the ROI, in C order."""
+        return self.grid.blocks_touching(self.output_roi()) if self.roi else list(self.grid.blocks())
+
+    def output(self, index: Triple) -> tuple[Region, Region] | None:
+        """(region of the ROI that block ``index`` writes, relative to the ROI; the same voxels relative to the
+        block), or None when it writes none."""
+        region, crop = self.grid.output_region(index)
+        part = intersect(region, self.output_roi())
+        if part is None:
+            return None
+        moved = shift_region(crop, tuple(p.start - r.start for p, r in zip(part, region)))
+        return relative(part, self.output_roi()), tuple(slice(m.start, m.start + p.stop - p.start)
+                                                        for m, p in zip(moved, part))  # type: ignore[return-value]
+
+    def runs(self, start: Triple, origin: Triple, content: np.ndarray | None) -> bool:
+        """Whether the window at ``start`` (padded) is run: it touches the ROI and (with ``content``, over the
+        region starting at ``origin``) some scroll."""
+        window = tuple(slice(t, t + w) for t, w in zip(start, self.grid.window))
+        if self.roi and intersect(window, shift_region(self.roi, self.grid.pad_lo)) is None:  # type: ignore[arg-type]
+            return False
+        if content is None:
+            return True
+        return bool(content[tuple(slice(t - o, t - o + w) for t, o, w in zip(start, origin, self.grid.window))].any())
 
     def weight(self) -> torch.Tensor:
         """MONAI's importance map of one window on the device (float32, window shape)."""
@@ -147,19 +189,40 @@ def window_sums(job: BlockJob, region: Region, image: np.ndarray, batches: list[
     return total.cpu().numpy()
 
 
-def block_sums(job: BlockJob, index: Triple, image: np.ndarray | None, on_batch: Callable[[int], None]) -> np.ndarray:
-    """Sum of ``weight * probability`` of the block's own windows over its extent; float32 (extent shape).
+def kept_batches(job: BlockJob, region: Region, batches: list[list[Triple]],
+                 content: np.ndarray | None) -> tuple[list[list[Triple]], int]:
+    """``batches`` less the windows not run (:meth:`BlockJob.runs`; ``content`` over ``region``), and how many."""
+    if content is None and not job.roi:
+        return batches, 0
+    origin = tuple(s.start for s in region)
+    kept = [[s for s in b if job.runs(s, origin, content)] for b in batches]  # type: ignore[arg-type]
+    return [b for b in kept if b], sum(len(b) for b in batches) - sum(len(b) for b in kept)
 
-    ``image``: the normalised input over the extent (None when the block owns no window).
+
+def block_sums(job: BlockJob, index: Triple, loaded: tuple | None,
+               on_batch: Callable[[int], None]) -> tuple[np.ndarray, tuple[int, int]]:
+    """Sum of ``weight * probability`` of the block's own windows over its extent; float32 (extent shape), and
+    (windows run, windows skipped).
+
+    ``loaded``: (normalised input over the extent or None when no window needs it, content or None); None when the
+    block owns no window.
     """
     extent = job.grid.extent(index)
-    if image is None:
-        return np.zeros(region_shape(extent), dtype=np.float32)
-    return window_sums(job, extent, image, job.grid.window_batches(index, job.batch), on_batch)
+    image, content = loaded or (None, None)
+    batches, skipped = kept_batches(job, extent, job.grid.window_batches(index, job.batch), content)
+    if image is None or not batches:
+        on_batch(job.grid.n_own_windows(index) if loaded else 0)
+        return np.zeros(region_shape(extent), dtype=np.float32), (0, job.grid.n_own_windows(index) if loaded else 0)
+    on_batch(skipped)
+    run = sum(len(b) for b in batches)
+    return window_sums(job, extent, image, batches, on_batch), (run, skipped)
 
 
-def finish_block(job: BlockJob, index: Triple, sums: np.ndarray, spills: Spills, sink: Sink) -> None:
-    """Add the predecessors' spills, store this block's spills, write sum / weight to the sink, drop used spills."""
+def finish_block(job: BlockJob, index: Triple, sums: np.ndarray, spills: Spills, sink: Sink,
+                 windows: tuple[int, int] | None = None) -> None:
+    """Add the predecessors' spills, store this block's spills, write sum / weight to the sink, drop used spills.
+
+    ``windows``: (run, skipped) of the block's own windows, told to a sink that has ``note_windows``."""
     grid = job.grid
     extent, block = grid.extent(index), grid.block_region(index)
     total = np.array(sums[relative(block, extent)], dtype=np.float32)
@@ -170,7 +233,9 @@ def finish_block(job: BlockJob, index: Triple, sums: np.ndarray, spills: Spills,
     for succ, part in grid.successors(index):
         spills.put((index, succ), sums[relative(part, extent)])
     total /= grid.weights(index, job.blend, job.sigma_scale)
-    region, crop = grid.output_region(index)
+    region, crop = job.output(index) or grid.output_region(index)
+    if windows is not None and hasattr(sink, "note_windows"):
+        sink.note_windows(index, *windows)
     sink.write_block(index, region, total[crop])
     for pred in preds:
         spills.drop((pred, index))
@@ -188,16 +253,17 @@ class Recompute:
 
 @dataclass
 class RunStats:
-    """What one :func:`run_blocks` call did: blocks written, own windows run, windows run again for other
-    processes' spills (and for how many of their blocks)."""
+    """What one :func:`run_blocks` call did: blocks written, own windows run and skipped (no scroll or outside the
+    ROI), windows run again for other processes' spills (and for how many of their blocks)."""
 
     blocks: int = 0
     windows: int = 0
     recomputed: int = 0
     recomputed_blocks: int = 0
+    skipped: int = 0
 
     def __iadd__(self, other: RunStats) -> RunStats:
-        for name in ("blocks", "windows", "recomputed", "recomputed_blocks"):
+        for name in ("blocks", "windows", "recomputed", "recomputed_blocks", "skipped"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         return self
 
@@ -233,38 +299,51 @@ def run_blocks(job: BlockJob, sink: Sink, spills: Spills, *, blocks: list[Triple
     for key in spills.keys():
         if key[1] in done:  # consumed, but the run stopped before dropping it
             spills.drop(key)
-    todo = [index for index in grid.blocks() if index not in done] if blocks is None else \
+    todo = [index for index in job.blocks() if index not in done] if blocks is None else \
         [index for index in sorted(blocks) if index not in done]
     tasks = schedule(grid, todo, done)
     logger.info("%d blocks of %s (%d windows of %s in the grid), %d to predict", len(grid.blocks()),
                 grid.block_size, grid.n_windows, grid.window, len(todo))
-    stats = RunStats(blocks=len(todo), windows=sum(grid.n_own_windows(i) for i in todo))
-    at_most = stats.windows + sum(_n_windows(grid, t) for t in tasks if isinstance(t, Recompute))
-    initial = grid.n_windows - stats.windows if blocks is None else 0
+    stats = RunStats(blocks=len(todo))
+    own = sum(grid.n_own_windows(i) for i in todo)
+    at_most = own + sum(_n_windows(grid, t) for t in tasks if isinstance(t, Recompute))
+    initial = sum(grid.n_own_windows(i) for i in job.blocks()) - own if blocks is None else 0
     bar = tqdm(total=initial + at_most, initial=initial, desc="windows", unit="win", leave=False,
                disable=not progress, dynamic_ncols=True)
 
-    def load(task: Triple | Recompute) -> np.ndarray | None:
+    def read(region: Region) -> tuple[np.ndarray | None, np.ndarray | None]:
+        content = job.content(region) if job.content is not None else None
+        return (job.read(region) if content is None or content.any() else None), content
+
+    def load(task: Triple | Recompute) -> tuple | None:
         if isinstance(task, Recompute):  # its owner may have stored the spills meanwhile
             missing = not all(spills.has((task.source, t)) for t in task.targets)
-            return job.read(grid.planes_region(task.source, task.planes)) if missing else None
-        return job.read(grid.extent(task)) if grid.n_own_windows(task) else None
+            return read(grid.planes_region(task.source, task.planes)) if missing else None
+        return read(grid.extent(task)) if grid.n_own_windows(task) else None
 
-    def compute(task: Triple | Recompute, image: np.ndarray | None) -> np.ndarray | None:
+    def compute(task: Triple | Recompute, loaded: tuple | None) -> tuple | np.ndarray | None:
         if not isinstance(task, Recompute):
-            return block_sums(job, task, image, bar.update)
-        if image is None:
+            sums, (run, skipped) = block_sums(job, task, loaded, bar.update)
+            stats.windows += run
+            stats.skipped += skipped
+            return sums, (run, skipped)
+        if loaded is None:
             return None
-        region = grid.planes_region(task.source, task.planes)
+        region, (image, content) = grid.planes_region(task.source, task.planes), loaded
         batches = [b for b in grid.window_batches(task.source, job.batch) if b[0][0] in task.planes]
+        batches, skipped = kept_batches(job, region, batches, content)
+        bar.update(skipped)
         stats.recomputed += sum(len(b) for b in batches)
         stats.recomputed_blocks += 1
+        if image is None or not batches:
+            return np.zeros(region_shape(region), dtype=np.float32)
         return window_sums(job, region, image, batches, bar.update)
 
-    def finish(task: Triple | Recompute, sums: np.ndarray | None) -> None:
+    def finish(task: Triple | Recompute, result: tuple | np.ndarray | None) -> None:
         if not isinstance(task, Recompute):
-            finish_block(job, task, sums, spills, sink)  # type: ignore[arg-type]
-        elif sums is not None:
+            finish_block(job, task, result[0], spills, sink, result[1])  # type: ignore[index]
+        elif result is not None:
+            sums = result
             region, parts = grid.planes_region(task.source, task.planes), dict(grid.successors(task.source))
             for target in task.targets:
                 spills.put((task.source, target), sums[relative(parts[target], region)])
@@ -277,6 +356,9 @@ def run_blocks(job: BlockJob, sink: Sink, spills: Spills, *, blocks: list[Triple
     wall = time.perf_counter() - start
     logger.info("%d windows in %.1f s; the network thread was busy %.1f s of it (%.0f%%)",
                 stats.windows + stats.recomputed, wall, busy, 100 * busy / max(wall, 1e-9))
+    if stats.skipped:
+        logger.info("windows of these blocks: %d run, %d skipped (no scroll in their input, or outside the ROI)",
+                    stats.windows, stats.skipped)
     if stats.recomputed:
         logger.info("%d of these windows recomputed the spills of %d blocks of other processes",
                     stats.recomputed, stats.recomputed_blocks)

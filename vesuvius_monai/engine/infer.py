@@ -23,10 +23,11 @@ from torch.func import functional_call
 
 from vesuvius_monai.config import Config, InferConfig
 from vesuvius_monai.data.readers import VolumeReader, sample_percentiles
-from vesuvius_monai.data.regions import Region, region_shape, relative, shift_region
+from vesuvius_monai.data.regions import Region, region_shape
 from vesuvius_monai.data.transforms import read_normalized
-from vesuvius_monai.engine.blockwise import ArraySink, BlockJob, MemorySpills, Predictor, Reader, run_blocks
+from vesuvius_monai.engine.blockwise import ArraySink, BlockJob, MemorySpills, Predictor, run_blocks
 from vesuvius_monai.engine.device import autocast, channels_last, channels_last_state
+from vesuvius_monai.engine.support import VolumeInput, support_mask
 from vesuvius_monai.engine.tta import tta_predict
 from vesuvius_monai.engine.windows import WindowGrid
 from vesuvius_monai.engine.zarr_output import checked_roi
@@ -75,38 +76,33 @@ def without_tta(cfg: Config) -> Config:
     return with_tta(cfg, [], False)
 
 
-def volume_reader(reader: VolumeReader, window: tuple[float, float], roi: Region, grid: WindowGrid) -> Reader:
-    """Region of the padded ROI (grid coordinates) -> normalised float32 input, zeros where MONAI pads."""
-    inside = tuple(slice(p, p + d) for p, d in zip(grid.pad_lo, grid.shape))
-    to_volume = tuple(r.start - p for r, p in zip(roi, grid.pad_lo))
-
-    def read(region: Region) -> np.ndarray:
-        part = tuple(slice(max(s.start, i.start), min(s.stop, i.stop)) for s, i in zip(region, inside))
-        data = read_normalized(reader, window, shift_region(part, to_volume))  # type: ignore[arg-type]
-        if part == region:
-            return data
-        padded = np.zeros(region_shape(region), dtype=np.float32)
-        padded[relative(part, region)] = data  # type: ignore[arg-type]
-        return padded
-
-    return read
-
-
 def window_grid(region: Region, icfg: InferConfig) -> WindowGrid:
     """The sliding-window grid of ``region`` with the ``infer`` window, overlap and block size."""
     return WindowGrid(region_shape(region), icfg.roi_size, icfg.overlap, icfg.block_size)
 
 
+def volume_grid(reader: VolumeReader, roi: Region, icfg: InferConfig) -> tuple[WindowGrid, list]:
+    """The window grid of the whole volume of ``reader`` and the blocks of it that write part of ``roi``."""
+    grid = window_grid(tuple(slice(0, d) for d in reader.shape), icfg)  # type: ignore[arg-type]
+    return grid, grid.blocks_touching(roi)
+
+
 def volume_job(reader: VolumeReader, cfg: Config, predictor: Predictor, device: torch.device,
                roi: Region | None = None) -> BlockJob:
-    """The engine's job of predicting ``reader`` (or its ``roi``, as a volume of its own) with ``predictor`` and
-    the ``infer`` settings, normalised with the volume's own percentile window (``transforms.percentiles``, sampled
-    over the whole volume: the same in every process). ``device``: where the predictor runs."""
-    region = checked_roi(reader, roi)
-    grid, icfg = window_grid(region, cfg.infer), cfg.infer
+    """The engine's job of predicting ``reader`` (or its ``roi``) with ``predictor`` and the ``infer`` settings,
+    normalised with the volume's own percentile window (``transforms.percentiles``, sampled over the whole volume:
+    the same in every process). ``device``: where the predictor runs.
+
+    The windows are those of the whole volume's grid: an ROI's prediction is the whole volume's restricted to it
+    (its edge windows read their context from outside the ROI). Empty space is skipped as ``infer`` says
+    (:mod:`vesuvius_monai.engine.support`)."""
+    region, icfg = checked_roi(reader, roi), cfg.infer
+    grid = volume_grid(reader, region, icfg)[0]
     window = sample_percentiles(reader, q=cfg.transforms.percentiles)
-    return BlockJob(grid, volume_reader(reader, window, region, grid), predictor, icfg.sw_batch_size, icfg.blend,
-                    icfg.sigma_scale, device)
+    source = VolumeInput(reader, window, grid, icfg.skip_background, support_mask(reader, icfg))
+    whole = region_shape(region) == grid.shape
+    return BlockJob(grid, source.read, predictor, icfg.sw_batch_size, icfg.blend, icfg.sigma_scale, device,
+                    roi=None if whole else region, content=source.content if source.skips else None)
 
 
 def infer_volume(model: nn.Module, reader: VolumeReader, cfg: Config, *, device: torch.device | None = None,
@@ -115,9 +111,10 @@ def infer_volume(model: nn.Module, reader: VolumeReader, cfg: Config, *, device:
 
     The volume is normalised with its own percentile window (``transforms.percentiles``, sampled over the whole
     volume), then predicted with the ``infer`` settings (window, overlap, blending, TTA, batch, block size, AMP
-    on CUDA). The ROI is predicted as a volume of its own. ``device``: where the model is (default: its
-    parameters' device). The model is in eval mode while it predicts, and back in its own mode after. A volume whose
-    prediction would not fit the host's available memory is refused (VesuviusError naming the file).
+    on CUDA). An ROI's prediction is the whole volume's restricted to it (:func:`volume_job`). ``device``: where
+    the model is (default: its parameters' device). The model is in eval mode while it predicts, and back in its
+    own mode after. A volume whose prediction would not fit the host's available memory is refused
+    (VesuviusError naming the file).
     """
     device = device or next(model.parameters()).device
     return _into_memory(evaluating(model, cfg.infer, device), reader, cfg, device, roi, progress)
@@ -135,8 +132,9 @@ def _into_memory(predicting: contextlib.AbstractContextManager, reader: VolumeRe
     """The block engine run into an in-memory array with the predictor that ``predicting`` yields."""
     with predicting as predictor:
         job = volume_job(reader, cfg, predictor, device, roi)
-        check_memory(4 * math.prod(job.grid.shape), f"{reader.path}: a float32 prediction of shape {job.grid.shape}")
-        sink = ArraySink(job.grid.shape)
+        shape = region_shape(job.output_roi())
+        check_memory(4 * math.prod(shape), f"{reader.path}: a float32 prediction of shape {shape}")
+        sink = ArraySink(shape)
         run_blocks(job, sink, MemorySpills(), progress=progress)
     return sink.array
 

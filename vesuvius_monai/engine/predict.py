@@ -39,7 +39,7 @@ from vesuvius_monai.engine.blockwise import RunStats, run_blocks
 from vesuvius_monai.engine.distributed import (DistContext, gather_results, init_distributed, make_wait_group,
                                                on_main, split_contiguous)
 from vesuvius_monai.engine.ensemble import Ensemble, as_ensemble, ensemble_volume
-from vesuvius_monai.engine.infer import volume_job, window_grid
+from vesuvius_monai.engine.infer import volume_grid, volume_job
 from vesuvius_monai.engine.networks import NetworkSource
 from vesuvius_monai.engine.remote_reads import log_fetched, plan_remote_reads
 from vesuvius_monai.engine.zarr_output import (check_output_store, checked_roi, export_nifti, open_work_store,
@@ -48,6 +48,7 @@ from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.checkpoint import Checkpoint
 from vesuvius_monai.io.nifti import PREDICTION_MARK, check_replaceable_nifti, is_nifti_path, write_nifti
 from vesuvius_monai.io.paths import check_parents, inside, safe_name
+from vesuvius_monai.io.pyramid import n_levels
 from vesuvius_monai.io.zarr_store import PredictionStore
 from vesuvius_monai.postprocess import postprocess
 from vesuvius_monai.postprocess.blockwise import check_mask_target, write_mask_zarr
@@ -236,13 +237,15 @@ def _predict_nifti(cfg: Config, ensemble: Ensemble, reader, region: Region, outp
 
 @dataclass(frozen=True)
 class OutputVolume:
-    """One Zarr output of a run: its input, final store, region, number of blocks and whether it is done."""
+    """One Zarr output of a run: its input, final store, region, number of blocks, whether it is done and its
+    number of OME-Zarr pyramid levels."""
 
     input: Path | RemoteAddress
     output: Path
     region: Region
     n_blocks: int
     complete: bool
+    levels: int = 1
 
 
 @dataclass(frozen=True)
@@ -274,7 +277,7 @@ def output_meta(reader: VolumeReader, region: Region, cfg: Config, run_info: dic
     """What a Zarr output's resumed run must share with the interrupted one (see ``run_meta``): the geometry, the
     ``infer`` settings, the normalisation and the network's ``run_info``."""
     extra = {"percentiles": list(cfg.transforms.percentiles), "infer": to_dict(cfg.infer), **run_info}
-    return run_meta(reader, region, window_grid(region, cfg.infer).block_size, cfg.infer.out_dtype, extra)
+    return run_meta(reader, region, volume_grid(reader, region, cfg.infer)[0].block_size, cfg.infer.out_dtype, extra)
 
 
 def prepare_outputs(cfg: Config, network: NetworkSource, targets: list[tuple[Path, Path]], roi: Region | None,
@@ -292,16 +295,16 @@ def prepare_outputs(cfg: Config, network: NetworkSource, targets: list[tuple[Pat
         opened.append((reader, region, meta, check_output_store(out, cfg.infer.out_dtype, meta, resume)))
     volumes, units, costs = [], [], []
     for v, ((input_path, out), (reader, region, meta, state)) in enumerate(zip(targets, opened)):
-        grid = window_grid(region, cfg.infer)
-        volumes.append(OutputVolume(as_location(input_path), Path(out), region, len(grid.blocks()),
-                                    state == "complete"))
+        grid, blocks = volume_grid(reader, region, cfg.infer)
+        volumes.append(OutputVolume(as_location(input_path), Path(out), region, len(blocks), state == "complete",
+                                    n_levels(region_shape(region), cfg.infer.pyramid_levels)))
         if state == "complete":
             log.info("%s: already complete, nothing to do", out)
             continue
         store = open_work_store(out, reader, region, grid.block_size, cfg.infer.out_dtype, meta, resume)
-        done = set(grid.blocks()) if store.meta.get("complete") else store.done_blocks()  # type: ignore[union-attr]
+        done = set(blocks) if store.meta.get("complete") else store.done_blocks()  # type: ignore[union-attr]
         planes: dict[int, list[Triple]] = {}  # the blocks not done yet, by z-plane, in the grid's order
-        for block in grid.blocks():
+        for block in blocks:
             if block not in done:
                 planes.setdefault(block[0], []).append(block)
         for z in sorted(planes):
@@ -361,16 +364,17 @@ def _run_share(network: NetworkSource, cfg: Config, work: Work, ctx: DistContext
                 log.info("%s -> %s: %d of its %d blocks in this process", volume.input, volume.output, len(blocks),
                          volume.n_blocks)
             reader = _open(volume.input, cfg)
-            grid = window_grid(volume.region, cfg.infer)
+            grid, touching = volume_grid(reader, volume.region, cfg.infer)
             done = store.done_blocks()
-            todo = [b for b in (sorted(blocks) if ctx.active else grid.blocks()) if b not in done]
-            plan_remote_reads(reader, grid, volume.region, todo, cfg.data.remote_cache_mb, cfg.data.remote_cache_dir)
-            job = volume_job(reader, cfg, predictor, device, volume.region)
+            todo = [b for b in (sorted(blocks) if ctx.active else touching) if b not in done]
+            whole = tuple(slice(0, n) for n in reader.shape)  # blocks read their context beyond an ROI
+            plan_remote_reads(reader, grid, whole, todo, cfg.data.remote_cache_mb, cfg.data.remote_cache_dir)
+            job = volume_job(reader, cfg, predictor, device, volume.region)  # (reads the percentile sample)
             stats += run_blocks(job, store, store.spills(), blocks=blocks if ctx.active else None,
                                 progress=ctx.is_main)
             log_fetched(reader)
             if not ctx.active:  # one process: publish each volume when done (under torchrun: after every rank is)
-                publish_store(store, volume.output, blocks=volume.n_blocks)
+                _finish_store(store, volume)
     return stats
 
 
@@ -385,10 +389,22 @@ def _log_shares(results: list[RunStats]) -> None:
              len(results), sum(s.blocks for s in results), windows, recomputed, 100 * recomputed / max(windows, 1))
 
 
+def _finish_store(store: PredictionStore, volume: OutputVolume) -> None:
+    """Build the pyramid of a store whose blocks are all written (in this process, once), log the windows it ran
+    and skipped, and publish it."""
+    if len(store.done_blocks()) == volume.n_blocks or store.meta.get("complete"):
+        store.build_pyramid(volume.levels, progress=True)
+    counts = store.window_counts()
+    if counts and counts["skipped"]:
+        log.info("%s: %d windows run, %d skipped (empty space or outside the ROI)", volume.output, counts["run"],
+                 counts["skipped"])
+    publish_store(store, volume.output, blocks=volume.n_blocks)
+
+
 def _publish(work: Work, nifti_output: str | Path | None) -> None:
     """Publish every store of ``work`` (once, after every process has finished), then the optional NIfTI export."""
     for volume in work.volumes:
         if not volume.complete and work_path(volume.output).exists():  # (one process published it already)
-            publish_store(PredictionStore.open(work_path(volume.output)), volume.output, blocks=volume.n_blocks)
+            _finish_store(PredictionStore.open(work_path(volume.output)), volume)
     if nifti_output:
         export_nifti(work.volumes[0].output, nifti_output)

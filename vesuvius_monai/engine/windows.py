@@ -140,6 +140,14 @@ class WindowGrid:
         """Every block index, in C order (the processing order: predecessors come first), made on demand."""
         return BlockIndices(self.counts)
 
+    def blocks_touching(self, region: Region) -> list[Triple]:
+        """The blocks that write part of ``region`` (volume coordinates), in C order."""
+        spans = []
+        for a, s in zip(self.axes, region):
+            lo, hi = s.start + a.pad_lo, s.stop + a.pad_lo
+            spans.append(range(lo // a.block, min(a.n_blocks, -(-hi // a.block))))
+        return [(z, y, x) for z in spans[0] for y in spans[1] for x in spans[2]]
+
     def block_region(self, index: Triple) -> Region:
         """The block (padded coordinates)."""
         return tuple(slice(*a.block_span(j)) for a, j in zip(self.axes, index))  # type: ignore[return-value]

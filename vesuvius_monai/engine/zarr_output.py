@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -158,8 +159,16 @@ def _work_store(work: Path, reader: VolumeReader, roi: Region, block: Triple, dt
             logger.info("%s: resuming, %d blocks already done", work, len(store.done_blocks()))
             return store
         shutil.rmtree(work)
-    return PredictionStore.create(work, region_shape(roi), block_size=block, dtype=dtype,
+    return PredictionStore.create(work, region_shape(roi), block_size=roi_chunks(block, roi), dtype=dtype,
                                   affine=roi_affine(reader.affine, roi), meta=meta)
+
+
+def roi_chunks(block: Triple, roi: Region) -> Triple:
+    """The chunks of an output of ``roi`` written in blocks of ``block`` (volume grid): the blocks, but along z a
+    divisor of the ROI's offset into its first block, so that no chunk straddles two z-planes of blocks (processes
+    under torchrun share an output by z-planes of blocks; each chunk keeps one writer)."""
+    z = block[0] if roi[0].start % block[0] == 0 else math.gcd(block[0], roi[0].start % block[0])
+    return (z, block[1], block[2])
 
 
 def export_nifti(zarr_path: str | os.PathLike, nifti_path: str | os.PathLike, affine: np.ndarray | None = None, *,

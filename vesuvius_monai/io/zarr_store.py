@@ -4,7 +4,9 @@ Layout (zarr v2 format, OME-Zarr 0.4 style so viewers and :func:`open_volume` re
 
     out.zarr/.zgroup, .zattrs      multiscales (axes z, y, x; scale = spacing) + "vesuvius_prediction" metadata
     out.zarr/0/                    the (z, y, x) array, chunks = prediction blocks
-    out.zarr/.blocks_done/z.y.x    empty marker per finished block, created only after its data are written
+    out.zarr/1/, 2/, ...           the pyramid (io/pyramid.py), built once level 0 is complete
+    out.zarr/.blocks_done/z.y.x    marker per finished block, created only after its data are written; holds the
+                                   block's windows "run skipped" (summed into the metadata when complete)
     out.zarr/.spills/a.b.c-z.y.x.npy   partial sums block a.b.c left for block z.y.x (float32, atomic files)
 
 Several processes (torchrun ranks, possibly on several nodes over a shared file system) may fill one store at the
@@ -29,6 +31,7 @@ import zarr
 from vesuvius_monai.errors import VesuviusError, disk_errors
 from vesuvius_monai.io.atomic import atomic_path
 from vesuvius_monai.io.nifti import affine_to_spacing, spacing_to_affine
+from vesuvius_monai.io.pyramid import DONE_DIR, build_levels, multiscales
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +79,7 @@ class PredictionStore:
     def __init__(self, path: Path, group: zarr.Group) -> None:
         self.path = Path(path)
         self.group = group
+        self._windows: dict[BlockIndex, tuple[int, int]] = {}  # note_windows, until the block's marker is written
         try:
             self.array: zarr.Array = group[ARRAY_NAME]  # indexing, not listing: the marker folder is no zarr node
         except KeyError:
@@ -154,15 +158,44 @@ class PredictionStore:
 
     def write_block(self, index: BlockIndex, region: tuple[slice, slice, slice], probs: np.ndarray) -> None:
         """Write float probabilities (shape of ``region``) into ``region``, then mark block ``index`` done."""
+        windows = self._windows.pop(tuple(index), None)  # type: ignore[arg-type]
         with disk_errors(self.path):
             self.array[region] = encode_probabilities(probs, str(self.array.dtype))
-            self._marker(index).touch()
+            self._marker(index).write_text("" if windows is None else f"{windows[0]} {windows[1]}")
+
+    def note_windows(self, index: BlockIndex, run: int, skipped: int) -> None:
+        """Record with block ``index``'s marker how many of its windows were run and skipped (empty space)."""
+        self._windows[tuple(index)] = (int(run), int(skipped))  # type: ignore[index]
+
+    def window_counts(self) -> dict[str, int] | None:
+        """Windows run and skipped over the done blocks (None when a marker holds no counts)."""
+        folder, run, skipped = self.path / MARKER_DIR, 0, 0
+        for marker in folder.iterdir() if folder.is_dir() else []:
+            text = marker.read_text().split()
+            if len(text) != 2:
+                return None
+            run, skipped = run + int(text[0]), skipped + int(text[1])
+        return {"run": run, "skipped": skipped}
+
+    def build_pyramid(self, levels: int, method: str = "mean", progress: bool = False) -> None:
+        """Levels ``1 .. levels - 1`` of the OME-Zarr pyramid from the complete level 0 (resumes a build that
+        stopped; ``method`` "mean" for probabilities, "max" for masks), and the ``multiscales`` metadata of all."""
+        dtype = str(self.array.dtype)
+        decode, encode = (decode_probabilities, lambda p: encode_probabilities(p, dtype)) if method == "mean" \
+            else (lambda a: a, lambda a: a)
+        with disk_errors(self.path):
+            build_levels(self.group, self.path, levels, method, decode, encode, progress)
+            matrix = self.affine
+            self.group.attrs["multiscales"] = multiscales(affine_to_spacing(matrix), tuple(matrix[2::-1, 3]),
+                                                          levels, "probabilities" if method == "mean" else "mask")
 
     def mark_complete(self) -> None:
         """Record that every block is written and drop the markers (the store is then final)."""
+        counts = None if self.meta.get("complete") else self.window_counts()
         with disk_errors(self.path):
-            self.group.attrs[META_KEY] = {**self.meta, "complete": True}
+            self.group.attrs[META_KEY] = {**self.meta, "complete": True, **({"windows": counts} if counts else {})}
         shutil.rmtree(self.path / MARKER_DIR, ignore_errors=True)
+        shutil.rmtree(self.path / DONE_DIR, ignore_errors=True)
         shutil.rmtree(self.path / SPILL_DIR, ignore_errors=True)
 
     def spills(self) -> SpillFolder:
