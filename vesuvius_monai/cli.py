@@ -32,10 +32,27 @@ def _checkpoint_and_config(args: argparse.Namespace):
     the user's config file and overrides leave out."""
     from vesuvius_monai.engine.tune import tuned_layer
     from vesuvius_monai.io.checkpoint import Checkpoint
+    from vesuvius_monai.models.nnunet import is_nnunet_folder
 
+    if is_nnunet_folder(args.checkpoint):
+        return _nnunet_and_config(args)
+    if args.folds:
+        raise VesuviusError(f"--folds goes with an nnU-Net model folder; {args.checkpoint} is not one")
     checkpoint = Checkpoint.load(args.checkpoint)
     base = mapping_layer(str(checkpoint.path), checkpoint.config) if args.config is None else None
     return checkpoint, _config(args, base=base, fills=[tuned_layer(checkpoint)])
+
+
+def _nnunet_and_config(args: argparse.Namespace):
+    """An nnU-Net v2 model folder as ``--checkpoint`` (its ``--folds``) and the run config: the plan's inference
+    settings fill the ``infer`` keys the user leaves out."""
+    from vesuvius_monai.engine.nnunet_network import nnunet_network
+
+    if args.command not in ("predict",):
+        raise VesuviusError(f"{args.command} does not take an nnU-Net model folder yet ({args.checkpoint}); "
+                            f"predict does")
+    network = nnunet_network(args.checkpoint, args.folds, args.nnunet_checkpoint)
+    return network, _config(args, fills=[mapping_layer(f"the plan of {args.checkpoint}", network.config_layer())])
 
 
 SYNTH_KIND = "synthetic data"
@@ -128,7 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, aliases=list(aliases))
         p.add_argument("--config", type=Path, help="YAML config (default: built-in defaults, or the checkpoint's)")
         if checkpoint:
-            p.add_argument("--checkpoint", type=Path, required=True, help="a .pt written by train")
+            p.add_argument("--checkpoint", type=Path, required=True,
+                           help="a .pt written by train, or an nnU-Net v2 trained-model folder (predict)")
+            p.add_argument("--folds", nargs="+", help="with an nnU-Net folder: the folds to average (default: all "
+                           "fold_* present)")
+            p.add_argument("--nnunet-checkpoint", default="checkpoint_final.pth",
+                           help="with an nnU-Net folder: the file of each fold (default: checkpoint_final.pth)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=50")
         p.set_defaults(func=func)
         return p

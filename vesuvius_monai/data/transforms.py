@@ -35,11 +35,16 @@ def normalize(image: np.ndarray, window: tuple[float, float]) -> np.ndarray:
 
 def read_normalized(reader: VolumeReader, window: tuple[float, float], region: Region | None = None) -> np.ndarray:
     """Read a region (default: all) of a volume as float32 (Z, Y, X), check it is finite, normalise it."""
+    return normalize(read_finite(reader, region), window)
+
+
+def read_finite(reader: VolumeReader, region: Region | None = None) -> np.ndarray:
+    """Read a region (default: all) of a volume as float32 (Z, Y, X), checked finite (VesuviusError naming it)."""
     image = reader.read(region).astype(np.float32)
     if not np.isfinite(image).all():
         where = f" in region {format_region(region)}" if region is not None else ""
         raise VesuviusError(f"image {reader.path} holds NaN or inf values{where}")
-    return normalize(image, window)
+    return image
 
 
 def train_augmentations(cfg: TransformConfig) -> Compose:

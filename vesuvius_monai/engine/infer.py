@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from torch.func import functional_call
 from vesuvius_monai.config import Config, InferConfig
 from vesuvius_monai.data.readers import VolumeReader, sample_percentiles
 from vesuvius_monai.data.regions import Region, region_shape, relative, shift_region
-from vesuvius_monai.data.transforms import read_normalized
+from vesuvius_monai.data.transforms import normalize, read_finite
 from vesuvius_monai.engine.blockwise import ArraySink, BlockJob, MemorySpills, Predictor, Reader, run_blocks
 from vesuvius_monai.engine.device import autocast, channels_last, channels_last_state
 from vesuvius_monai.engine.tta import tta_predict
@@ -75,14 +75,30 @@ def without_tta(cfg: Config) -> Config:
     return with_tta(cfg, [], False)
 
 
-def volume_reader(reader: VolumeReader, window: tuple[float, float], roi: Region, grid: WindowGrid) -> Reader:
+Normalize = Callable[[np.ndarray], np.ndarray]  # raw float32 (z, y, x) -> the network's input, pointwise
+
+
+def percentile_normalizer(reader: VolumeReader, cfg: Config) -> Normalize:
+    """The project's normalisation: the volume's own percentile window (``transforms.percentiles``, sampled over
+    the whole volume: the same in every process) mapped to [0, 1]."""
+    window = sample_percentiles(reader, q=cfg.transforms.percentiles)
+    return lambda image: normalize(image, window)
+
+
+def source_normalizer(source: object, reader: VolumeReader, cfg: Config) -> Normalize:
+    """How ``source`` (a network source) wants ``reader`` normalised: its ``normalizer(reader, cfg)`` if it has
+    one (an nnU-Net model: its plan's scheme), else :func:`percentile_normalizer`."""
+    return getattr(source, "normalizer", percentile_normalizer)(reader, cfg)
+
+
+def volume_reader(reader: VolumeReader, norm: Normalize, roi: Region, grid: WindowGrid) -> Reader:
     """Region of the padded ROI (grid coordinates) -> normalised float32 input, zeros where MONAI pads."""
     inside = tuple(slice(p, p + d) for p, d in zip(grid.pad_lo, grid.shape))
     to_volume = tuple(r.start - p for r, p in zip(roi, grid.pad_lo))
 
     def read(region: Region) -> np.ndarray:
         part = tuple(slice(max(s.start, i.start), min(s.stop, i.stop)) for s, i in zip(region, inside))
-        data = read_normalized(reader, window, shift_region(part, to_volume))  # type: ignore[arg-type]
+        data = norm(read_finite(reader, shift_region(part, to_volume)))  # type: ignore[arg-type]
         if part == region:
             return data
         padded = np.zeros(region_shape(region), dtype=np.float32)
@@ -98,14 +114,14 @@ def window_grid(region: Region, icfg: InferConfig) -> WindowGrid:
 
 
 def volume_job(reader: VolumeReader, cfg: Config, predictor: Predictor, device: torch.device,
-               roi: Region | None = None) -> BlockJob:
+               roi: Region | None = None, norm: Normalize | None = None) -> BlockJob:
     """The engine's job of predicting ``reader`` (or its ``roi``, as a volume of its own) with ``predictor`` and
-    the ``infer`` settings, normalised with the volume's own percentile window (``transforms.percentiles``, sampled
-    over the whole volume: the same in every process). ``device``: where the predictor runs."""
+    the ``infer`` settings, normalised by ``norm`` (default :func:`percentile_normalizer`). ``device``: where the
+    predictor runs."""
     region = checked_roi(reader, roi)
     grid, icfg = window_grid(region, cfg.infer), cfg.infer
-    window = sample_percentiles(reader, q=cfg.transforms.percentiles)
-    return BlockJob(grid, volume_reader(reader, window, region, grid), predictor, icfg.sw_batch_size, icfg.blend,
+    norm = norm or percentile_normalizer(reader, cfg)
+    return BlockJob(grid, volume_reader(reader, norm, region, grid), predictor, icfg.sw_batch_size, icfg.blend,
                     icfg.sigma_scale, device)
 
 
@@ -121,13 +137,18 @@ def infer_volume(model: nn.Module, reader: VolumeReader, cfg: Config, *, device:
     """
     device = device or next(model.parameters()).device
     with evaluating(model, cfg.infer, device) as predictor:
-        job = volume_job(reader, cfg, predictor, device, roi)
-        check_memory(4 * math.prod(job.grid.shape), f"{reader.path}: a float32 prediction of shape {job.grid.shape}")
-        sink = ArraySink(job.grid.shape)
-        run_blocks(job, sink, MemorySpills(), progress=progress)
+        return predict_in_memory(volume_job(reader, cfg, predictor, device, roi), reader, progress)
+
+
+def predict_in_memory(job: BlockJob, reader: VolumeReader, progress: bool = False) -> np.ndarray:
+    """Run ``job`` into memory: float32 (z, y, x) of its grid's shape; refused (VesuviusError naming the file) when
+    it would not fit the host's available memory."""
+    check_memory(4 * math.prod(job.grid.shape), f"{reader.path}: a float32 prediction of shape {job.grid.shape}")
+    sink = ArraySink(job.grid.shape)
+    run_blocks(job, sink, MemorySpills(), progress=progress)
     return sink.array
 
 
 def load_normalized(reader: VolumeReader, percentiles: tuple[float, float]) -> np.ndarray:
     """A whole volume as inference sees it (read, checked finite, normalised): float32 (z, y, x), for figures."""
-    return read_normalized(reader, sample_percentiles(reader, q=percentiles))
+    return normalize(read_finite(reader), sample_percentiles(reader, q=percentiles))

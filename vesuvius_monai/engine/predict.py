@@ -37,7 +37,7 @@ from vesuvius_monai.data.regions import Triple
 from vesuvius_monai.engine.blockwise import RunStats, run_blocks
 from vesuvius_monai.engine.distributed import (DistContext, gather_results, init_distributed, make_wait_group,
                                                on_main, split_contiguous)
-from vesuvius_monai.engine.infer import infer_volume, volume_job, window_grid
+from vesuvius_monai.engine.infer import predict_in_memory, source_normalizer, volume_job, window_grid
 from vesuvius_monai.engine.networks import CheckpointNetwork, NetworkSource
 from vesuvius_monai.engine.zarr_output import (check_output_store, checked_roi, export_nifti, open_work_store,
                                                output_lock, publish_store, roi_affine, run_meta, work_path)
@@ -144,18 +144,21 @@ def folder_targets(inputs: Sequence[Path], output: Path) -> list[tuple[Path, Pat
     return targets
 
 
-def predict(cfg: Config, checkpoint: str | Path | Checkpoint, input_path: str | Path | Sequence[str | Path],
+def predict(cfg: Config, checkpoint: str | Path | Checkpoint | NetworkSource,
+            input_path: str | Path | Sequence[str | Path],
             output: str | Path, *, mask_output: str | Path | None = None, nifti_output: str | Path | None = None,
             roi: Region | None = None) -> Path:
     """Write the probability map of ``input_path`` (optionally within ``roi``) to ``output``; returns ``output``.
 
-    ``checkpoint``: read once by the caller (a path is read here). ``input_path``: one volume, or several volumes and
+    ``checkpoint``: read once by the caller (a path is read here), or a network source (an nnU-Net model, see
+    :mod:`vesuvius_monai.engine.nnunet_network`). ``input_path``: one volume, or several volumes and
     folders of volumes with a folder ``output`` (one ``<id>.zarr`` each, see :func:`folder_targets`; ``roi``
     applies to each). A ``.zarr`` output is predicted block by block and resumes an interrupted run (under torchrun
     the ranks share the blocks); ``nifti_output`` then also exports it as NIfTI (when it fits in memory).
     """
-    ckpt = as_checkpoint(checkpoint)
-    ckpt.check_window(cfg.infer)
+    network = checkpoint if hasattr(checkpoint, "predictor") else CheckpointNetwork(as_checkpoint(checkpoint))
+    if hasattr(network, "check_window"):
+        network.check_window(cfg.infer)
     inputs = [Path(p) for p in ([input_path] if isinstance(input_path, (str, Path)) else input_path)]
     output = Path(output)
     for flag, path in (("--output", output), ("--mask", mask_output), ("--nifti", nifti_output)):
@@ -165,7 +168,7 @@ def predict(cfg: Config, checkpoint: str | Path | Checkpoint, input_path: str | 
         if mask_output or nifti_output:
             raise VesuviusError("--mask and --nifti go with one volume; a folder --output holds one <id>.zarr per "
                                 "input volume")
-        predict_zarr(cfg, CheckpointNetwork(ckpt), folder_targets(inputs, output), roi)
+        predict_zarr(cfg, network, folder_targets(inputs, output), roi)
         return output
     if len(inputs) != 1:
         raise VesuviusError(f"{len(inputs)} --input volumes need a folder --output (a name without suffix, one "
@@ -182,19 +185,21 @@ def predict(cfg: Config, checkpoint: str | Path | Checkpoint, input_path: str | 
         if path is not None and is_nifti_path(Path(path)):
             check_replaceable_nifti(path, flag)
     if output.suffix == ".zarr":
-        predict_zarr(cfg, CheckpointNetwork(ckpt), [(input_path, output)], roi, nifti_output=nifti_output)
+        predict_zarr(cfg, network, [(input_path, output)], roi, nifti_output=nifti_output)
         return output
     ctx, device = init_distributed(cfg.infer.device)
     if ctx.active:
         raise VesuviusError(f"--output {output}: a NIfTI output is predicted in memory by one process and cannot be "
                             f"shared by the {ctx.world_size} processes of torchrun; write a .zarr --output (the "
                             f"processes share its blocks, and --nifti exports it), or run without torchrun")
-    return _predict_nifti(cfg, ckpt, reader, region, output, mask_output, device)
+    return _predict_nifti(cfg, network, reader, region, output, mask_output, device)
 
 
-def _predict_nifti(cfg: Config, ckpt: Checkpoint, reader, region: Region, output: Path,
+def _predict_nifti(cfg: Config, network: NetworkSource, reader, region: Region, output: Path,
                    mask_output: str | Path | None, device) -> Path:
-    probs = infer_volume(ckpt.model(device), reader, cfg, roi=region, progress=True)
+    with network.predictor(cfg.infer, device) as predictor:
+        job = volume_job(reader, cfg, predictor, device, region, source_normalizer(network, reader, cfg))
+        probs = predict_in_memory(job, reader, progress=True)
     affine = roi_affine(reader.affine, region)
     write_nifti(output, probs, affine=affine, description=PREDICTION_MARK)
     if mask_output:
@@ -260,6 +265,8 @@ def prepare_outputs(cfg: Config, network: NetworkSource, targets: list[tuple[Pat
     opened, run_info = [], network.run_info()
     for input_path, out in targets:
         reader = _open(input_path, cfg)
+        if hasattr(network, "check_volume"):  # e.g. an nnU-Net model refuses a volume at another spacing
+            network.check_volume(reader)
         region = checked_roi(reader, roi)
         meta = output_meta(reader, region, cfg, run_info)
         opened.append((reader, region, meta, check_output_store(out, cfg.infer.out_dtype, meta, resume)))
@@ -332,7 +339,8 @@ def _run_share(network: NetworkSource, cfg: Config, work: Work, ctx: DistContext
             if len(work.volumes) > 1 or ctx.active:
                 log.info("%s -> %s: %d of its %d blocks in this process", volume.input, volume.output, len(blocks),
                          volume.n_blocks)
-            job = volume_job(_open(volume.input, cfg), cfg, predictor, device, volume.region)
+            reader = _open(volume.input, cfg)
+            job = volume_job(reader, cfg, predictor, device, volume.region, source_normalizer(network, reader, cfg))
             stats += run_blocks(job, store, store.spills(), blocks=blocks if ctx.active else None,
                                 progress=ctx.is_main)
             if not ctx.active:  # one process: publish each volume when done (under torchrun: after every rank is)
