@@ -3,6 +3,10 @@ normalisation, mirroring, softmax) through the project's engine, whole (NIfTI) a
 
 import itertools
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -190,3 +194,24 @@ def test_window_must_fit_the_network(model, tmp_path):
     network = nnunet_network(model[0], ["0"])
     with pytest.raises(VesuviusError, match=r"infer.roi_size \(18, 16, 16\) must be a multiple of \(4, 4, 4\)"):
         predict(_cfg(network, "infer.roi_size=[18,16,16]"), network, tmp_path / "x.nii.gz", tmp_path / "o.nii.gz")
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_share_the_blocks(model, tmp_path):
+    """2 gloo processes share the blocks of one Zarr output of an nnU-Net fold: the result is the independent
+    computation's."""
+    folder, nets = model
+    image = np.random.default_rng(3).uniform(0, 255, (40, 23, 30))
+    source = _nifti(tmp_path / "in.nii.gz", image)
+    args = ["predict", "--checkpoint", str(folder), "--folds", "0", "--input", str(source), "--output",
+            str(tmp_path / "out.zarr"), "infer.block_size=[16,16,16]", "infer.out_dtype=float32", "infer.device=cpu"]
+    script = tmp_path / "script.py"
+    script.write_text(f"import sys\nfrom vesuvius_monai.cli import main\nsys.exit(main({args!r}))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 processes:" in done.stderr
+    np.testing.assert_allclose(open_volume(tmp_path / "out.zarr").read(), expected([nets[0]], image, ct),
+                               rtol=0, atol=2e-5)
