@@ -215,3 +215,12 @@ def test_torchrun_two_ranks_share_the_blocks(model, tmp_path):
     assert "2 processes:" in done.stderr
     np.testing.assert_allclose(open_volume(tmp_path / "out.zarr").read(), expected([nets[0]], image, ct),
                                rtol=0, atol=2e-5)
+
+
+def test_the_bench_model_folder_is_read(tmp_path, monkeypatch):
+    """bench/bench_nnunet_predict.py's model folder (nnU-Net's layout, for nnUNetPredictor) is read here too."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "bench"))
+    import bench_nnunet_predict
+
+    network = nnunet_network(bench_nnunet_predict.write_model(tmp_path, "tiny"))
+    assert network.folder.patch_size == (32, 32, 32) and network.folds[0].mirror_axes == (0, 1, 2)
