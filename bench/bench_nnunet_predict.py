@@ -16,7 +16,10 @@ Each side runs in its own process (peak host RSS from ``getrusage``, peak GPU me
 absolute difference). The window grids coincide when (n - patch) is a multiple of patch / 2 (as for 320 and 512 with
 the default plan's 128). Known differences: nnU-Net blends logits and softmaxes once, this engine blends each
 window's probabilities; nnU-Net's Gaussian is centred on voxel patch // 2 and never clamped, MONAI's on
-(patch - 1) / 2 with weights below 1e-3 of its peak raised to 1e-3.
+(patch - 1) / 2 with weights below 1e-3 of its peak raised to 1e-3; nnU-Net sums the weighted logits and the weights
+in float16, which near the volume's edges and corners (where only a window's tails reach, weights ~1e-7 of the peak)
+leaves a few bits of precision (``--nnunet-fp32`` sums in float32 instead, to tell the causes apart). The
+difference is printed over the whole volume and beyond a quarter patch of its faces.
 
 Usage::
 
@@ -28,6 +31,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -133,10 +137,27 @@ def worker_nnunet(args: argparse.Namespace) -> dict:
                                                    checkpoint_name="checkpoint_final.pth")
     image = np.load(args.volume).astype(np.float32)[None]
     start = time.perf_counter()
-    _, probs = predictor.predict_single_npy_array(image, {"spacing": [1.0, 1.0, 1.0]}, None, None, True)
+    with float32_sums() if args.nnunet_fp32 else contextlib.nullcontext():
+        _, probs = predictor.predict_single_npy_array(image, {"spacing": [1.0, 1.0, 1.0]}, None, None, True)
     seconds = time.perf_counter() - start
     np.save(args.result, np.asarray(probs[1], dtype=np.float32))
     return {"seconds": seconds, **peak()}
+
+
+@contextlib.contextmanager
+def float32_sums():
+    """nnU-Net's sliding window with its sums and Gaussian in float32 instead of float16 (a diagnostic: its code
+    names ``torch.half`` when it allocates the sums, and its Gaussian's dtype defaults to float16)."""
+    import torch
+    from nnunetv2.inference import predict_from_raw_data as module
+
+    half, gaussian = torch.half, module.compute_gaussian
+    torch.half = torch.float32
+    module.compute_gaussian = lambda *a, **k: gaussian(*a, **{**k, "dtype": torch.float32})
+    try:
+        yield
+    finally:
+        torch.half, module.compute_gaussian = half, gaussian
 
 
 def worker_project(args: argparse.Namespace) -> dict:
@@ -155,7 +176,8 @@ def worker_project(args: argparse.Namespace) -> dict:
 
 def run_side(python: str, side: str, args: argparse.Namespace, volume: Path, result: Path) -> dict:
     command = [python, __file__, "--worker", side, "--model", str(args.model), "--volume", str(volume),
-               "--result", str(result), "--device", args.device] + (["--no-mirroring"] if args.no_mirroring else [])
+               "--result", str(result), "--device", args.device] + (["--no-mirroring"] if args.no_mirroring else []) \
+        + (["--nnunet-fp32"] if args.nnunet_fp32 else [])
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
@@ -177,13 +199,17 @@ def run(args: argparse.Namespace) -> None:
         theirs = run_side(args.python, "nnunet", args, volume, out / f"nnunet_{n}.npy")
         ours = run_side(sys.executable, "project", args, volume, out / f"project_{n}.zarr")
         diff = np.abs(open_volume(out / f"project_{n}.zarr").read() - np.load(out / f"nnunet_{n}.npy"))
+        m = PLANS[args.plan]["patch"][0] // 4
+        inner = diff[m:n - m, m:n - m, m:n - m]
         rows.append({"size": n, "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
-                     "nnunet": theirs, "project": ours})
-        print(f"{n}^3: max |p_project - p_nnunet| = {diff.max():.2e} (mean {diff.mean():.2e}); "
+                     "inner_margin": m, "inner_max_abs_diff": float(inner.max()), "nnunet": theirs, "project": ours})
+        print(f"{n}^3: max |p_project - p_nnunet| = {diff.max():.2e} (mean {diff.mean():.2e}; "
+              f"{inner.max():.2e} beyond {m} voxels of the faces); "
               f"nnUNetPredictor {theirs['seconds']:.1f} s, host {theirs['host_gib']:.2f} GiB, "
               f"GPU {theirs['gpu_gib']:.2f} GiB; vesuvius-monai {ours['seconds']:.1f} s, "
               f"host {ours['host_gib']:.2f} GiB, GPU {ours['gpu_gib']:.2f} GiB", flush=True)
     (out / "results.json").write_text(json.dumps({"plan": args.plan, "device": args.device,
+                                                  "nnunet_fp32": args.nnunet_fp32,
                                                   "mirroring": not args.no_mirroring, "rows": rows}, indent=2))
 
 
@@ -193,6 +219,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--plan", choices=sorted(PLANS), default="default")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--no-mirroring", action="store_true")
+    parser.add_argument("--nnunet-fp32", action="store_true",
+                        help="nnU-Net's sums and Gaussian in float32, not its float16 (diagnostic)")
     parser.add_argument("--python", default=".venv-nnunet/bin/python", help="the nnU-Net environment's python")
     parser.add_argument("--out-dir", default="runs/nnunet_predict")
     parser.add_argument("--worker", choices=["nnunet", "project"], help=argparse.SUPPRESS)
