@@ -5,8 +5,8 @@
 one process or a rank's share of the blocks under torchrun) builds the same :func:`volume_job` and runs it into a
 resumable store. Both run MONAI's sliding-window grid block by block (see :mod:`vesuvius_monai.engine.blockwise`):
 every window computed once, the output equal to MONAI's ``sliding_window_inference`` of the whole normalised
-volume. Probabilities are blended (not logits), as nnU-Net does. Arrays are (z, y, x); the network sees
-(B, 1, z, y, x). AMP is used on CUDA only.
+volume. Probabilities are blended (not logits), as nnU-Net v1 did (v2 blends logits). Arrays are (z, y, x); the
+network sees (B, 1, z, y, x). AMP is used on CUDA only.
 """
 
 from __future__ import annotations

@@ -104,7 +104,8 @@ def nnunet_sources(folder: str | Path, folds: Sequence[str] | None = None,
 
 def volume_statistics(reader: VolumeReader, max_voxels: int = STATS_VOXELS) -> dict:
     """Mean, std, min and max of a volume (float64), from at most ``max_voxels`` voxels spread over it (exact when
-    the volume is smaller)."""
+    the volume is smaller). nnU-Net computes them after cropping the image to its nonzero bounding box: the same
+    for a volume without all-zero border slabs."""
     sample = np.concatenate([reader.read(r).ravel() for r in sample_regions(reader.shape, max_voxels)])
     sample = sample.astype(np.float64)
     if not np.isfinite(sample).all():
