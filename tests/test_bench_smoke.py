@@ -89,6 +89,8 @@ def tiny_runs(tmp: Path) -> dict[str, tuple[list[list[str]], list[str]]]:
                                    str(tmp / "model_speed.json")]],
                                  ["setting", "infer Mvox/s", "train off s/step", "train on s/step", "off/on", "steps"]),
         "bench_metrics.py": ([["--size", "32", "--out", str(tmp / "metrics.json")]], ["metric", "seconds", "value"]),
+        "bench_remote.py": ([["--size", "48", "--chunk", "16", "--window", "16", "--block", "16"]],
+                            ["fetched MiB", "requests", "fetched/needed", "equal"]),
     }
 
 

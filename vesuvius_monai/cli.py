@@ -27,32 +27,57 @@ def _config(args: argparse.Namespace, *, base: Layer | None = None, fills: list[
 
 
 def _checkpoint_and_config(args: argparse.Namespace):
-    """The ``--checkpoint`` (read once) and the run config: without ``--config``, the checkpoint's own config is the
-    base; the post-processing that ``tune-postprocess`` chose for the checkpoint's run fills the ``postprocess`` keys
-    the user's config file and overrides leave out."""
-    from vesuvius_monai.engine.tune import tuned_layer
+    """The ensemble of the ``--checkpoint`` s (each read once; one checkpoint: an ensemble of one) with their
+    ``--weights``, and the run config: without ``--config``, the first checkpoint's own config is the base; the
+    post-processing of ``--postprocess FILE``, or else the one ``tune-postprocess`` chose for a single checkpoint's
+    run, fills the ``postprocess`` keys the user's config file and overrides leave out. Each member predicts with its
+    own checkpoint's window and TTA unless the user sets them (:func:`~vesuvius_monai.engine.ensemble.member_config`).
+    """
+    from vesuvius_monai.engine.ensemble import checkpoint_ensemble, normalized_weights
+    from vesuvius_monai.engine.tune import choice_layer, read_choice, tuned_layer
     from vesuvius_monai.io.checkpoint import Checkpoint
     from vesuvius_monai.models.nnunet import is_nnunet_folder
 
-    if is_nnunet_folder(args.checkpoint):
-        return _nnunet_and_config(args)
+    normalized_weights(args.weights, len(args.checkpoint))  # a wrong --weights fails before anything is read
+    if any(is_nnunet_folder(path) for path in args.checkpoint):
+        return _with_nnunet(args)
     if args.folds:
-        raise VesuviusError(f"--folds goes with an nnU-Net model folder; {args.checkpoint} is not one")
-    checkpoint = Checkpoint.load(args.checkpoint)
-    base = mapping_layer(str(checkpoint.path), checkpoint.config) if args.config is None else None
-    return checkpoint, _config(args, base=base, fills=[tuned_layer(checkpoint)])
+        raise VesuviusError("--folds goes with an nnU-Net model folder as --checkpoint; none was given")
+    checkpoints = [Checkpoint.load(path) for path in args.checkpoint]
+    base = mapping_layer(str(checkpoints[0].path), checkpoints[0].config) if args.config is None else None
+    choice = getattr(args, "postprocess", None)
+    fill = read_choice(choice) if choice else tuned_layer(checkpoints[0]) if len(checkpoints) == 1 else None
+    cfg = _config(args, base=base, fills=[fill])
+    raw = read_yaml_mapping(args.config, "config file") if args.config is not None else {}
+    ensemble = checkpoint_ensemble(cfg, checkpoints, args.weights, explicit_keys(raw, args.overrides))
+    if choice:
+        choice_layer(choice, ensemble)  # warns when tuned on other members
+    return ensemble, cfg
 
 
-def _nnunet_and_config(args: argparse.Namespace):
-    """An nnU-Net v2 model folder as ``--checkpoint`` (its ``--folds``) and the run config: the plan's inference
-    settings fill the ``infer`` keys the user leaves out."""
-    from vesuvius_monai.engine.nnunet_network import nnunet_network
+def _with_nnunet(args: argparse.Namespace):
+    """:func:`_checkpoint_and_config` when a ``--checkpoint`` is an nnU-Net v2 model folder (its ``--folds``
+    averaged as nnU-Net does): the plan of the first such folder fills the ``infer`` keys the user leaves out, and
+    each member predicts with its own plan's (or checkpoint's) window and TTA unless the user sets them."""
+    from vesuvius_monai.engine.nnunet_network import mixed_ensemble, nnunet_network
+    from vesuvius_monai.engine.tune import choice_layer, read_choice
+    from vesuvius_monai.io.checkpoint import Checkpoint
+    from vesuvius_monai.models.nnunet import is_nnunet_folder
 
-    if args.command not in ("predict",):
-        raise VesuviusError(f"{args.command} does not take an nnU-Net model folder yet ({args.checkpoint}); "
-                            f"predict does")
-    network = nnunet_network(args.checkpoint, args.folds, args.nnunet_checkpoint)
-    return network, _config(args, fills=[mapping_layer(f"the plan of {args.checkpoint}", network.config_layer())])
+    sources = [nnunet_network(path, args.folds, args.nnunet_checkpoint) if is_nnunet_folder(path)
+               else Checkpoint.load(path) for path in args.checkpoint]
+    first = sources[0]
+    base = mapping_layer(str(first.path), first.config) if args.config is None and isinstance(first, Checkpoint) \
+        else None
+    plan = next(mapping_layer(f"the plan of {s.folder.path}", s.config_layer()) for s in sources
+                if not isinstance(s, Checkpoint))
+    choice = getattr(args, "postprocess", None)
+    cfg = _config(args, base=base, fills=[read_choice(choice) if choice else None, plan])
+    raw = read_yaml_mapping(args.config, "config file") if args.config is not None else {}
+    ensemble = mixed_ensemble(cfg, sources, args.weights, explicit_keys(raw, args.overrides))
+    if choice:
+        choice_layer(choice, ensemble)
+    return ensemble, cfg
 
 
 SYNTH_KIND = "synthetic data"
@@ -106,9 +131,28 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     cfg = _config(args)
     path = RunDir(cfg.output_dir).plan
-    if path.is_file() and not args.resume:
-        cfg = _config(args, fills=[load_plan(path).layer(str(path))])
+    plan = [load_plan(path).layer(str(path))] if path.is_file() and not args.resume else []
+    if args.seeds or args.folds:
+        _train_many(args, cfg, plan)
+        return
+    if plan:
+        cfg = _config(args, fills=plan)
     train(cfg, resume=args.resume)
+
+
+def _train_many(args: argparse.Namespace, cfg: Config, plan: list[Layer]) -> None:
+    """``train --seeds`` / ``--folds``: one run per seed or fold under output_dir (see engine.multi_run)."""
+    from vesuvius_monai.engine.multi_run import fold_overrides, parse_seeds, seed_overrides, train_runs
+    from vesuvius_monai.engine.train import train
+
+    if args.seeds and args.folds:
+        raise VesuviusError("--seeds and --folds: give one of them (runs differing by seed, or by fold)")
+    runs = seed_overrides(parse_seeds(args.seeds)) if args.seeds else fold_overrides(cfg, args.folds)
+
+    def config_of(extra: list[str]) -> Config:
+        return _config(argparse.Namespace(config=args.config, overrides=[*args.overrides, *extra]), fills=plan)
+
+    train_runs(runs, cfg.output_dir, config_of, lambda run_cfg: train(run_cfg, resume=args.resume))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -135,6 +179,18 @@ def cmd_tune_postprocess(args: argparse.Namespace) -> None:
     tune_postprocess(cfg, checkpoint, args.out)
 
 
+def _location(text: str):
+    """A command-line volume or output: an ``http(s)://`` / ``s3://`` address stays a string (``Path`` would turn
+    ``http://host`` into ``http:/host``), anything else is a ``Path``."""
+    from vesuvius_monai.data.remote import is_remote
+
+    return text if is_remote(text) else Path(text)
+
+
+POSTPROCESS_HELP = ("a postprocess.json written by tune-postprocess (e.g. with --out for an ensemble): its choice "
+                    "fills the postprocess keys the config leaves out (a warning when tuned on other checkpoints)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vesuvius-monai", description="3D papyrus-surface detection for Vesuvius "
                                      "Challenge scroll CT: synth, plan, train, tune-postprocess, evaluate, predict.")
@@ -145,12 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, aliases=list(aliases))
         p.add_argument("--config", type=Path, help="YAML config (default: built-in defaults, or the checkpoint's)")
         if checkpoint:
-            p.add_argument("--checkpoint", type=Path, required=True,
-                           help="a .pt written by train, or an nnU-Net v2 trained-model folder (predict)")
-            p.add_argument("--folds", nargs="+", help="with an nnU-Net folder: the folds to average (default: all "
+            p.add_argument("--checkpoint", type=Path, required=True, action="append",
+                           help="a .pt written by train, or an nnU-Net v2 trained-model folder; repeat it for "
+                                "an ensemble (probabilities fused as infer.fusion says: prob or logit; each member "
+                                "with its own window and TTA)")
+            p.add_argument("--folds", nargs="+", help="with an nnU-Net folder: the folds averaged (default: every "
                            "fold_* present)")
             p.add_argument("--nnunet-checkpoint", default="checkpoint_final.pth",
-                           help="with an nnU-Net folder: the file of each fold (default: checkpoint_final.pth)")
+                           help="with an nnU-Net folder: each fold's file (default: checkpoint_final.pth)")
+            p.add_argument("--weights", type=float, nargs="+", metavar="W",
+                           help="ensemble weights, one per --checkpoint, > 0 (normalised; default equal); "
+                                "key=value overrides go before it")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=50")
         p.set_defaults(func=func)
         return p
@@ -158,10 +219,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("synth", cmd_synth, "write synthetic scroll fragments to data.root")
     add("plan", cmd_plan, "choose patch size, network, batch and steps for the data and train.max_minutes; "
         "saved in output_dir for train")
-    add("train", cmd_train, "train a model").add_argument("--resume", action="store_true",
-                                                         help="continue the run in output_dir from checkpoints/last.pt")
+    tr = add("train", cmd_train, "train a model")
+    tr.add_argument("--resume", action="store_true", help="continue the run in output_dir from checkpoints/last.pt")
+    tr.add_argument("--seeds", metavar="S0,S1,...", help="train one run per seed into <output_dir>/seed<s> (for an "
+                    "ensemble); logs the evaluate command of their ensemble")
+    tr.add_argument("--folds", type=int, metavar="K", help="train K runs into <output_dir>/fold<i>: run i validates "
+                    "on fold i of the train + val fragments and trains on the others (test fragments stay out)")
     ev = add("evaluate", cmd_evaluate, "score a checkpoint on held-out fragments", checkpoint=True)
     ev.add_argument("--out", type=Path, help="evaluation folder (default: <output_dir>/eval)")
+    ev.add_argument("--postprocess", type=Path, metavar="FILE", help=POSTPROCESS_HELP)
     pr = add("predict", cmd_predict, "predict volumes (in one process, or shared by the processes of torchrun)",
              checkpoint=True)
     pr.description = (
@@ -172,19 +238,23 @@ def build_parser() -> argparse.ArgumentParser:
         "a process died is finished by the same command with any number of processes. A folder --output (a name "
         "without suffix) gets one <id>.zarr per input volume: repeat --input, or give folders of volumes "
         "(a.nii.gz -> OUT/a.zarr).")
-    pr.add_argument("--input", type=Path, required=True, action="append",
-                    help="volume: .nii(.gz), .tif, folder of .tif, .zarr, .npy; with a folder --output: repeat it, "
+    pr.add_argument("--input", type=_location, required=True, action="append",
+                    help="volume: .nii(.gz), .tif, folder of .tif, .zarr, .npy, or an http(s):// or s3:// address of a "
+                         "Zarr / OME-Zarr (data.remote_* keys: cache, retries); with a folder --output: repeat it, "
                          "or give a folder of such volumes")
-    pr.add_argument("--output", type=Path, required=True,
+    pr.add_argument("--output", type=_location, required=True,
                     help="probability map: .nii.gz, .nii or .zarr; or a folder (a name without suffix) for one "
                          "<id>.zarr per input volume (files there not written by predict are left alone)")
-    pr.add_argument("--mask", type=Path, help="also write the post-processed binary mask here (NIfTI)")
-    pr.add_argument("--nifti", type=Path, help="with a .zarr --output: also export the probabilities as NIfTI")
+    pr.add_argument("--mask", type=_location, help="also write the post-processed binary mask here (NIfTI; .zarr "
+                    "with a .zarr --output, post-processed block by block)")
+    pr.add_argument("--nifti", type=_location, help="with a .zarr --output: also export the probabilities as NIfTI")
     pr.add_argument("--roi", help="region of interest z0:z1,y0:y1,x0:x1 (of every input volume)")
+    pr.add_argument("--postprocess", type=Path, metavar="FILE", help=POSTPROCESS_HELP)
     tt = add("tune-postprocess", cmd_tune_postprocess, "choose threshold and small-component removal on the "
              "validation fragments (leaderboard score); later commands use the choice", checkpoint=True,
              aliases=["tune-threshold"])
-    tt.add_argument("--out", type=Path, help="where to write postprocess.json (default: the checkpoint's run folder)")
+    tt.add_argument("--out", type=Path, help="where to write postprocess.json (default: the checkpoint's run folder; "
+                    "required with several --checkpoint)")
     return parser
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+import vesuvius_monai
 from vesuvius_monai.cli import main
 from vesuvius_monai.config import load_config
 from vesuvius_monai.engine.windows import WindowGrid
@@ -121,7 +122,8 @@ def torchrun(root: Path, name: str, commands: list[dict]) -> tuple[subprocess.Co
     plan = {"events": str(root / f"{name}.events"), "commands": commands}
     (root / f"{name}.json").write_text(json.dumps(plan))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
+    env["OMP_NUM_THREADS"] = "1"  # and this checkout's package, not whichever one is installed:
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(vesuvius_monai.__file__).parents[1]), env.get("PYTHONPATH", "")])
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(root / "script.py"), str(root / f"{name}.json")], capture_output=True, text=True,
                           env=env, timeout=300)

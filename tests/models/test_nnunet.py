@@ -117,8 +117,9 @@ def test_cli_predict_takes_the_folder(model, tmp_path, capsys):
                  str(tmp_path / "out.zarr"), "infer.out_dtype=float32", "infer.device=cpu"]) == 0
     np.testing.assert_allclose(open_volume(tmp_path / "out.zarr").read(), expected([nets[1]], image, ct),
                                rtol=0, atol=2e-5)
-    assert main(["evaluate", "--checkpoint", str(folder)]) == 2
-    assert "does not take an nnU-Net model folder" in error_line(capsys)
+    assert main(["predict", "--checkpoint", str(tmp_path / "in.nii.gz"), "--folds", "1", "--input", str(source),
+                 "--output", str(tmp_path / "o.zarr")]) == 2
+    assert "--folds goes with an nnU-Net model folder" in error_line(capsys)
 
 
 def test_spacing_mismatch_is_refused_naming_both(model, tmp_path):
@@ -224,3 +225,26 @@ def test_the_bench_model_folder_is_read(tmp_path, monkeypatch):
 
     network = nnunet_network(bench_nnunet_predict.write_model(tmp_path, "tiny"))
     assert network.folder.patch_size == (32, 32, 32) and network.folds[0].mirror_axes == (0, 1, 2)
+
+
+@pytest.mark.slow
+def test_mixed_ensemble_in_predict_evaluate_and_tune(trained_run, synthetic_root, tmp_path):
+    """An nnU-Net folder beside a project checkpoint: predict fuses the two single predictions (prob, equal
+    weights), each with its own window and normalisation; evaluate and tune-postprocess take the same ensemble."""
+    folder, _ = write_folder(tmp_path / "m", plan=plans(spacing=(1.0, 1.0, 1.0)))
+    ckpt = str(trained_run / "checkpoints" / "last.pt")
+    volume = sorted((synthetic_root / "images").iterdir())[0]
+    common = ["infer.out_dtype=float32", "infer.device=cpu", f"data.root={synthetic_root}"]
+    outs = {}
+    for name, checkpoints in (("nn", [str(folder)]), ("own", [ckpt]), ("both", [ckpt, str(folder)])):
+        flags = [f for c in checkpoints for f in ("--checkpoint", c)]
+        assert main(["predict", *flags, "--input", str(volume), "--output", str(tmp_path / f"{name}.nii.gz"),
+                     *common]) == 0
+        outs[name] = open_volume(tmp_path / f"{name}.nii.gz").read()
+    np.testing.assert_allclose(outs["both"], (outs["nn"] + outs["own"]) / 2, rtol=0, atol=1e-6)
+    assert not np.allclose(outs["nn"], outs["own"], atol=1e-3)
+    both = ["--checkpoint", ckpt, "--checkpoint", str(folder), *common, "evaluate.metrics=[dice]"]
+    assert main(["evaluate", *both[:4], "--out", str(tmp_path / "eval"), *both[4:]]) == 0
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["n_fragments"] >= 1
+    assert main(["tune-postprocess", *both[:4], "--out", str(tmp_path / "tuned"), *both[4:]]) == 0
+    assert (tmp_path / "tuned" / "postprocess.json").is_file()

@@ -4,31 +4,63 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vesuvius_monai.config.checks import check_fields, choice, finite, require
+from vesuvius_monai.config.checks import check_fields, choice, finite, integer, require
 from vesuvius_monai.metrics.names import DEFAULT_METRICS, METRIC_NAMES, TOPO_MATCHINGS
 
 Triple = tuple[int, int, int]
 
 @dataclass(frozen=True, kw_only=True)
 class PostprocessConfig:
-    """``postprocess``: threshold, then removal of small components, then filling of small cavities.
+    """``postprocess``: probabilities (Z, Y, X) -> bool mask, by :func:`vesuvius_monai.postprocess.postprocess`.
+
+    The operators run in this order; every one but the threshold is off by default:
+    1. threshold (or hysteresis) -> 2. opening -> 3. closing (whole, or per sheet) -> 4. small components removed
+    (min_size, connectivity) -> 5. sheet hole patching -> 6. 2x2x2 hole plugging -> 7. cavity filling
+    (fill_holes_max, then fill_voids).
 
     threshold: foreground is ``prob > threshold``, in [0, 1].
+    hysteresis_high: 0 (off) or in (threshold, 1]: keep only the components of ``prob > threshold`` that touch
+        ``prob > hysteresis_high`` (``connectivity``-connected; with 6, ``skimage.filters.apply_hysteresis_threshold``).
+    open_radius, close_radius: (z, y, x) radii >= 0 of the ellipsoid of a binary opening / closing ((0, 0, 0): off).
+    close_per_sheet: close each connected component (``connectivity``) on its own, so that closing never bridges two
+        sheets (nothing to do without ``close_radius``).
     min_size: foreground components with fewer voxels are removed (0 keeps all).
-    fill_holes_max: enclosed background cavities of at most this many voxels are filled (0 fills none).
     connectivity: neighbourhood of foreground components, 6, 18 or 26.
+    patch_holes: fill each component's holes by interpolating its height map along its dominant axis; a patch that
+        adds a tunnel or cavity is rejected.
+    plug_holes: plug 1-voxel holes through a sheet: every 2x2x2 cube whose voxels are not face-connected gets the
+        fewest voxels that make them so (:func:`vesuvius_monai.postprocess.operators.plug_holes`).
+    fill_holes_max: enclosed background cavities of at most this many voxels are filled (0 fills none).
+    fill_voids: fill every enclosed background cavity (``fill_voids.fill``).
+    max_whole_voxels: the operators that need whole components (hysteresis, min_size, close_per_sheet, patch_holes,
+        fill_holes_max, fill_voids) refuse a block-wise (Zarr) volume of more voxels than this (>= 1).
     """
 
     threshold: float = 0.5
+    hysteresis_high: float = 0.0
+    open_radius: Triple = (0, 0, 0)
+    close_radius: Triple = (0, 0, 0)
+    close_per_sheet: bool = False
     min_size: int = 0
     fill_holes_max: int = 0
     connectivity: int = 26
+    patch_holes: bool = False
+    plug_holes: bool = False
+    fill_voids: bool = False
+    max_whole_voxels: int = 512**3
 
     def __post_init__(self) -> None:
         check_fields(self, "postprocess")
         finite("postprocess.threshold", self.threshold, 0.0, 1.0)
+        finite("postprocess.hysteresis_high", self.hysteresis_high, 0.0, 1.0)
+        require(self.hysteresis_high == 0 or self.hysteresis_high > self.threshold, "postprocess.hysteresis_high",
+                f"must be 0 (off) or in (threshold, 1] = ({self.threshold}, 1], got {self.hysteresis_high}")
         for key in ("min_size", "fill_holes_max"):
             require(getattr(self, key) >= 0, f"postprocess.{key}", f"must be >= 0, got {getattr(self, key)}")
+        for key in ("open_radius", "close_radius"):
+            require(min(getattr(self, key)) >= 0, f"postprocess.{key}",
+                    f"must be three integers (z, y, x) >= 0, got {getattr(self, key)}")
+        integer("postprocess.max_whole_voxels", self.max_whole_voxels, 1)
         choice("postprocess.connectivity", self.connectivity, (6, 18, 26))
 
 

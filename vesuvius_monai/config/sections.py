@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from vesuvius_monai.config.checks import check_fields, choice, finite, require
+from vesuvius_monai.config.checks import check_fields, choice, finite, integer, require
 from vesuvius_monai.config.scoring import EvaluateConfig, PostprocessConfig, TuneConfig
 
 Triple = tuple[int, int, int]
@@ -115,6 +115,11 @@ class DataConfig:
     zarr_level: int = 0  # OME-Zarr pyramid level to read (0 = full resolution)
     zarr_key: str | None = None  # array inside a plain Zarr group
     missing_chunks: str = "warn"  # chunks missing from a Zarr store (read as its fill value): warn | error | allow
+    remote_cache_mb: float = 1024.0  # http(s):// and s3:// volumes: memory chunk cache (MiB)
+    remote_cache_dir: str | None = None  # and an optional disk chunk cache folder, reused by later runs
+    remote_retries: int = 5  # tries per request (dropped connection, timeout, 5xx) before the run stops
+    remote_backoff_s: float = 0.5  # wait before the second try, doubled for each further one
+    remote_timeout_s: float = 60.0  # one request's time limit
 
     def __post_init__(self) -> None:
         check_fields(self, "data")
@@ -130,6 +135,10 @@ class DataConfig:
                 "cannot be combined with data.dataset (list the fragments in the dataset YAML instead)")
         require(self.zarr_level >= 0, "data.zarr_level", f"must be >= 0, got {self.zarr_level}")
         choice("data.missing_chunks", self.missing_chunks, ("warn", "error", "allow"))
+        finite("data.remote_cache_mb", self.remote_cache_mb, 0.0)
+        integer("data.remote_retries", self.remote_retries, 1)
+        finite("data.remote_backoff_s", self.remote_backoff_s, 0.0)
+        finite("data.remote_timeout_s", self.remote_timeout_s, 0.0, open_low=True)
 
 
 @dataclass(kw_only=True)
@@ -257,6 +266,7 @@ class InferConfig:
     out_dtype: str = "uint8"  # zarr probability output: uint8 (p*255), float16 or float32
     device: str = "auto"  # auto | cpu | cuda (evaluate, predict, tune-postprocess; validation runs on train.device)
     amp: bool = True  # mixed precision, CUDA only (never on CPU)
+    fusion: str = "prob"  # ensembles (several --checkpoint): weighted mean of probabilities, or of logits (logit)
 
     def __post_init__(self) -> None:
         check_fields(self, "infer")
@@ -270,6 +280,7 @@ class InferConfig:
                 "infer.tta_flip_axes", f"distinct axes 0, 1 or 2, got {self.tta_flip_axes}")
         choice("infer.out_dtype", self.out_dtype, ("uint8", "float16", "float32"))
         choice("infer.device", self.device, ("auto", "cpu", "cuda"))
+        choice("infer.fusion", self.fusion, ("prob", "logit"))
 
 
 

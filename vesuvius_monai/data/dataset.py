@@ -1,7 +1,8 @@
 """Fragments: discovery on disk, checks, and the train / val / test split.
 
 A fragment is one image volume with (usually) a label volume of the same shape. They are found by
-1. a dataset YAML (``data.dataset``) listing ``fragments: [{id, image, label, split}]``, paths relative to it;
+1. a dataset YAML (``data.dataset``) listing ``fragments: [{id, image, label, split}]``, paths relative to it (or
+   ``http(s)://`` / ``s3://`` addresses of Zarr stores, see :mod:`vesuvius_monai.data.remote`);
 2. ``<root>/images`` + ``<root>/labels`` with matching file names (``frag_000.nii.gz`` in both); or
 3. the competition layout ``<root>/train_images/ID.tif`` + ``<root>/train_labels/ID.tif``
    (optionally restricted to the ids of ``data.ids_csv``).
@@ -21,6 +22,7 @@ import numpy as np
 from vesuvius_monai.config import DataConfig, read_yaml_mapping
 from vesuvius_monai.data.fg_index import LabelCounts, check_label_block, check_split_labels, count_labels
 from vesuvius_monai.data.readers import VolumeReader, block_grid, open_volume, volume_kind
+from vesuvius_monai.data.remote import RemoteAddress, RemoteOptions, as_location, is_remote
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.paths import safe_name
 
@@ -35,8 +37,8 @@ class FragmentFiles:
     """Paths of one fragment; ``label`` is None for unlabeled volumes."""
 
     id: str
-    image: Path
-    label: Path | None
+    image: Path | RemoteAddress
+    label: Path | RemoteAddress | None
     split: str | None = None  # fixed split from a dataset YAML, else drawn
 
 
@@ -49,9 +51,10 @@ class Fragment:
     label: VolumeReader | None
 
 
-def volume_id(path: Path) -> str:
-    """``frag_000.nii.gz`` -> ``frag_000``; folders of slices keep their name."""
-    name = path.name
+def volume_id(path: Path | RemoteAddress) -> str:
+    """``frag_000.nii.gz`` -> ``frag_000``; folders of slices keep their name; an address's last component counts
+    (``https://host/scroll1.zarr`` -> ``scroll1``)."""
+    name = as_location(path).name
     for suffix in VOLUME_SUFFIXES:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
@@ -140,13 +143,18 @@ def _yaml_entry(path: Path, n: int, entry: object) -> FragmentFiles:
     split = entry.get("split")
     if split not in (None, "train", "val", "test"):
         raise VesuviusError(f"{where}.split must be train, val or test, got {split!r}")
-    image = path.parent / entry["image"]
-    label = path.parent / entry["label"] if entry.get("label") else None
+    image = _yaml_location(path, entry["image"])
+    label = _yaml_location(path, entry["label"]) if entry.get("label") else None
     given = entry.get("id")
     if given is not None and (isinstance(given, bool) or not isinstance(given, (str, int))):
         raise VesuviusError(f"{where}.id must be a string, got {given!r}")
     fragment_id = safe_name(str(given) if given is not None else volume_id(image), f"{where}.id")
     return FragmentFiles(id=fragment_id, image=image, label=label, split=split)
+
+
+def _yaml_location(path: Path, value: str) -> Path | RemoteAddress:
+    """A dataset YAML's ``image`` / ``label``: an address as it is, a path relative to the YAML file."""
+    return as_location(value) if is_remote(value) else path.parent / value
 
 
 def find_fragments(cfg: DataConfig) -> list[FragmentFiles]:
@@ -195,12 +203,13 @@ def check_label_values(reader: VolumeReader, ignore_index: int, block: int = 128
 
 def open_fragment(files: FragmentFiles, cfg: DataConfig, *, check_labels: bool = True) -> Fragment:
     """Open both volumes lazily and check that they fit together."""
+    remote = RemoteOptions.from_config(cfg)
     image = open_volume(files.image, spacing=cfg.spacing, level=cfg.zarr_level, key=cfg.zarr_key,
-                        missing_chunks=cfg.missing_chunks)
+                        missing_chunks=cfg.missing_chunks, remote=remote)
     label = None
     if files.label:
         label = open_volume(files.label, spacing=cfg.spacing, level=cfg.zarr_level, key=cfg.zarr_key,
-                            missing_chunks=cfg.missing_chunks)
+                            missing_chunks=cfg.missing_chunks, remote=remote)
     if label is not None:
         if tuple(label.shape) != tuple(image.shape):
             raise VesuviusError(f"label {files.label} has shape {tuple(label.shape)} but image {files.image} "

@@ -44,12 +44,13 @@ def _ome_transform(transforms: list | None, kind: str) -> list[float] | None:
     return None
 
 
-def open_zarr_array(path: Path, level: int, key: str | None) -> tuple[zarr.Array, Spacing | None, np.ndarray | None]:
-    """Open the zarr array to read.
+def open_zarr_array(path: Path, level: int, key: str | None,
+                    store=None) -> tuple[zarr.Array, Spacing | None, np.ndarray | None]:
+    """Open the zarr array to read (from ``store`` when given: a remote store of the address ``path``).
 
     Returns (array, OME spacing (z, y, x) or None, OME translation (z, y, x) or None).
     """
-    node = open_zarr_node(path)
+    node = open_zarr_node(path, store)
     if isinstance(node, zarr.Array):
         return node, None, None
     multiscales = _ome_multiscales(dict(node.attrs))
@@ -63,17 +64,22 @@ def open_zarr_array(path: Path, level: int, key: str | None) -> tuple[zarr.Array
     return node[arrays[0]], None, None
 
 
-def open_zarr_node(path: Path) -> zarr.Array | zarr.Group:
-    """The zarr array or group at ``path``, read-only; VesuviusError naming the path when it is neither."""
+def open_zarr_node(path: Path, store=None) -> zarr.Array | zarr.Group:
+    """The zarr array or group at ``path`` (or in ``store``), read-only; VesuviusError naming the path when it is
+    neither."""
     try:
-        return zarr.open(str(path), mode="r")
+        return zarr.open(store if store is not None else str(path), mode="r")
+    except VesuviusError:
+        raise
     except Exception as exc:
+        if store is not None:
+            raise VesuviusError(f"{path}: no Zarr array or group at this address ({type(exc).__name__})") from exc
         raise VesuviusError(f"{path}: not a readable zarr array or group ({exc})") from exc
 
 
-def leaves_out_empty_chunks(path: Path) -> bool:
+def leaves_out_empty_chunks(path: Path, store=None) -> bool:
     """True for a store written to leave chunks of the fill value out (a prediction store of this package)."""
-    node = open_zarr_node(path)
+    node = open_zarr_node(path, store)
     return PREDICTION_KEY in node.attrs
 
 
@@ -131,7 +137,7 @@ class MissingChunks:
         missing = [c for c in self._filled_chunks(region, data) if not self._exists(c)]
         if not missing:
             return
-        first = self._key(missing[0])
+        first = self.key(missing[0])
         if self.mode == "error":
             raise VesuviusError(f"{self.path}: chunk {first} is missing from the store ({len(missing)} missing in "
                                 f"region {format_region(region)}); an unfinished download or copy? Complete the "
@@ -157,7 +163,7 @@ class MissingChunks:
                 out.append(chunk)
         return out
 
-    def _key(self, chunk: tuple[int, ...]) -> str:
+    def key(self, chunk: tuple[int, ...]) -> str:
         """The store key of a storage chunk (z, y, x), e.g. ``0/c/0/1/2``."""
         key = self.array.metadata.encode_chunk_key((0,) * self.lead + tuple(chunk))
         prefix = self.array.store_path.path
@@ -165,5 +171,5 @@ class MissingChunks:
 
     def _exists(self, chunk: tuple[int, ...]) -> bool:
         if chunk not in self.known:
-            self.known[chunk] = bool(sync(self.array.store_path.store.exists(self._key(chunk))))
+            self.known[chunk] = bool(sync(self.array.store_path.store.exists(self.key(chunk))))
         return self.known[chunk]

@@ -22,6 +22,7 @@ import tifffile
 import zarr
 
 from vesuvius_monai.data.ome_zarr import MissingChunks, leaves_out_empty_chunks, open_zarr_array
+from vesuvius_monai.data.remote import RemoteAddress, RemoteOptions, as_location, is_remote, open_remote_store
 from vesuvius_monai.data.regions import (  # noqa: F401  (re-exported: readers were their first home)
     Region,
     block_grid,
@@ -54,7 +55,7 @@ class VolumeReader:
 
     def __init__(
         self,
-        path: Path,
+        path: Path | RemoteAddress,
         shape: tuple[int, ...],
         dtype: np.dtype,
         spacing: Spacing,
@@ -62,7 +63,7 @@ class VolumeReader:
     ) -> None:
         if len(shape) != 3:
             raise VesuviusError(f"{path}: expected a 3D volume (z, y, x), got shape {tuple(shape)}")
-        self.path = Path(path)
+        self.path = path if isinstance(path, RemoteAddress) else Path(path)
         self.shape: tuple[int, int, int] = tuple(int(d) for d in shape)  # type: ignore[assignment]
         self.dtype = np.dtype(dtype)
         self.spacing: Spacing = tuple(float(s) for s in spacing)  # type: ignore[assignment]
@@ -201,12 +202,14 @@ class ZarrReader(VolumeReader):
     package leaves empty blocks out on purpose and is read silently.
     """
 
-    def __init__(self, path: Path, spacing: Spacing | None, level: int = 0, key: str | None = None,
-                 missing_chunks: str = "warn") -> None:
-        array, file_spacing, translation = open_zarr_array(path, level, key)
+    def __init__(self, path: Path | RemoteAddress, spacing: Spacing | None, level: int = 0, key: str | None = None,
+                 missing_chunks: str = "warn", remote: RemoteOptions | None = None) -> None:
+        store = open_remote_store(path, remote or RemoteOptions()) if isinstance(path, RemoteAddress) else None
+        self.store = store  # the ChunkCache of a remote volume (its ``stats``), else None
+        array, file_spacing, translation = open_zarr_array(path, level, key, store)
         self._array = array
         self._lead = _leading_singletons(path, array.shape)
-        if missing_chunks != "allow" and leaves_out_empty_chunks(path):
+        if missing_chunks != "allow" and leaves_out_empty_chunks(path, store):
             missing_chunks = "allow"
         self._missing = MissingChunks(path, array, self._lead, missing_chunks)
         spacing_zyx = _pick_spacing(path, file_spacing, spacing)
@@ -214,6 +217,21 @@ class ZarrReader(VolumeReader):
         if translation is not None:
             affine[:3, 3] = translation[::-1]
         super().__init__(path, array.shape[self._lead :], array.dtype, spacing_zyx, affine)
+
+    def chunks_of(self, region: Region) -> list[tuple[int, int, int]]:
+        """The storage chunks (shards) a read of ``region`` (z, y, x) touches, as (z, y, x) chunk indices."""
+        grid = self._missing.grid
+        ranges = [range(s.start // c, -(-s.stop // c)) for s, c in zip(normalize_region(region, self.shape), grid)]
+        return list(itertools.product(*ranges))  # type: ignore[arg-type]
+
+    def chunk_key(self, chunk: tuple[int, int, int]) -> str:
+        """The store key of a storage chunk (z, y, x), e.g. ``0/1.2.3``."""
+        return self._missing.key(chunk)
+
+    @property
+    def chunk_bytes(self) -> int:
+        """Bytes of one storage chunk, uncompressed."""
+        return math.prod(self._missing.grid) * self.dtype.itemsize
 
     def _read(self, region: Region) -> np.ndarray:
         data = np.asarray(self._array[(0,) * self._lead + region])
@@ -246,16 +264,21 @@ def open_volume(
     level: int = 0,
     key: str | None = None,
     missing_chunks: str = "warn",
+    remote: RemoteOptions | None = None,
 ) -> VolumeReader:
     """Open a 3D volume lazily; the format is chosen from the name / folder contents.
 
     ``.nii``/``.nii.gz``, ``.tif``/``.tiff`` (multi-page), a folder of ``.tif`` slices, ``.zarr`` (array,
     plain group with ``key``, or OME-Zarr with pyramid ``level``) and ``.npy``. ``spacing`` (z, y, x) is
     used when the file carries none. ``missing_chunks`` (Zarr only): ``warn``, ``error`` or ``allow`` chunks
-    missing from the store (see :class:`ZarrReader`). Raises VesuviusError naming the path for a missing, unknown,
+    missing from the store (see :class:`ZarrReader`). An ``http(s)://`` or ``s3://`` address (a string) is a remote
+    Zarr / OME-Zarr, read through a chunk cache as ``remote`` says (default :class:`RemoteOptions`; see
+    :mod:`vesuvius_monai.data.remote`). Raises VesuviusError naming the path for a missing, unknown,
     unreadable or non-3D volume (a colour TIFF included), or a NIfTI file too small for its header.
     """
-    path = Path(path)
+    path = as_location(path)
+    if isinstance(path, RemoteAddress):
+        return ZarrReader(path, spacing, level=level, key=key, missing_chunks=missing_chunks, remote=remote)
     if not path.exists():
         raise VesuviusError(f"{path}: volume not found")
     kind = volume_kind(path)
@@ -278,7 +301,10 @@ def open_volume(
 
 def volume_kind(path: Path) -> str | None:
     """The format of the volume at ``path``: "nifti", "tiff", "npy", "zarr" (a folder named .zarr or holding Zarr
-    metadata), "tiff_folder" (a folder holding TIFF slices), or None when it is no volume this package reads."""
+    metadata, or any remote address), "tiff_folder" (a folder holding TIFF slices), or None when it is no volume this
+    package reads."""
+    if is_remote(path):
+        return "zarr"
     name = path.name.lower()
     if path.is_file():
         if is_nifti_path(name):
@@ -313,8 +339,11 @@ def sample_regions(shape: tuple[int, int, int], max_voxels: int, edge: int = 32)
     ]
 
 
+SAMPLE_VOXELS = 2_000_000  # voxels sample_percentiles reads by default
+
+
 def sample_percentiles(
-    reader: VolumeReader, q: tuple[float, float] = (1.0, 99.0), max_voxels: int = 2_000_000
+    reader: VolumeReader, q: tuple[float, float] = (1.0, 99.0), max_voxels: int = SAMPLE_VOXELS
 ) -> tuple[float, float]:
     """Estimate two intensity percentiles of a volume of any size from at most ``max_voxels`` voxels.
 

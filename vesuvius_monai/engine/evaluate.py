@@ -30,10 +30,12 @@ from tqdm.auto import tqdm
 from vesuvius_monai.config import Config, to_dict
 from vesuvius_monai.data.dataset import Fragment, load_splits
 from vesuvius_monai.engine.device import resolve_device
-from vesuvius_monai.engine.infer import infer_volume, load_normalized
+from vesuvius_monai.engine.ensemble import Ensemble, as_ensemble, ensemble_volume
+from vesuvius_monai.engine.infer import load_normalized
+from vesuvius_monai.engine.networks import NetworkSource
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.atomic import build_dir, check_replaceable, write_text
-from vesuvius_monai.io.checkpoint import Checkpoint, as_checkpoint
+from vesuvius_monai.io.checkpoint import Checkpoint
 from vesuvius_monai.io.nifti import write_nifti
 from vesuvius_monai.io.paths import check_parents, inside
 from vesuvius_monai.io.run_dir import RunDir
@@ -69,11 +71,12 @@ class FragmentResult:
     label_sizes: np.ndarray  # ... and of the label (ignore region excluded)
 
 
-def evaluate_fragment(model: nn.Module, fragment: Fragment, cfg: Config, device: torch.device,
-                      out: Path) -> FragmentResult:
-    """Predict one fragment, score it and write its exports."""
+def evaluate_fragment(network: Ensemble | NetworkSource | nn.Module, fragment: Fragment, cfg: Config,
+                      device: torch.device, out: Path) -> FragmentResult:
+    """Predict one fragment with ``network`` (an ensemble, or one network: a source or a model in memory, see
+    :func:`~vesuvius_monai.engine.ensemble.as_ensemble`), score it and write its exports."""
     start = time.perf_counter()
-    probs = infer_volume(model, fragment.image, cfg, device=device)
+    probs = ensemble_volume(as_ensemble(network, cfg), fragment.image, device)
     seconds = time.perf_counter() - start
     image = load_normalized(fragment.image, cfg.transforms.percentiles)  # for the slice figure
     mask = postprocess(probs, cfg.postprocess)
@@ -123,14 +126,15 @@ def _matching_note(matching: str) -> str:
 
 
 def write_report(out: Path, results: dict[str, FragmentResult], mean: dict[str, float], cfg: Config,
-                 checkpoint: Path) -> None:
-    """component_sizes.png and the self-contained report.html."""
+                 checkpoint: Path, members: list[str] = ()) -> None:
+    """component_sizes.png and the self-contained report.html (``members``: an ensemble's, one line each; the
+    learning curve is ``checkpoint``'s run's)."""
     save_component_histogram([r.pred_sizes for r in results.values()], [r.label_sizes for r in results.values()],
                              out / "component_sizes.png")
     figures = [(RunDir.of_checkpoint(checkpoint).learning_curve, "learning curve of the training run")]
     figures += [(inside(out / "predictions", f"{i}_slices.png"), f"{i}: mid-slices") for i in results]
     figures.append((out / "component_sizes.png", "connected-component sizes"))
-    notes = [f"checkpoint: {checkpoint}", f"split: {cfg.evaluate.split}",
+    notes = [*(members or [f"checkpoint: {checkpoint}"]), f"split: {cfg.evaluate.split}",
              f"inference: window {list(cfg.infer.roi_size)}, overlap {cfg.infer.overlap}, {cfg.infer.blend} blending, "
              f"TTA flips {cfg.infer.tta_flip_axes}, rot90 {cfg.infer.tta_rot90}",
              f"post-processing: {dataclasses.asdict(cfg.postprocess)}",
@@ -143,40 +147,49 @@ def write_report(out: Path, results: dict[str, FragmentResult], mean: dict[str, 
 EVAL_KIND = "evaluation"
 
 
-def evaluate(cfg: Config, checkpoint: str | Path | Checkpoint, out_dir: str | Path | None = None) -> dict:
-    """Score the checkpoint's model on ``evaluate.split``; returns the metrics.json payload.
+def evaluate(cfg: Config, checkpoint: str | Path | Checkpoint | Ensemble, out_dir: str | Path | None = None) -> dict:
+    """Score the checkpoint's model (or an ensemble's fused prediction) on ``evaluate.split``; returns the
+    metrics.json payload.
 
     The evaluation folder (default ``<output_dir>/eval``) is built beside its place and appears complete in one
     rename; an existing folder is only replaced when it holds nothing but an earlier evaluation.
     """
-    ckpt = as_checkpoint(checkpoint)
-    ckpt.check_window(cfg.infer)
+    ensemble = as_ensemble(checkpoint, cfg)
+    ensemble.check_windows()
+    ckpt = ensemble.members[0].checkpoint
+    if ckpt is None:
+        raise VesuviusError("evaluate needs checkpoints (the members of an ensemble are checkpoints)")
     out = (Path(out_dir) if out_dir else RunDir(cfg.output_dir).eval).resolve()
     check_parents(out, "evaluation folder")
     check_replaceable(out, EVAL_KIND, "evaluation folder")  # before the model is loaded: fail fast
     device = resolve_device(cfg.infer.device)
-    model = ckpt.model(device)
-    if (ckpt.model_name, ckpt.model_kwargs) != (cfg.model.name, cfg.model.kwargs):
+    if ensemble.single and (ckpt.model_name, ckpt.model_kwargs) != (cfg.model.name, cfg.model.kwargs):
         log.info("model comes from the checkpoint: %s %s", ckpt.model_name, ckpt.model_kwargs)
-    fragments = select_fragments(cfg, cfg.evaluate.split, ckpt.trained_on)
-    payload = build_dir(out, EVAL_KIND, lambda work: _evaluate_into(work, model, fragments, cfg, device, ckpt.path),
+    fragments = select_fragments(cfg, cfg.evaluate.split, ensemble.trained_on)
+    payload = build_dir(out, EVAL_KIND, lambda work: _evaluate_into(work, ensemble, fragments, cfg, device, ckpt.path),
                         "evaluation folder")
     log.info("mean Dice over %d %s fragments: %.4f", len(fragments), cfg.evaluate.split,
              payload["mean"].get("dice", float("nan")))
     return payload
 
 
-def _evaluate_into(work: Path, model: nn.Module, fragments: list[Fragment], cfg: Config, device: torch.device,
+def _evaluate_into(work: Path, ensemble: Ensemble, fragments: list[Fragment], cfg: Config, device: torch.device,
                    checkpoint: Path) -> dict:
     """Predict, score and export every fragment into ``work``; write the tables and the report there."""
     results = {}
     for fragment in tqdm(fragments, desc="evaluate", unit="fragment", dynamic_ncols=True):
-        results[fragment.id] = evaluate_fragment(model, fragment, cfg, device, work)
+        results[fragment.id] = evaluate_fragment(ensemble, fragment, cfg, device, work)
         log.info("%s: %s", fragment.id, ", ".join(f"{k} {v:.4f}" for k, v in results[fragment.id].scores.items()))
     per_fragment = {frag_id: r.scores for frag_id, r in results.items()}
     mean = summarize(per_fragment)
     meta = {"checkpoint": str(checkpoint), "split": cfg.evaluate.split, "n_fragments": len(fragments),
             "topo_matching": topo_matching_used(cfg.evaluate.leaderboard), "config": to_dict(cfg)}
+    members: list[str] = []
+    if not ensemble.single:
+        meta["ensemble"] = ensemble.record()
+        members = [f"member {i}: {m.checkpoint.path if m.checkpoint else m.network.run_info()}, weight "
+                   f"{m.weight:.4g}, window {list(m.cfg.infer.roi_size)}, TTA flips {m.cfg.infer.tta_flip_axes}"
+                   for i, m in enumerate(ensemble.members)] + [f"fusion: {ensemble.fusion}"]
     payload = write_tables(work, per_fragment, mean, meta)
-    write_report(work, results, mean, cfg, checkpoint)
+    write_report(work, results, mean, cfg, checkpoint, members)
     return payload

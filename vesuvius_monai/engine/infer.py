@@ -136,16 +136,26 @@ def infer_volume(model: nn.Module, reader: VolumeReader, cfg: Config, *, device:
     prediction would not fit the host's available memory is refused (VesuviusError naming the file).
     """
     device = device or next(model.parameters()).device
-    with evaluating(model, cfg.infer, device) as predictor:
-        return predict_in_memory(volume_job(reader, cfg, predictor, device, roi), reader, progress)
+    return _into_memory(evaluating(model, cfg.infer, device), reader, cfg, device, roi, progress)
 
 
-def predict_in_memory(job: BlockJob, reader: VolumeReader, progress: bool = False) -> np.ndarray:
-    """Run ``job`` into memory: float32 (z, y, x) of its grid's shape; refused (VesuviusError naming the file) when
-    it would not fit the host's available memory."""
-    check_memory(4 * math.prod(job.grid.shape), f"{reader.path}: a float32 prediction of shape {job.grid.shape}")
-    sink = ArraySink(job.grid.shape)
-    run_blocks(job, sink, MemorySpills(), progress=progress)
+def predict_source(network, reader: VolumeReader, cfg: Config, device: torch.device, *, roi: Region | None = None,
+                   progress: bool = False) -> np.ndarray:
+    """:func:`infer_volume` with a network source (``network.predictor(infer_cfg, device)``, see
+    :mod:`vesuvius_monai.engine.networks`) instead of a model in memory: float32 (z, y, x) probabilities."""
+    return _into_memory(network.predictor(cfg.infer, device), reader, cfg, device, roi, progress,
+                        source_normalizer(network, reader, cfg))
+
+
+def _into_memory(predicting: contextlib.AbstractContextManager, reader: VolumeReader, cfg: Config,
+                 device: torch.device, roi: Region | None, progress: bool, norm: Normalize | None = None) -> np.ndarray:
+    """The block engine run into an in-memory array with the predictor that ``predicting`` yields (input normalised
+    by ``norm``, default the percentile window)."""
+    with predicting as predictor:
+        job = volume_job(reader, cfg, predictor, device, roi, norm)
+        check_memory(4 * math.prod(job.grid.shape), f"{reader.path}: a float32 prediction of shape {job.grid.shape}")
+        sink = ArraySink(job.grid.shape)
+        run_blocks(job, sink, MemorySpills(), progress=progress)
     return sink.array
 
 

@@ -34,19 +34,23 @@ from vesuvius_monai.data.dataset import VOLUME_SUFFIXES, volume_id
 from vesuvius_monai.data.readers import (Region, VolumeReader, format_region, open_volume, region_shape,
                                          volume_kind)
 from vesuvius_monai.data.regions import Triple
+from vesuvius_monai.data.remote import RemoteAddress, RemoteOptions, as_location, is_remote
 from vesuvius_monai.engine.blockwise import RunStats, run_blocks
 from vesuvius_monai.engine.distributed import (DistContext, gather_results, init_distributed, make_wait_group,
                                                on_main, split_contiguous)
-from vesuvius_monai.engine.infer import predict_in_memory, source_normalizer, volume_job, window_grid
-from vesuvius_monai.engine.networks import CheckpointNetwork, NetworkSource
+from vesuvius_monai.engine.ensemble import Ensemble, as_ensemble, ensemble_volume
+from vesuvius_monai.engine.infer import source_normalizer, volume_job, window_grid
+from vesuvius_monai.engine.networks import NetworkSource
+from vesuvius_monai.engine.remote_reads import log_fetched, plan_remote_reads
 from vesuvius_monai.engine.zarr_output import (check_output_store, checked_roi, export_nifti, open_work_store,
                                                output_lock, publish_store, roi_affine, run_meta, work_path)
 from vesuvius_monai.errors import VesuviusError
-from vesuvius_monai.io.checkpoint import Checkpoint, as_checkpoint
+from vesuvius_monai.io.checkpoint import Checkpoint
 from vesuvius_monai.io.nifti import PREDICTION_MARK, check_replaceable_nifti, is_nifti_path, write_nifti
 from vesuvius_monai.io.paths import check_parents, inside, safe_name
 from vesuvius_monai.io.zarr_store import PredictionStore
 from vesuvius_monai.postprocess import postprocess
+from vesuvius_monai.postprocess.blockwise import check_mask_target, write_mask_zarr
 
 log = logging.getLogger(__name__)
 
@@ -67,18 +71,20 @@ def parse_roi(text: str | None) -> Region | None:
         raise VesuviusError(f"--roi '{text}': bounds must be integers") from None
 
 
-def _open(path: Path, cfg: Config) -> VolumeReader:
-    """The volume at ``path`` as ``data`` says to read it (spacing, Zarr level and key)."""
+def _open(path: Path | RemoteAddress, cfg: Config) -> VolumeReader:
+    """The volume at ``path`` as ``data`` says to read it (spacing, Zarr level and key, remote chunk cache)."""
     return open_volume(path, spacing=cfg.data.spacing, level=cfg.data.zarr_level, key=cfg.data.zarr_key,
-                       missing_chunks=cfg.data.missing_chunks)
+                       missing_chunks=cfg.data.missing_chunks, remote=RemoteOptions.from_config(cfg.data))
 
 
-def _check_outputs(inputs: Sequence[Path], outputs: dict[str, Path | None]) -> None:
-    """No output may replace an input volume or another output."""
-    seen = {Path(p).resolve(): f"--input {p}" for p in inputs}
+def _check_outputs(inputs: Sequence[Path | RemoteAddress], outputs: dict[str, Path | None]) -> None:
+    """No output may replace an input volume or another output; outputs are local files."""
+    seen = {as_location(p).resolve(): f"--input {p}" for p in inputs}
     for flag, path in outputs.items():
         if path is None:
             continue
+        if is_remote(str(path)):
+            raise VesuviusError(f"{flag} {path}: outputs are written to local files, not to addresses")
         resolved = Path(path).resolve()
         if resolved in seen:
             raise VesuviusError(f"{flag} {path} is the same file as {seen[resolved]}; nothing was written")
@@ -96,8 +102,9 @@ def _check_kind(output: Path, region: Region, input_path: str | Path, mask_outpu
     if output.suffix != ".zarr" and not is_nifti_path(output):
         raise VesuviusError(f"--output {output}: use a .nii.gz, .nii or .zarr file name, or a folder name without "
                             f"suffix (one <id>.zarr per input volume)")
-    if output.suffix == ".zarr" and mask_output:
-        raise VesuviusError("--mask is only written with a NIfTI --output; threshold the Zarr probabilities instead")
+    if mask_output and (Path(mask_output).suffix == ".zarr") != (output.suffix == ".zarr"):
+        raise VesuviusError(f"--mask {mask_output}: a .zarr --output takes a .zarr --mask (post-processed block by "
+                            f"block), a NIfTI --output a NIfTI --mask")
     if output.suffix != ".zarr" and nifti_output:
         raise VesuviusError("--nifti goes with a .zarr --output (the NIfTI --output is written directly)")
     if output.suffix != ".zarr" and np.prod(region_shape(region), dtype=np.int64) > MAX_IN_MEMORY_VOXELS:
@@ -105,16 +112,17 @@ def _check_kind(output: Path, region: Region, input_path: str | Path, mask_outpu
                             f"memory; write to a .zarr output (block-wise) or give --roi")
 
 
-def folder_targets(inputs: Sequence[Path], output: Path) -> list[tuple[Path, Path]]:
+def folder_targets(inputs: Sequence[Path | RemoteAddress], output: Path) -> list[tuple[Path | RemoteAddress, Path]]:
     """(input volume, ``output/<id>.zarr``) for every volume of ``inputs``, in order.
 
     An input folder that is not a Zarr stands for the volumes in it (files ``.nii(.gz)``, ``.tif(f)``, ``.npy``,
-    ``.zarr`` folders and folders of TIFF slices; hidden names skipped). Two volumes with the same id, an output
+    ``.zarr`` folders and folders of TIFF slices; hidden names skipped); an address is one volume, its id the last
+    component of its path. Two volumes with the same id, an output
     folder inside an input folder, or an output that is an existing file are errors.
     """
     if output.exists() and not output.is_dir():
         raise VesuviusError(f"--output {output} is an existing file, not a folder; choose another --output")
-    volumes: list[Path] = []
+    volumes: list[Path | RemoteAddress] = []
     for path in inputs:
         if not path.is_dir() or volume_kind(path) == "zarr":
             volumes.append(path)  # (a missing volume is named when it is opened)
@@ -131,7 +139,7 @@ def folder_targets(inputs: Sequence[Path], output: Path) -> list[tuple[Path, Pat
             raise VesuviusError(f"--input {path}: no volumes in this folder ({', '.join(VOLUME_SUFFIXES)} or "
                                 f"folders of TIFF slices)")
         volumes += found
-    by_id: dict[str, Path] = {}
+    by_id: dict[str, Path | RemoteAddress] = {}
     for path in volumes:
         vid = volume_id(path)
         if vid in by_id:
@@ -144,22 +152,22 @@ def folder_targets(inputs: Sequence[Path], output: Path) -> list[tuple[Path, Pat
     return targets
 
 
-def predict(cfg: Config, checkpoint: str | Path | Checkpoint | NetworkSource,
-            input_path: str | Path | Sequence[str | Path],
+def predict(cfg: Config, checkpoint: str | Path | Checkpoint | Ensemble, input_path: str | Path | Sequence[str | Path],
             output: str | Path, *, mask_output: str | Path | None = None, nifti_output: str | Path | None = None,
             roi: Region | None = None) -> Path:
     """Write the probability map of ``input_path`` (optionally within ``roi``) to ``output``; returns ``output``.
 
-    ``checkpoint``: read once by the caller (a path is read here), or a network source (an nnU-Net model, see
-    :mod:`vesuvius_monai.engine.nnunet_network`). ``input_path``: one volume, or several volumes and
-    folders of volumes with a folder ``output`` (one ``<id>.zarr`` each, see :func:`folder_targets`; ``roi``
+    ``checkpoint``: read once by the caller (a path is read here), or an ensemble of several (see
+    :mod:`vesuvius_monai.engine.ensemble`; a Zarr output then goes through
+    :func:`~vesuvius_monai.engine.ensemble_zarr.predict_ensemble_zarr`). ``input_path``: one volume, or several
+    volumes and folders of volumes with a folder ``output`` (one ``<id>.zarr`` each, see :func:`folder_targets`; ``roi``
     applies to each). A ``.zarr`` output is predicted block by block and resumes an interrupted run (under torchrun
     the ranks share the blocks); ``nifti_output`` then also exports it as NIfTI (when it fits in memory).
     """
-    network = checkpoint if hasattr(checkpoint, "predictor") else CheckpointNetwork(as_checkpoint(checkpoint))
-    if hasattr(network, "check_window"):
-        network.check_window(cfg.infer)
-    inputs = [Path(p) for p in ([input_path] if isinstance(input_path, (str, Path)) else input_path)]
+    _check_outputs([], {"--output": output, "--mask": mask_output, "--nifti": nifti_output})  # (no address)
+    ensemble = as_ensemble(checkpoint, cfg)
+    ensemble.check_windows()
+    inputs = [as_location(p) for p in ([input_path] if isinstance(input_path, (str, Path)) else input_path)]
     output = Path(output)
     for flag, path in (("--output", output), ("--mask", mask_output), ("--nifti", nifti_output)):
         if path is not None:
@@ -168,7 +176,7 @@ def predict(cfg: Config, checkpoint: str | Path | Checkpoint | NetworkSource,
         if mask_output or nifti_output:
             raise VesuviusError("--mask and --nifti go with one volume; a folder --output holds one <id>.zarr per "
                                 "input volume")
-        predict_zarr(cfg, network, folder_targets(inputs, output), roi)
+        _predict_zarr(cfg, ensemble, folder_targets(inputs, output), roi)
         return output
     if len(inputs) != 1:
         raise VesuviusError(f"{len(inputs)} --input volumes need a folder --output (a name without suffix, one "
@@ -185,21 +193,35 @@ def predict(cfg: Config, checkpoint: str | Path | Checkpoint | NetworkSource,
         if path is not None and is_nifti_path(Path(path)):
             check_replaceable_nifti(path, flag)
     if output.suffix == ".zarr":
-        predict_zarr(cfg, network, [(input_path, output)], roi, nifti_output=nifti_output)
+        if mask_output:
+            check_mask_target(mask_output, region_shape(region), cfg.postprocess)
+        _predict_zarr(cfg, ensemble, [(input_path, output)], roi, nifti_output=nifti_output)
+        if mask_output:
+            on_main(init_distributed(cfg.infer.device)[0], write_mask_zarr, output, mask_output, cfg.postprocess)
         return output
     ctx, device = init_distributed(cfg.infer.device)
     if ctx.active:
         raise VesuviusError(f"--output {output}: a NIfTI output is predicted in memory by one process and cannot be "
                             f"shared by the {ctx.world_size} processes of torchrun; write a .zarr --output (the "
                             f"processes share its blocks, and --nifti exports it), or run without torchrun")
-    return _predict_nifti(cfg, network, reader, region, output, mask_output, device)
+    return _predict_nifti(cfg, ensemble, reader, region, output, mask_output, device)
 
 
-def _predict_nifti(cfg: Config, network: NetworkSource, reader, region: Region, output: Path,
+def _predict_zarr(cfg: Config, ensemble: Ensemble, targets: list[tuple[Path, Path]], roi: Region | None,
+                  nifti_output: str | Path | None = None) -> None:
+    """One network: :func:`predict_zarr` with its own config; several: their stores fused block by block."""
+    if ensemble.single:
+        member = ensemble.members[0]
+        predict_zarr(member.cfg, member.network, targets, roi, nifti_output=nifti_output)
+        return
+    from vesuvius_monai.engine.ensemble_zarr import predict_ensemble_zarr
+
+    predict_ensemble_zarr(cfg, ensemble, targets, roi, nifti_output=nifti_output)
+
+
+def _predict_nifti(cfg: Config, ensemble: Ensemble, reader, region: Region, output: Path,
                    mask_output: str | Path | None, device) -> Path:
-    with network.predictor(cfg.infer, device) as predictor:
-        job = volume_job(reader, cfg, predictor, device, region, source_normalizer(network, reader, cfg))
-        probs = predict_in_memory(job, reader, progress=True)
+    probs = ensemble_volume(ensemble, reader, device, roi=region, progress=True)
     affine = roi_affine(reader.affine, region)
     write_nifti(output, probs, affine=affine, description=PREDICTION_MARK)
     if mask_output:
@@ -216,7 +238,7 @@ def _predict_nifti(cfg: Config, network: NetworkSource, reader, region: Region, 
 class OutputVolume:
     """One Zarr output of a run: its input, final store, region, number of blocks and whether it is done."""
 
-    input: Path
+    input: Path | RemoteAddress
     output: Path
     region: Region
     n_blocks: int
@@ -273,7 +295,8 @@ def prepare_outputs(cfg: Config, network: NetworkSource, targets: list[tuple[Pat
     volumes, units, costs = [], [], []
     for v, ((input_path, out), (reader, region, meta, state)) in enumerate(zip(targets, opened)):
         grid = window_grid(region, cfg.infer)
-        volumes.append(OutputVolume(Path(input_path), Path(out), region, len(grid.blocks()), state == "complete"))
+        volumes.append(OutputVolume(as_location(input_path), Path(out), region, len(grid.blocks()),
+                                    state == "complete"))
         if state == "complete":
             log.info("%s: already complete, nothing to do", out)
             continue
@@ -340,9 +363,14 @@ def _run_share(network: NetworkSource, cfg: Config, work: Work, ctx: DistContext
                 log.info("%s -> %s: %d of its %d blocks in this process", volume.input, volume.output, len(blocks),
                          volume.n_blocks)
             reader = _open(volume.input, cfg)
+            grid = window_grid(volume.region, cfg.infer)
+            done = store.done_blocks()
+            todo = [b for b in (sorted(blocks) if ctx.active else grid.blocks()) if b not in done]
+            plan_remote_reads(reader, grid, volume.region, todo, cfg.data.remote_cache_mb, cfg.data.remote_cache_dir)
             job = volume_job(reader, cfg, predictor, device, volume.region, source_normalizer(network, reader, cfg))
             stats += run_blocks(job, store, store.spills(), blocks=blocks if ctx.active else None,
                                 progress=ctx.is_main)
+            log_fetched(reader)
             if not ctx.active:  # one process: publish each volume when done (under torchrun: after every rank is)
                 publish_store(store, volume.output, blocks=volume.n_blocks)
     return stats

@@ -56,6 +56,8 @@ def check_sizes(cfg: Config) -> None:
 # with the same effective batch (processes x batch_size, e.g. 2 x 2 resumed as 1 x 4) the run is the same.
 RESUME_MAY_DIFFER = {"train.max_minutes", "train.num_workers", "train.num_threads", "train.device",
                      "train.log_every", "data.cache_dir", "data.missing_chunks", "train.batch_size",
+                     "data.remote_cache_mb", "data.remote_cache_dir", "data.remote_retries", "data.remote_backoff_s",
+                     "data.remote_timeout_s",
                      "tune.thresholds", "tune.min_sizes", "tune.max_dice_drop"}  # tune: used after training only
 
 

@@ -9,6 +9,11 @@ The choice goes to ``<run>/postprocess.json`` (with the run folder locked meanwh
 step and SHA-256; ``evaluate``, ``predict`` and ``tune-postprocess`` with a checkpoint of that run use it for every
 ``postprocess`` key the user's config and overrides do not set (:func:`tuned_layer`), and say so when it was tuned on
 another checkpoint.
+
+With several checkpoints (an ensemble, :mod:`vesuvius_monai.engine.ensemble`) the fused probabilities are tuned; the
+choice records the members (``ensemble``: checkpoint, SHA-256, weight, window of each; the fusion) and goes only where
+``--out`` says (it belongs to no one member's run); ``evaluate`` and ``predict`` take it with ``--postprocess FILE``
+(:func:`choice_layer`), which warns when it was tuned on other members, weights or fusion.
 """
 
 from __future__ import annotations
@@ -24,11 +29,11 @@ from tqdm.auto import tqdm
 
 from vesuvius_monai.config import Config, Layer, PostprocessConfig, dotted_layer, to_dict
 from vesuvius_monai.engine.device import resolve_device
+from vesuvius_monai.engine.ensemble import Ensemble, as_ensemble, ensemble_volume
 from vesuvius_monai.engine.evaluate import select_fragments
-from vesuvius_monai.engine.infer import infer_volume
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.atomic import check_replaceable_file, write_text
-from vesuvius_monai.io.checkpoint import Checkpoint, as_checkpoint
+from vesuvius_monai.io.checkpoint import Checkpoint
 from vesuvius_monai.io.paths import check_parents
 from vesuvius_monai.io.run_dir import POSTPROCESS_FILE
 from vesuvius_monai.metrics import dice, topo_matching_used
@@ -38,32 +43,38 @@ from vesuvius_monai.postprocess import pick_postprocess
 log = logging.getLogger(__name__)
 
 
-def tune_postprocess(cfg: Config, checkpoint: str | Path | Checkpoint, out_dir: str | Path | None = None) -> dict:
+def tune_postprocess(cfg: Config, checkpoint: str | Path | Checkpoint | Ensemble,
+                     out_dir: str | Path | None = None) -> dict:
     """Choose ``postprocess`` settings on the validation fragments; writes and returns ``postprocess.json``.
 
-    ``out_dir`` defaults to the checkpoint's run folder (``<run>/checkpoints/x.pt`` -> ``<run>``).
+    ``checkpoint``: one checkpoint, or an ensemble (its fused probabilities are tuned). ``out_dir`` defaults to the
+    checkpoint's run folder (``<run>/checkpoints/x.pt`` -> ``<run>``); an ensemble needs it.
     """
-    ckpt = as_checkpoint(checkpoint)
-    ckpt.check_window(cfg.infer)
-    path = Path(out_dir) / POSTPROCESS_FILE if out_dir else ckpt.run.postprocess
+    ensemble = as_ensemble(checkpoint, cfg)
+    ensemble.check_windows()
+    ckpt = ensemble.members[0].checkpoint
+    if out_dir is None and (not ensemble.single or ckpt is None):
+        raise VesuviusError(f"tune-postprocess with {len(ensemble.members)} --checkpoint needs --out FOLDER: the "
+                            f"choice of an ensemble belongs to no one member's run folder; then give evaluate and "
+                            f"predict --postprocess FOLDER/{POSTPROCESS_FILE} (nothing was written)")
+    path = Path(out_dir) / POSTPROCESS_FILE if out_dir else ckpt.run.postprocess  # type: ignore[union-attr]
     check_parents(path, "--out")
     check_replaceable_choice(path)
-    into_run = path.parent.resolve() == ckpt.run.path.resolve()
-    with ckpt.run.lock("tune-postprocess") if into_run else contextlib.nullcontext():
-        payload = _choose(cfg, ckpt)
+    into_run = ckpt is not None and path.parent.resolve() == ckpt.run.path.resolve()
+    with ckpt.run.lock("tune-postprocess") if into_run else contextlib.nullcontext():  # type: ignore[union-attr]
+        payload = _choose(cfg, ensemble)
         write_text(path, json.dumps(payload, indent=2))
     log.info("%s (%d validation fragments); written to %s", payload["reason"], len(payload["fragments"]), path)
     return payload
 
 
-def _choose(cfg: Config, ckpt: Checkpoint) -> dict:
-    """Predict the validation fragments with ``ckpt`` and choose; the payload of ``postprocess.json``."""
-    fragments = select_fragments(cfg, "val", ckpt.trained_on)
+def _choose(cfg: Config, ensemble: Ensemble) -> dict:
+    """Predict the validation fragments with ``ensemble`` and choose; the payload of ``postprocess.json``."""
+    fragments = select_fragments(cfg, "val", ensemble.trained_on)
     device = resolve_device(cfg.infer.device)
-    model = ckpt.model(device)
     probs, labels = [], []
     for fragment in tqdm(fragments, desc="predict val", unit="fragment", dynamic_ncols=True):
-        probs.append(infer_volume(model, fragment.image, cfg, device=device))
+        probs.append(ensemble_volume(ensemble, fragment.image, device))
         labels.append(fragment.label.read())
 
     def score(pred: np.ndarray, label: np.ndarray) -> float:
@@ -74,10 +85,15 @@ def _choose(cfg: Config, ckpt: Checkpoint) -> dict:
         return dice(pred, label, ignore_index=cfg.data.ignore_index)
 
     choice = pick_postprocess(probs, labels, score, base=cfg.postprocess, tune=cfg.tune, dice_fn=dice_of)
-    return {"postprocess": to_dict(choice.chosen), "reason": choice.reason, "base": to_dict(choice.base),
-            "fragments": [f.id for f in fragments], "scores": choice.scores, "dices": choice.dices,
-            "search": to_dict(cfg.tune), "topo_matching": topo_matching_used(cfg.evaluate.leaderboard),
-            "checkpoint": str(ckpt.path), "checkpoint_step": ckpt.step, "checkpoint_sha256": ckpt.digest()}
+    payload = {"postprocess": to_dict(choice.chosen), "reason": choice.reason, "base": to_dict(choice.base),
+               "fragments": [f.id for f in fragments], "scores": choice.scores, "dices": choice.dices,
+               "search": to_dict(cfg.tune), "topo_matching": topo_matching_used(cfg.evaluate.leaderboard)}
+    ckpt = ensemble.members[0].checkpoint
+    if ensemble.single and ckpt is not None:
+        payload.update(checkpoint=str(ckpt.path), checkpoint_step=ckpt.step, checkpoint_sha256=ckpt.digest())
+    else:
+        payload["ensemble"] = ensemble.record()
+    return payload
 
 
 def check_replaceable_choice(path: Path) -> None:
@@ -115,6 +131,44 @@ def _check_tuned_on(path: Path, checkpoint: Checkpoint) -> None:
     log.warning("%s was tuned on another checkpoint (%s, step %s) than %s (step %d): its post-processing may not suit "
                 "this one; run tune-postprocess with it again", path, record.get("checkpoint"),
                 record.get("checkpoint_step", "?"), checkpoint.path, checkpoint.step)
+
+
+def choice_layer(path: str | Path, ensemble: Ensemble) -> Layer:
+    """The post-processing of the choice file ``path`` (``--postprocess FILE``) as a config layer (see
+    :func:`tuned_layer`), with a warning unless it was tuned on the same members, weights and fusion as
+    ``ensemble``."""
+    path = Path(path)
+    if not path.is_file():
+        raise VesuviusError(f"--postprocess {path}: no such file (a postprocess.json written by tune-postprocess)")
+    layer = read_choice(path)
+    tuned, wanted = _tuned_members(json.loads(path.read_text())), _members_of(ensemble)
+    if tuned != wanted:
+        log.warning("--postprocess %s was tuned on %s, not on %s: its post-processing may not suit these; run "
+                    "tune-postprocess with them again", path, _describe(tuned), _describe(wanted))
+    return layer
+
+
+def _members_of(ensemble: Ensemble) -> tuple:
+    """(((checkpoint, sha256, weight), ...), fusion) of ``ensemble``; the fusion None for a single member."""
+    members = tuple((m.checkpoint.path.name if m.checkpoint else "?", m.checkpoint.digest() if m.checkpoint else None,
+                     round(m.weight, 6)) for m in ensemble.members)
+    return members, None if ensemble.single else ensemble.fusion
+
+
+def _tuned_members(record: dict) -> tuple:
+    """What a choice record says it was tuned on, as :func:`_members_of` puts it (sha256 None when unknown)."""
+    if "ensemble" in record:
+        members = record["ensemble"].get("members", {})
+        return tuple((Path(str(m.get("checkpoint", "?"))).name, m.get("sha256"), round(float(m.get("weight", 0)), 6))
+                     for _, m in sorted(members.items(), key=lambda kv: int(kv[0]))), record["ensemble"].get("fusion")
+    return ((Path(str(record.get("checkpoint", "?"))).name, record.get("checkpoint_sha256"), 1.0),), None
+
+
+def _describe(members: tuple) -> str:
+    """``a.pt (weight 0.5, sha256 1234abcd), b.pt (...); fusion prob`` for messages."""
+    listed, fusion = members
+    text = ", ".join(f"{name} (weight {w:g}, sha256 {(sha or '?')[:8]})" for name, sha, w in listed)
+    return text + (f"; fusion {fusion}" if fusion else "")
 
 
 def read_choice(path: Path) -> Layer:

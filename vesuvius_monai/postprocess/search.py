@@ -1,8 +1,5 @@
-"""Post-processing of surface probabilities: threshold, drop small components, fill small cavities.
-
-Also :func:`pick_postprocess` (``tune-postprocess``), which picks threshold and small-component removal on validation
+""":func:`pick_postprocess` (``tune-postprocess``), which picks threshold and small-component removal on validation
 fragments with a guard against over-fitting, through :class:`Search` (every candidate scored once per fragment).
-Connected components come from :mod:`vesuvius_monai.metrics.components`, the labelling the metrics use.
 """
 
 from __future__ import annotations
@@ -13,62 +10,16 @@ import math
 from typing import Callable, Sequence
 
 import numpy as np
-from skimage.morphology import remove_small_objects
 from tqdm import tqdm
 
 from vesuvius_monai.config import PostprocessConfig, TuneConfig
 from vesuvius_monai.errors import VesuviusError
-from vesuvius_monai.metrics.components import CONNECTIVITY_RANK, cavity_labels
+from vesuvius_monai.postprocess.chain import apply_chain as _apply
+from vesuvius_monai.postprocess.chain import check_prob as _check_prob
 
 logger = logging.getLogger(__name__)
 
 Scorer = Callable[[np.ndarray, np.ndarray], float]  # (bool pred (Z, Y, X), label (Z, Y, X)) -> score, higher is better
-
-
-def _check_prob(prob: np.ndarray) -> None:
-    """Raise VesuviusError unless prob is a finite (Z, Y, X) array of values in [0, 1]."""
-    if not isinstance(prob, np.ndarray) or prob.ndim != 3:
-        raise VesuviusError(f"postprocess prob must be a (Z, Y, X) array, got shape {getattr(prob, 'shape', None)}")
-    if not np.isfinite(prob).all():
-        raise VesuviusError("postprocess prob contains NaN or infinite values")
-    if prob.size and (prob.min() < 0 or prob.max() > 1):
-        raise VesuviusError(f"postprocess prob must be in [0, 1], got range [{prob.min()}, {prob.max()}]")
-
-
-def remove_small_components(mask: np.ndarray, min_size: int, connectivity: int = 26) -> np.ndarray:
-    """Drop foreground components of a bool (Z, Y, X) mask with fewer than ``min_size`` voxels; new bool array.
-
-    ``connectivity``: 6, 18 or 26 (``skimage.morphology.remove_small_objects`` with the matching rank).
-    """
-    if min_size <= 0:
-        return mask.copy()
-    return remove_small_objects(mask, max_size=min_size - 1, connectivity=CONNECTIVITY_RANK[connectivity])
-
-
-def fill_small_holes(mask: np.ndarray, max_size: int) -> np.ndarray:
-    """Fill enclosed background cavities of at most ``max_size`` voxels in a bool (Z, Y, X) mask; new bool array.
-
-    Background components are 6-connected; one that touches the volume border is not enclosed and is kept.
-    (Hand-written: ``skimage.morphology.remove_small_holes`` would also fill small pockets open to the border.)
-    """
-    if max_size <= 0:
-        return mask.copy()
-    labels, is_cavity = cavity_labels(mask, 6)
-    fill = is_cavity & (np.bincount(labels.ravel()) <= max_size)
-    return mask | fill[labels]
-
-
-def postprocess(prob: np.ndarray, cfg: PostprocessConfig) -> np.ndarray:
-    """Threshold (Z, Y, X) probabilities in [0, 1], remove small components, fill small cavities; bool (Z, Y, X)."""
-    _check_prob(prob)
-    return _apply(prob, cfg)
-
-
-def _apply(prob: np.ndarray, cfg: PostprocessConfig) -> np.ndarray:
-    """:func:`postprocess` of a checked ``prob``."""
-    mask = prob > cfg.threshold
-    mask = remove_small_components(mask, cfg.min_size, cfg.connectivity)
-    return fill_small_holes(mask, cfg.fill_holes_max)
 
 
 def _check_fragments(probs: list[np.ndarray], labels: list[np.ndarray]) -> None:
@@ -96,10 +47,17 @@ class PostprocessChoice:
     reason: str
 
 
+_DEFAULT = PostprocessConfig()
+_NEW_KEYS = ("hysteresis_high", "open_radius", "close_radius", "close_per_sheet", "patch_holes", "plug_holes",
+             "fill_voids")
+
+
 def describe(cfg: PostprocessConfig) -> str:
-    """``threshold 0.55, min_size 256 (6-connected), fill_holes_max 0``: a candidate's name."""
+    """``threshold 0.55, min_size 256 (6-connected), fill_holes_max 0``: a candidate's name, followed by every
+    other operator key not at its default (``, hysteresis_high 0.85, close_radius (2, 1, 1)``)."""
+    extra = "".join(f", {key} {getattr(cfg, key)}" for key in _NEW_KEYS if getattr(cfg, key) != getattr(_DEFAULT, key))
     return (f"threshold {cfg.threshold:.2f}, min_size {cfg.min_size} ({cfg.connectivity}-connected), "
-            f"fill_holes_max {cfg.fill_holes_max}")
+            f"fill_holes_max {cfg.fill_holes_max}{extra}")
 
 
 def pick_postprocess(
