@@ -64,27 +64,72 @@ class PostprocessConfig:
         choice("postprocess.connectivity", self.connectivity, (6, 18, 26))
 
 
+TUNE_OPERATORS = ("threshold", "hysteresis", "opening", "closing", "dust", "patch_holes", "plug_holes", "fill_voids")
+TUNE_RULES = ("robust", "majority")
+
+
 @dataclass(frozen=True, kw_only=True)
 class TuneConfig:
-    """``tune``: what ``tune-postprocess`` tries on the validation fragments (scored by the leaderboard score).
+    """``tune``: what ``tune-postprocess`` tries on the validation fragments (scored by the exact leaderboard score).
 
-    thresholds: candidate thresholds, each in [0, 1] (tried first).
-    min_sizes: candidate small-component sizes, each > 0, tried 6- and 26-connected at the chosen threshold (empty:
-        thresholds only).
+    The search is coordinate-wise (:mod:`vesuvius_monai.tuning.search`): each operator of ``operators`` in chain
+    order, its candidates tried with every other key at the current choice, for ``sweeps`` sweeps.
+
+    operators: the dimensions searched, a subset of threshold, hysteresis, opening, closing, dust, patch_holes,
+        plug_holes, fill_voids (default: all).
+    thresholds: candidate thresholds, each in [0, 1].
+    hysteresis_highs: candidate ``postprocess.hysteresis_high`` values, each in (0, 1] (off is always a candidate;
+        a high at or below the threshold is skipped).
+    open_radii, close_radii: candidate (z, y, x) radii of the opening / closing, each >= 0 (off is always tried).
+    close_modes: how each closing radius is tried: "whole" and/or "per_sheet" (``postprocess.close_per_sheet``).
+    min_sizes: candidate small-component sizes (dust), each > 0, tried with each of ``connectivities``.
+    connectivities: dust connectivities tried, each 6, 18 or 26.
+    sweeps: passes over the operators (>= 1; a pass that changes nothing ends the search).
+    rule: when a candidate replaces the current choice. "robust" (default): it must be better on a strict majority
+        of the fragments (at least two) and its mean gain must exceed ``noise_k`` standard errors of the
+        per-fragment gains (with two fragments and noise_k 1: better on both), and among the candidates within
+        noise of the best the one closest to the current choice is taken. "majority": the best mean score, better
+        on the mean and a strict majority (at least two), as the tuner did before.
+    noise_k: standard errors of the per-fragment gains a "robust" change must clear (>= 0).
     max_dice_drop: a candidate whose mean validation Dice is more than this below the config's post-processing's is
         never chosen, so that the score is not bought with overlap (>= 0; 1 turns the rule off).
     """
 
+    operators: tuple[str, ...] = TUNE_OPERATORS
     thresholds: tuple[float, ...] = tuple(round(0.3 + 0.05 * i, 2) for i in range(11))  # 0.30 .. 0.80
+    hysteresis_highs: tuple[float, ...] = (0.7, 0.85, 0.9)
+    open_radii: tuple[Triple, ...] = ((1, 1, 1),)
+    close_radii: tuple[Triple, ...] = ((1, 1, 1), (2, 1, 1), (3, 3, 3))
+    close_modes: tuple[str, ...] = ("whole", "per_sheet")
     min_sizes: tuple[int, ...] = (64, 256, 1024)
+    connectivities: tuple[int, ...] = (6, 26)
+    sweeps: int = 2
+    rule: str = "robust"
+    noise_k: float = 1.0
     max_dice_drop: float = 0.005
 
     def __post_init__(self) -> None:
         check_fields(self, "tune")
+        for name in self.operators:
+            choice("tune.operators", name, TUNE_OPERATORS)
+        require(len(set(self.operators)) == len(self.operators), "tune.operators",
+                f"must not repeat an operator, got {list(self.operators)}")
         require(len(self.thresholds) > 0, "tune.thresholds", "must not be empty")
         for value in self.thresholds:
             finite("tune.thresholds", value, 0.0, 1.0)
+        for value in self.hysteresis_highs:
+            finite("tune.hysteresis_highs", value, 0.0, 1.0, open_low=True)
+        for key in ("open_radii", "close_radii"):
+            require(all(min(r) >= 0 for r in getattr(self, key)), f"tune.{key}",
+                    f"must be (z, y, x) radii >= 0, got {[list(r) for r in getattr(self, key)]}")
+        for mode in self.close_modes:
+            choice("tune.close_modes", mode, ("whole", "per_sheet"))
         require(all(m > 0 for m in self.min_sizes), "tune.min_sizes", f"must all be > 0, got {list(self.min_sizes)}")
+        for value in self.connectivities:
+            choice("tune.connectivities", value, (6, 18, 26))
+        integer("tune.sweeps", self.sweeps, 1)
+        choice("tune.rule", self.rule, TUNE_RULES)
+        finite("tune.noise_k", self.noise_k, 0.0)
         finite("tune.max_dice_drop", self.max_dice_drop, 0.0)
 
 

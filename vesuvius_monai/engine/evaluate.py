@@ -41,6 +41,7 @@ from vesuvius_monai.io.paths import check_parents, inside
 from vesuvius_monai.io.run_dir import RunDir
 from vesuvius_monai.metrics import compute_metrics, topo_matching_used
 from vesuvius_monai.postprocess import postprocess
+from vesuvius_monai.tuning.space import describe_chain
 from vesuvius_monai.report import component_sizes, save_component_histogram, save_slices_png, write_html_report
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,7 @@ def write_report(out: Path, results: dict[str, FragmentResult], mean: dict[str, 
     notes = [*(members or [f"checkpoint: {checkpoint}"]), f"split: {cfg.evaluate.split}",
              f"inference: window {list(cfg.infer.roi_size)}, overlap {cfg.infer.overlap}, {cfg.infer.blend} blending, "
              f"TTA flips {cfg.infer.tta_flip_axes}, rot90 {cfg.infer.tta_rot90}",
-             f"post-processing: {dataclasses.asdict(cfg.postprocess)}",
+             f"post-processing chain: {describe_chain(cfg.postprocess)} ({dataclasses.asdict(cfg.postprocess)})",
              f"TopoScore matching: {_matching_note(topo_matching_used(cfg.evaluate.leaderboard))}",
              "ignore-label voxels are excluded from every metric"]
     write_html_report(out / "report.html", title="vesuvius_monai evaluation", per_fragment={
@@ -177,13 +178,15 @@ def _evaluate_into(work: Path, ensemble: Ensemble, fragments: list[Fragment], cf
                    checkpoint: Path) -> dict:
     """Predict, score and export every fragment into ``work``; write the tables and the report there."""
     results = {}
+    log.info("post-processing chain: %s", describe_chain(cfg.postprocess))
     for fragment in tqdm(fragments, desc="evaluate", unit="fragment", dynamic_ncols=True):
         results[fragment.id] = evaluate_fragment(ensemble, fragment, cfg, device, work)
         log.info("%s: %s", fragment.id, ", ".join(f"{k} {v:.4f}" for k, v in results[fragment.id].scores.items()))
     per_fragment = {frag_id: r.scores for frag_id, r in results.items()}
     mean = summarize(per_fragment)
     meta = {"checkpoint": str(checkpoint), "split": cfg.evaluate.split, "n_fragments": len(fragments),
-            "topo_matching": topo_matching_used(cfg.evaluate.leaderboard), "config": to_dict(cfg)}
+            "topo_matching": topo_matching_used(cfg.evaluate.leaderboard),
+            "postprocess_chain": describe_chain(cfg.postprocess), "config": to_dict(cfg)}
     members: list[str] = []
     if not ensemble.single:
         meta["ensemble"] = ensemble.record()

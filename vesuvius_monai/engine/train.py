@@ -12,6 +12,7 @@ folder is refused meanwhile), and removes a folder it made when it fails before 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from vesuvius_monai.config import Config, TrainConfig, config_from_raw, flatten, save_config, to_dict
+from vesuvius_monai.config import Config, TrainConfig, TuneConfig, config_from_raw, flatten, save_config, to_dict
 from vesuvius_monai.data.dataset import Fragment, load_splits
 from vesuvius_monai.data.patches import PatchDataset, PatchSource, prepare_sources, rank_items
 from vesuvius_monai.engine.distributed import DistContext, init_distributed, on_main
@@ -58,7 +59,7 @@ RESUME_MAY_DIFFER = {"train.max_minutes", "train.num_workers", "train.num_thread
                      "train.log_every", "data.cache_dir", "data.missing_chunks", "train.batch_size",
                      "data.remote_cache_mb", "data.remote_cache_dir", "data.remote_retries", "data.remote_backoff_s",
                      "data.remote_timeout_s",
-                     "tune.thresholds", "tune.min_sizes", "tune.max_dice_drop"}  # tune: used after training only
+                     *(f"tune.{f.name}" for f in dataclasses.fields(TuneConfig))}  # tune: used after training only
 
 
 def check_resume_config(cfg: Config, saved: dict, path: Path) -> None:

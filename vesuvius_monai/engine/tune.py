@@ -1,10 +1,11 @@
 """Post-processing chosen on the validation fragments by the leaderboard score (``vesuvius-monai tune-postprocess``).
 
-The checkpoint's model predicts every validation fragment once; :func:`vesuvius_monai.postprocess.pick_postprocess`
-then tries the thresholds and small-component sizes of the config's ``tune`` section, scoring each with the
-competition's leaderboard score; candidates that lose more than ``tune.max_dice_drop`` of mean Dice are not allowed,
-and the config's post-processing is kept unless a candidate is better on most fragments (a guard against fitting one
-fragment).
+The checkpoint's model predicts every validation fragment once; :func:`vesuvius_monai.tuning.search.search_chain`
+then searches the post-processing chain operator by operator (the config's ``tune`` section), scoring each candidate
+with the competition's exact leaderboard score (:class:`vesuvius_monai.tuning.scorer.FragmentScorer`); candidates
+that lose more than ``tune.max_dice_drop`` of mean Dice are not allowed, and a change is taken only by ``tune.rule``
+(default "robust": better on most fragments by more than the per-fragment noise), a guard against fitting the
+validation fragments. ``postprocess.json`` records each accepted change with its validation gain (``steps``).
 The choice goes to ``<run>/postprocess.json`` (with the run folder locked meanwhile), recording the checkpoint's path,
 step and SHA-256; ``evaluate``, ``predict`` and ``tune-postprocess`` with a checkpoint of that run use it for every
 ``postprocess`` key the user's config and overrides do not set (:func:`tuned_layer`), and say so when it was tuned on
@@ -36,9 +37,10 @@ from vesuvius_monai.io.atomic import check_replaceable_file, write_text
 from vesuvius_monai.io.checkpoint import Checkpoint
 from vesuvius_monai.io.paths import check_parents
 from vesuvius_monai.io.run_dir import POSTPROCESS_FILE
-from vesuvius_monai.metrics import dice, topo_matching_used
-from vesuvius_monai.metrics.leaderboard import leaderboard_score
-from vesuvius_monai.postprocess import pick_postprocess
+from vesuvius_monai.metrics import topo_matching_used
+from vesuvius_monai.tuning.scorer import FragmentScorer
+from vesuvius_monai.tuning.search import search_chain
+from vesuvius_monai.tuning.space import describe_chain
 
 log = logging.getLogger(__name__)
 
@@ -77,16 +79,25 @@ def _choose(cfg: Config, ensemble: Ensemble) -> dict:
         probs.append(ensemble_volume(ensemble, fragment.image, device))
         labels.append(fragment.label.read())
 
-    def score(pred: np.ndarray, label: np.ndarray) -> float:
-        weights = cfg.evaluate.leaderboard
-        return leaderboard_score(pred, label, weights=weights, ignore_index=cfg.data.ignore_index)["score"]
+    return choice_payload(cfg, ensemble, [f.id for f in fragments], probs, labels)
 
-    def dice_of(pred: np.ndarray, label: np.ndarray) -> float:
-        return dice(pred, label, ignore_index=cfg.data.ignore_index)
 
-    choice = pick_postprocess(probs, labels, score, base=cfg.postprocess, tune=cfg.tune, dice_fn=dice_of)
-    payload = {"postprocess": to_dict(choice.chosen), "reason": choice.reason, "base": to_dict(choice.base),
-               "fragments": [f.id for f in fragments], "scores": choice.scores, "dices": choice.dices,
+def choice_payload(cfg: Config, ensemble: Ensemble, ids: list[str], probs: list[np.ndarray],
+                   labels: list[np.ndarray]) -> dict:
+    """Search the chain on predicted validation ``probs`` (Z, Y, X) against ``labels``; the ``postprocess.json``
+    payload: the choice, every candidate's per-fragment scores and Dice, the accepted steps with their gains
+    (``steps``, in order; their gains sum to the chosen chain's), the search's cost, and what was tuned (the
+    checkpoint, or the ensemble's members)."""
+    scorers = [FragmentScorer(label, weights=cfg.evaluate.leaderboard, ignore_index=cfg.data.ignore_index)
+               for label in labels]
+    choice = search_chain(probs, scorers, base=cfg.postprocess, tune=cfg.tune)
+    payload = {"postprocess": to_dict(choice.chosen), "chain": describe_chain(choice.chosen), "reason": choice.reason,
+               "base": to_dict(choice.base), "fragments": ids, "scores": choice.scores, "dices": choice.dices,
+               "steps": [dataclasses.asdict(step) for step in choice.steps],
+               "gain": {"score": sum(s.score_gain for s in choice.steps),
+                        "dice": sum(s.dice_gain for s in choice.steps)},
+               "cost": {"candidates": choice.candidates, "masks_scored": choice.scored, "seconds": choice.seconds,
+                        **{f"{k}_seconds": v for k, v in choice.timings.items()}},
                "search": to_dict(cfg.tune), "topo_matching": topo_matching_used(cfg.evaluate.leaderboard)}
     ckpt = ensemble.members[0].checkpoint
     if ensemble.single and ckpt is not None:
