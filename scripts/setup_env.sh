@@ -12,7 +12,7 @@ if [[ -z "${VIRTUAL_ENV:-}" ]]; then
   source .venv/bin/activate
 fi
 STAMP="$VIRTUAL_ENV/.vesuvius_monai_installed"
-WANT="$(cat requirements.txt requirements-betti-matching.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
+WANT="$(cat requirements.txt requirements-betti-matching.txt requirements-nnunet-arch.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$WANT" ]]; then
   echo "installing requirements into $VIRTUAL_ENV ..."
   python -m pip install --quiet --disable-pip-version-check -r requirements.txt
@@ -20,6 +20,8 @@ if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$WANT" ]]; then
   python -m pip install --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
       -r requirements-betti-matching.txt \
     || echo "warning: exact Betti matching (topolosses) not installed; TopoScore will use a stand-in" >&2
+  # nnU-Net model folders: the network library alone, without its timm / torchvision (see that file)
+  python -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-nnunet-arch.txt
   python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
   echo "$WANT" > "$STAMP"
 fi

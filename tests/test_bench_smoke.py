@@ -118,7 +118,7 @@ def tiny_results(tmp_path_factory) -> dict[str, tuple[list[subprocess.CompletedP
 
 
 # runs nnU-Net in its own environment: its own parts are tested at the end, its tiny run where that environment is
-OWN_ENVIRONMENT = {"bench_nnunet.py"}
+OWN_ENVIRONMENT = {"bench_nnunet.py", "bench_nnunet_predict.py"}
 
 
 def test_every_bench_script_has_a_tiny_run(tmp_path) -> None:

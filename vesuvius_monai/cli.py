@@ -36,8 +36,13 @@ def _checkpoint_and_config(args: argparse.Namespace):
     from vesuvius_monai.engine.ensemble import checkpoint_ensemble, normalized_weights
     from vesuvius_monai.engine.tune import choice_layer, read_choice, tuned_layer
     from vesuvius_monai.io.checkpoint import Checkpoint
+    from vesuvius_monai.models.nnunet import is_nnunet_folder
 
     normalized_weights(args.weights, len(args.checkpoint))  # a wrong --weights fails before anything is read
+    if any(is_nnunet_folder(path) for path in args.checkpoint):
+        return _with_nnunet(args)
+    if args.folds:
+        raise VesuviusError("--folds goes with an nnU-Net model folder as --checkpoint; none was given")
     checkpoints = [Checkpoint.load(path) for path in args.checkpoint]
     base = mapping_layer(str(checkpoints[0].path), checkpoints[0].config) if args.config is None else None
     choice = getattr(args, "postprocess", None)
@@ -47,6 +52,31 @@ def _checkpoint_and_config(args: argparse.Namespace):
     ensemble = checkpoint_ensemble(cfg, checkpoints, args.weights, explicit_keys(raw, args.overrides))
     if choice:
         choice_layer(choice, ensemble)  # warns when tuned on other members
+    return ensemble, cfg
+
+
+def _with_nnunet(args: argparse.Namespace):
+    """:func:`_checkpoint_and_config` when a ``--checkpoint`` is an nnU-Net v2 model folder (its ``--folds``
+    averaged as nnU-Net does): the plan of the first such folder fills the ``infer`` keys the user leaves out, and
+    each member predicts with its own plan's (or checkpoint's) window and TTA unless the user sets them."""
+    from vesuvius_monai.engine.nnunet_network import mixed_ensemble, nnunet_network
+    from vesuvius_monai.engine.tune import choice_layer, read_choice
+    from vesuvius_monai.io.checkpoint import Checkpoint
+    from vesuvius_monai.models.nnunet import is_nnunet_folder
+
+    sources = [nnunet_network(path, args.folds, args.nnunet_checkpoint) if is_nnunet_folder(path)
+               else Checkpoint.load(path) for path in args.checkpoint]
+    first = sources[0]
+    base = mapping_layer(str(first.path), first.config) if args.config is None and isinstance(first, Checkpoint) \
+        else None
+    plan = next(mapping_layer(f"the plan of {s.folder.path}", s.config_layer()) for s in sources
+                if not isinstance(s, Checkpoint))
+    choice = getattr(args, "postprocess", None)
+    cfg = _config(args, base=base, fills=[read_choice(choice) if choice else None, plan])
+    raw = read_yaml_mapping(args.config, "config file") if args.config is not None else {}
+    ensemble = mixed_ensemble(cfg, sources, args.weights, explicit_keys(raw, args.overrides))
+    if choice:
+        choice_layer(choice, ensemble)
     return ensemble, cfg
 
 
@@ -174,8 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", type=Path, help="YAML config (default: built-in defaults, or the checkpoint's)")
         if checkpoint:
             p.add_argument("--checkpoint", type=Path, required=True, action="append",
-                           help="a .pt written by train; repeat it for an ensemble (probabilities fused as "
-                                "infer.fusion says: prob or logit; each member with its own window and TTA)")
+                           help="a .pt written by train, or an nnU-Net v2 trained-model folder; repeat it for "
+                                "an ensemble (probabilities fused as infer.fusion says: prob or logit; each member "
+                                "with its own window and TTA)")
+            p.add_argument("--folds", nargs="+", help="with an nnU-Net folder: the folds averaged (default: every "
+                           "fold_* present)")
+            p.add_argument("--nnunet-checkpoint", default="checkpoint_final.pth",
+                           help="with an nnU-Net folder: each fold's file (default: checkpoint_final.pth)")
             p.add_argument("--weights", type=float, nargs="+", metavar="W",
                            help="ensemble weights, one per --checkpoint, > 0 (normalised; default equal); "
                                 "key=value overrides go before it")

@@ -35,18 +35,17 @@ def normalize(image: np.ndarray, window: tuple[float, float]) -> np.ndarray:
 
 def read_normalized(reader: VolumeReader, window: tuple[float, float], region: Region | None = None) -> np.ndarray:
     """Read a region (default: all) of a volume as float32 (Z, Y, X), check it is finite, normalise it."""
-    return normalize_read(reader, reader.read(region), window, region)
+    return normalize(read_finite(reader, region), window)
 
 
-def normalize_read(reader: VolumeReader, raw: np.ndarray, window: tuple[float, float],
-                   region: Region | None = None) -> np.ndarray:
-    """``raw``, read from ``region`` of ``reader``, as float32, checked finite (VesuviusError naming the file and
-    region), normalised."""
-    image = raw.astype(np.float32)
+def read_finite(reader: VolumeReader, region: Region | None = None, raw: np.ndarray | None = None) -> np.ndarray:
+    """Read a region (default: all) of a volume as float32 (Z, Y, X), checked finite (VesuviusError naming it).
+    ``raw``: the values of that region read already."""
+    image = (reader.read(region) if raw is None else raw).astype(np.float32)
     if not np.isfinite(image).all():
         where = f" in region {format_region(region)}" if region is not None else ""
         raise VesuviusError(f"image {reader.path} holds NaN or inf values{where}")
-    return normalize(image, window)
+    return image
 
 
 def train_augmentations(cfg: TransformConfig) -> Compose:

@@ -109,6 +109,8 @@ class Ensemble:
         for member in self.members:
             if member.checkpoint is not None:
                 member.checkpoint.check_window(member.cfg.infer)
+            elif hasattr(member.network, "check_window"):  # e.g. an nnU-Net model (engine.nnunet_network)
+                member.network.check_window(member.cfg.infer)
 
 
 def normalized_weights(weights: Sequence[float] | None, n: int) -> list[float]:

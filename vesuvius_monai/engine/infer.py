@@ -5,8 +5,8 @@
 one process or a rank's share of the blocks under torchrun) builds the same :func:`volume_job` and runs it into a
 resumable store. Both run MONAI's sliding-window grid block by block (see :mod:`vesuvius_monai.engine.blockwise`):
 every window computed once, the output equal to MONAI's ``sliding_window_inference`` of the whole normalised
-volume. Probabilities are blended (not logits), as nnU-Net does. Arrays are (z, y, x); the network sees
-(B, 1, z, y, x). AMP is used on CUDA only.
+volume. Probabilities are blended (not logits), as nnU-Net v1 did (v2 blends logits). Arrays are (z, y, x); the
+network sees (B, 1, z, y, x). AMP is used on CUDA only.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from torch.func import functional_call
 from vesuvius_monai.config import Config, InferConfig
 from vesuvius_monai.data.readers import VolumeReader, sample_percentiles
 from vesuvius_monai.data.regions import Region, region_shape
-from vesuvius_monai.data.transforms import read_normalized
+from vesuvius_monai.data.transforms import normalize, read_finite
 from vesuvius_monai.engine.blockwise import ArraySink, BlockJob, MemorySpills, Predictor, run_blocks
 from vesuvius_monai.engine.device import autocast, channels_last, channels_last_state
 from vesuvius_monai.engine.support import VolumeInput, support_mask
@@ -76,6 +76,22 @@ def without_tta(cfg: Config) -> Config:
     return with_tta(cfg, [], False)
 
 
+Normalize = Callable[[np.ndarray], np.ndarray]  # raw float32 (z, y, x) -> the network's input, pointwise
+
+
+def percentile_normalizer(reader: VolumeReader, cfg: Config) -> Normalize:
+    """The project's normalisation: the volume's own percentile window (``transforms.percentiles``, sampled over
+    the whole volume: the same in every process) mapped to [0, 1]."""
+    window = sample_percentiles(reader, q=cfg.transforms.percentiles)
+    return lambda image: normalize(image, window)
+
+
+def source_normalizer(source: object, reader: VolumeReader, cfg: Config) -> Normalize:
+    """How ``source`` (a network source) wants ``reader`` normalised: its ``normalizer(reader, cfg)`` if it has
+    one (an nnU-Net model: its plan's scheme), else :func:`percentile_normalizer`."""
+    return getattr(source, "normalizer", percentile_normalizer)(reader, cfg)
+
+
 def window_grid(region: Region, icfg: InferConfig) -> WindowGrid:
     """The sliding-window grid of ``region`` with the ``infer`` window, overlap and block size."""
     return WindowGrid(region_shape(region), icfg.roi_size, icfg.overlap, icfg.block_size)
@@ -88,18 +104,17 @@ def volume_grid(reader: VolumeReader, roi: Region, icfg: InferConfig) -> tuple[W
 
 
 def volume_job(reader: VolumeReader, cfg: Config, predictor: Predictor, device: torch.device,
-               roi: Region | None = None) -> BlockJob:
+               roi: Region | None = None, norm: Normalize | None = None) -> BlockJob:
     """The engine's job of predicting ``reader`` (or its ``roi``) with ``predictor`` and the ``infer`` settings,
-    normalised with the volume's own percentile window (``transforms.percentiles``, sampled over the whole volume:
-    the same in every process). ``device``: where the predictor runs.
+    normalised by ``norm`` (default :func:`percentile_normalizer`). ``device``: where the predictor runs.
 
     The windows are those of the whole volume's grid: an ROI's prediction is the whole volume's restricted to it
     (its edge windows read their context from outside the ROI). Empty space is skipped as ``infer`` says
     (:mod:`vesuvius_monai.engine.support`)."""
     region, icfg = checked_roi(reader, roi), cfg.infer
     grid = volume_grid(reader, region, icfg)[0]
-    window = sample_percentiles(reader, q=cfg.transforms.percentiles)
-    source = VolumeInput(reader, window, grid, icfg.skip_background, support_mask(reader, icfg))
+    norm = norm or percentile_normalizer(reader, cfg)
+    source = VolumeInput(reader, norm, grid, icfg.skip_background, support_mask(reader, icfg))
     whole = region_shape(region) == grid.shape
     return BlockJob(grid, source.read, predictor, icfg.sw_batch_size, icfg.blend, icfg.sigma_scale, device,
                     roi=None if whole else region, content=source.content if source.skips else None)
@@ -124,14 +139,16 @@ def predict_source(network, reader: VolumeReader, cfg: Config, device: torch.dev
                    progress: bool = False) -> np.ndarray:
     """:func:`infer_volume` with a network source (``network.predictor(infer_cfg, device)``, see
     :mod:`vesuvius_monai.engine.networks`) instead of a model in memory: float32 (z, y, x) probabilities."""
-    return _into_memory(network.predictor(cfg.infer, device), reader, cfg, device, roi, progress)
+    return _into_memory(network.predictor(cfg.infer, device), reader, cfg, device, roi, progress,
+                        source_normalizer(network, reader, cfg))
 
 
 def _into_memory(predicting: contextlib.AbstractContextManager, reader: VolumeReader, cfg: Config,
-                 device: torch.device, roi: Region | None, progress: bool) -> np.ndarray:
-    """The block engine run into an in-memory array with the predictor that ``predicting`` yields."""
+                 device: torch.device, roi: Region | None, progress: bool, norm: Normalize | None = None) -> np.ndarray:
+    """The block engine run into an in-memory array with the predictor that ``predicting`` yields (input normalised
+    by ``norm``, default the percentile window)."""
     with predicting as predictor:
-        job = volume_job(reader, cfg, predictor, device, roi)
+        job = volume_job(reader, cfg, predictor, device, roi, norm)
         shape = region_shape(job.output_roi())
         check_memory(4 * math.prod(shape), f"{reader.path}: a float32 prediction of shape {shape}")
         sink = ArraySink(shape)
@@ -141,4 +158,4 @@ def _into_memory(predicting: contextlib.AbstractContextManager, reader: VolumeRe
 
 def load_normalized(reader: VolumeReader, percentiles: tuple[float, float]) -> np.ndarray:
     """A whole volume as inference sees it (read, checked finite, normalised): float32 (z, y, x), for figures."""
-    return read_normalized(reader, sample_percentiles(reader, q=percentiles))
+    return normalize(read_finite(reader), sample_percentiles(reader, q=percentiles))

@@ -41,6 +41,10 @@ class CheckpointNetwork:
     def predictor(self, cfg: InferConfig, device: torch.device) -> contextlib.AbstractContextManager[Predictor]:
         return evaluating(self.checkpoint.model(device), cfg, device)
 
+    def check_window(self, cfg: InferConfig) -> None:
+        """Refuse an ``infer`` window the network cannot take or whose batch does not fit (see Checkpoint)."""
+        self.checkpoint.check_window(cfg)
+
     def run_info(self) -> dict:
         """The checkpoint file and its modification time (a retrained checkpoint at the same path differs)."""
         path = Path(self.checkpoint.path).resolve()

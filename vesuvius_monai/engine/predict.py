@@ -39,7 +39,7 @@ from vesuvius_monai.engine.blockwise import RunStats, run_blocks
 from vesuvius_monai.engine.distributed import (DistContext, gather_results, init_distributed, make_wait_group,
                                                on_main, split_contiguous)
 from vesuvius_monai.engine.ensemble import Ensemble, as_ensemble, ensemble_volume
-from vesuvius_monai.engine.infer import volume_grid, volume_job
+from vesuvius_monai.engine.infer import source_normalizer, volume_grid, volume_job
 from vesuvius_monai.engine.networks import NetworkSource
 from vesuvius_monai.engine.remote_reads import log_fetched, plan_remote_reads
 from vesuvius_monai.engine.zarr_output import (check_output_store, checked_roi, export_nifti, open_work_store,
@@ -290,6 +290,8 @@ def prepare_outputs(cfg: Config, network: NetworkSource, targets: list[tuple[Pat
     opened, run_info = [], network.run_info()
     for input_path, out in targets:
         reader = _open(input_path, cfg)
+        if hasattr(network, "check_volume"):  # e.g. an nnU-Net model refuses a volume at another spacing
+            network.check_volume(reader)
         region = checked_roi(reader, roi)
         meta = output_meta(reader, region, cfg, run_info)
         opened.append((reader, region, meta, check_output_store(out, cfg.infer.out_dtype, meta, resume)))
@@ -369,7 +371,8 @@ def _run_share(network: NetworkSource, cfg: Config, work: Work, ctx: DistContext
             todo = [b for b in (sorted(blocks) if ctx.active else touching) if b not in done]
             whole = tuple(slice(0, n) for n in reader.shape)  # blocks read their context beyond an ROI
             plan_remote_reads(reader, grid, whole, todo, cfg.data.remote_cache_mb, cfg.data.remote_cache_dir)
-            job = volume_job(reader, cfg, predictor, device, volume.region)  # (reads the percentile sample)
+            job = volume_job(reader, cfg, predictor, device, volume.region,  # (reads the percentile sample)
+                             source_normalizer(network, reader, cfg))
             stats += run_blocks(job, store, store.spills(), blocks=blocks if ctx.active else None,
                                 progress=ctx.is_main)
             log_fetched(reader)

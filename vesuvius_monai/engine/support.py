@@ -13,6 +13,7 @@ once.
 from __future__ import annotations
 
 import math
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ import numpy as np
 from vesuvius_monai.config import InferConfig
 from vesuvius_monai.data.readers import VolumeReader, open_volume
 from vesuvius_monai.data.regions import Region, intersect, region_shape, relative
-from vesuvius_monai.data.transforms import normalize_read
+from vesuvius_monai.data.transforms import read_finite
 from vesuvius_monai.engine.windows import WindowGrid
 from vesuvius_monai.errors import VesuviusError
 
@@ -63,12 +64,13 @@ def support_mask(reader: VolumeReader, icfg: InferConfig) -> SupportMask | None:
 
 
 class VolumeInput:
-    """The engine's input of ``reader`` normalised with ``window``, on ``grid`` (padded coordinates, zeros where
-    MONAI pads): :meth:`read`, and :meth:`content` (None when no setting asks for empty space to be skipped)."""
+    """The engine's input of ``reader`` normalised by ``norm`` (raw float32 -> network input, pointwise), on ``grid``
+    (padded coordinates, zeros where MONAI pads): :meth:`read`, and :meth:`content` (None when no
+    setting asks for empty space to be skipped)."""
 
-    def __init__(self, reader: VolumeReader, window: tuple[float, float], grid: WindowGrid,
+    def __init__(self, reader: VolumeReader, norm: Callable[[np.ndarray], np.ndarray], grid: WindowGrid,
                  background: float | None = None, support: SupportMask | None = None) -> None:
-        self.reader, self.window, self.background, self.support = reader, window, background, support
+        self.reader, self.norm, self.background, self.support = reader, norm, background, support
         self.pad_lo = grid.pad_lo
         self.inside = tuple(slice(p, p + d) for p, d in zip(grid.pad_lo, grid.shape))
         self._raw: dict[tuple, np.ndarray] = {}  # raw values read by content(), for the read() that follows
@@ -103,7 +105,7 @@ class VolumeInput:
             return padded
         raw = self._raw.pop(_key(region), None)
         volume = self._volume(part)
-        data = normalize_read(self.reader, self.reader.read(volume) if raw is None else raw, self.window, volume)
+        data = self.norm(read_finite(self.reader, volume, raw))
         if part == region:
             return data
         padded[relative(part, region)] = data

@@ -148,6 +148,16 @@ class Checkpoint:
 
 def _read(path: Path) -> dict:
     """The plain dict of a checkpoint file, loaded with ``weights_only``."""
+    payload = load_plain(path)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise VesuviusError(f"{path} is not a vesuvius_monai checkpoint")
+    return payload
+
+
+def load_plain(path: Path) -> Any:
+    """A torch file's contents on the CPU, loaded with ``weights_only`` (tensors, plain values and the globals
+    allowed by the caller's ``torch.serialization.safe_globals``); a VesuviusError naming ``path`` for a missing,
+    corrupt or unsafe file (naming the refused global)."""
     if not path.is_file():
         raise VesuviusError(f"checkpoint not found: {path}")
     try:
@@ -162,8 +172,6 @@ def _read(path: Path) -> dict:
                             f"{f' ({detail.group(1).strip()})' if detail else ''}") from None
     except Exception as err:  # torch raises many types for a damaged file
         raise VesuviusError(f"checkpoint {path} is corrupt or not a torch file: {err}") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise VesuviusError(f"{path} is not a vesuvius_monai checkpoint")
     return payload
 
 

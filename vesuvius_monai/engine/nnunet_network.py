@@ -1,0 +1,153 @@
+"""nnU-Net v2 models as network sources of the prediction engine (see :mod:`vesuvius_monai.engine.networks`).
+
+:class:`NnunetNetwork` runs one or several folds of a trained-model folder (:mod:`vesuvius_monai.models.nnunet`)
+as nnU-Net's predictor does for one window: the logits of every fold, averaged over the mirrored copies
+(``infer.tta_flip_axes``, by default the checkpoint's ``inference_allowed_mirroring_axes``) and over the folds, then
+softmax over the classes; the window's prediction is the foreground channel's probability. The engine blends the
+windows' probabilities with MONAI's Gaussian (``sigma_scale`` 1/8, nnU-Net's); nnU-Net blends logits, so the two
+differ slightly where windows overlap. The input is normalised with the plan's scheme (:meth:`normalizer`), and
+:meth:`config_layer` gives the plan's window (patch size), step (overlap 0.5) and mirroring as the ``infer`` keys
+a user leaves out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from vesuvius_monai.config import Config, InferConfig, config_from_raw
+from vesuvius_monai.data.readers import VolumeReader, sample_regions
+from vesuvius_monai.engine.blockwise import Predictor
+from vesuvius_monai.engine.device import autocast
+from vesuvius_monai.engine.ensemble import Ensemble, Member, member_config, normalized_weights
+from vesuvius_monai.engine.infer import Normalize
+from vesuvius_monai.engine.tta import tta_predict
+from vesuvius_monai.engine.networks import CheckpointNetwork
+from vesuvius_monai.errors import VesuviusError
+from vesuvius_monai.io.checkpoint import Checkpoint
+from vesuvius_monai.models.nnunet import FoldCheckpoint, NnunetFolder, check_spacing, normalizer
+
+log = logging.getLogger(__name__)
+
+STATS_VOXELS = 8_000_000  # per-image statistics (z-score) from at most this many voxels: exact below
+
+
+@dataclass(frozen=True)
+class NnunetNetwork:
+    """Folds of an nnU-Net v2 model folder, read once; their networks are built on the device of each run."""
+
+    folder: NnunetFolder
+    folds: tuple[FoldCheckpoint, ...]
+
+    def predictor(self, cfg: InferConfig, device: torch.device) -> contextlib.AbstractContextManager[Predictor]:
+        return _predicting(self, cfg, device)
+
+    def run_info(self) -> dict:
+        """The folder, the checkpoint files and their modification times."""
+        files = [Path(f.path).resolve() for f in self.folds]
+        return {"nnunet": str(Path(self.folder.path).resolve()), "checkpoints": [str(p) for p in files],
+                "checkpoint_mtime_ns": [p.stat().st_mtime_ns for p in files]}
+
+    def check_volume(self, reader: VolumeReader) -> None:
+        """Refuse a volume at another spacing than the plan's (naming both)."""
+        check_spacing(reader.path, reader.spacing, self.folder)
+
+    def normalizer(self, reader: VolumeReader, cfg: Config) -> Normalize:
+        """The plan's normalisation of ``reader``; a volume at another spacing than the plan's is refused."""
+        self.check_volume(reader)
+        scheme = self.folder.normalization
+        if scheme == "CTNormalization":
+            return normalizer(scheme, self.folder.intensity_properties())
+        if scheme in ("ZScoreNormalization", "RescaleTo01Normalization"):
+            return normalizer(scheme, volume_statistics(reader))
+        return normalizer(scheme, {})
+
+    def config_layer(self) -> dict:
+        """The plan's inference settings as a config mapping: window = patch size, overlap 0.5 (nnU-Net's
+        tile_step_size), the first fold's mirroring axes as TTA, Gaussian blending with sigma 1/8."""
+        return {"infer": {"roi_size": list(self.folder.patch_size), "overlap": 0.5,
+                          "tta_flip_axes": list(self.folds[0].mirror_axes), "tta_rot90": False,
+                          "blend": "gaussian", "sigma_scale": 0.125}}
+
+    def check_window(self, infer: InferConfig) -> None:
+        """Refuse an ``infer.roi_size`` the network cannot take (not a multiple of its total stride per axis)."""
+        strides = self.folder.strides
+        if any(r % s for r, s in zip(infer.roi_size, strides)):
+            raise VesuviusError(f"infer.roi_size {tuple(infer.roi_size)} must be a multiple of {strides} (z, y, x) "
+                                f"for the network of {self.folder.path} (its plan's patch size is "
+                                f"{self.folder.patch_size})")
+
+
+def nnunet_network(folder: str | Path, folds: Sequence[str] | None = None,
+                   checkpoint_name: str = "checkpoint_final.pth") -> NnunetNetwork:
+    """The folds ``folds`` (default: every ``fold_*`` present, as nnU-Net does) of the model folder ``folder``,
+    averaged as one network source."""
+    model = NnunetFolder.read(folder)
+    chosen = [str(f) for f in folds] if folds else model.folds()
+    if len(set(chosen)) != len(chosen):
+        raise VesuviusError(f"--folds {' '.join(chosen)} repeats a fold")
+    network = NnunetNetwork(model, tuple(model.checkpoint(f, checkpoint_name) for f in chosen))
+    log.info("nnU-Net model %s: configuration %s, folds %s (%s)", model.path, model.configuration,
+             ", ".join(chosen), checkpoint_name)
+    return network
+
+
+def nnunet_sources(folder: str | Path, folds: Sequence[str] | None = None,
+                   checkpoint_name: str = "checkpoint_final.pth") -> list[NnunetNetwork]:
+    """One network source per fold (for an ensemble that averages its members' probabilities)."""
+    network = nnunet_network(folder, folds, checkpoint_name)
+    return [NnunetNetwork(network.folder, (fold,)) for fold in network.folds]
+
+
+def mixed_ensemble(run: Config, sources: Sequence[Checkpoint | NnunetNetwork], weights: Sequence[float] | None = None,
+                   explicit: set[str] | None = None) -> Ensemble:
+    """The ensemble of project checkpoints and nnU-Net models (each one member, its folds averaged inside) with the
+    run config ``run``, ``weights`` (None: equal) and ``run.infer.fusion``. ``explicit``: the keys the user set; each
+    member takes the others of ``ensemble.MEMBER_KEYS`` from its own checkpoint's config or its plan."""
+    members = []
+    for source, weight in zip(sources, normalized_weights(weights, len(sources))):
+        if isinstance(source, Checkpoint):
+            cfg = run if explicit is None else member_config(run, source.run_config(), explicit)
+            members.append(Member(CheckpointNetwork(source), cfg, weight, source))
+        else:
+            own = config_from_raw(source.config_layer())
+            members.append(Member(source, run if explicit is None else member_config(run, own, explicit), weight))
+    return Ensemble(tuple(members), run.infer.fusion)
+
+
+def volume_statistics(reader: VolumeReader, max_voxels: int = STATS_VOXELS) -> dict:
+    """Mean, std, min and max of a volume (float64), from at most ``max_voxels`` voxels spread over it (exact when
+    the volume is smaller). nnU-Net computes them after cropping the image to its nonzero bounding box: the same
+    for a volume without all-zero border slabs."""
+    sample = np.concatenate([reader.read(r).ravel() for r in sample_regions(reader.shape, max_voxels)])
+    sample = sample.astype(np.float64)
+    if not np.isfinite(sample).all():
+        raise VesuviusError(f"{reader.path}: volume contains NaN or infinite values")
+    return {"mean": float(sample.mean()), "std": float(sample.std()), "min": float(sample.min()),
+            "max": float(sample.max())}
+
+
+@contextlib.contextmanager
+def _predicting(source: NnunetNetwork, cfg: InferConfig, device: torch.device) -> Iterator[Predictor]:
+    """(B, 1, z, y, x) normalised windows -> (B, 1, z, y, x) foreground probabilities (see the module docstring)."""
+    networks = [source.folder.model(fold).to(device) for fold in source.folds]
+    channel = source.folder.foreground_channel
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        total = None
+        for network in networks:
+            def logits(t: torch.Tensor, network=network) -> torch.Tensor:
+                with autocast(device, cfg.amp):
+                    return network(t).float()
+
+            mean = tta_predict(logits, x, flip_axes=tuple(cfg.tta_flip_axes), rot90=cfg.tta_rot90)
+            total = mean if total is None else total + mean
+        return torch.softmax(total / len(networks), dim=1)[:, channel:channel + 1]
+
+    yield predict
