@@ -84,7 +84,7 @@ def predict(args: argparse.Namespace) -> dict:
     from vesuvius_monai.config import load_config
     from vesuvius_monai.data.readers import open_volume
     from vesuvius_monai.engine.networks import ModuleNetwork
-    from vesuvius_monai.engine.predict import predict_zarr
+    from vesuvius_monai.engine.zarr_predict import predict_zarr
     from vesuvius_monai.engine.windows import WindowGrid
 
     torch.set_num_threads(args.threads)

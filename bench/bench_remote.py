@@ -34,7 +34,8 @@ from vesuvius_monai.config import load_config  # noqa: E402
 from vesuvius_monai.data.readers import open_volume  # noqa: E402
 from vesuvius_monai.engine.infer import window_grid  # noqa: E402
 from vesuvius_monai.engine.networks import ModuleNetwork  # noqa: E402
-from vesuvius_monai.engine.predict import parse_roi, predict_zarr  # noqa: E402
+from vesuvius_monai.engine.predict import parse_roi  # noqa: E402
+from vesuvius_monai.engine.zarr_predict import predict_zarr  # noqa: E402
 from vesuvius_monai.engine.remote_reads import peak_live_chunks, planned_reads  # noqa: E402
 
 

@@ -27,7 +27,7 @@ import torch
 from _common import format_table, run_main, write_json
 from vesuvius_monai.config import load_config
 from vesuvius_monai.engine.networks import ModuleNetwork
-from vesuvius_monai.engine.predict import predict_zarr
+from vesuvius_monai.engine.zarr_predict import predict_zarr
 from vesuvius_monai.io.zarr_store import PredictionStore
 from vesuvius_monai.models import build_model
 

@@ -25,7 +25,8 @@ from vesuvius_monai.data.readers import open_volume
 from vesuvius_monai.data.remote import RemoteAddress, RemoteOptions, as_location
 from vesuvius_monai.engine.infer import window_grid
 from vesuvius_monai.engine.networks import ModuleNetwork
-from vesuvius_monai.engine.predict import folder_targets, predict_zarr
+from vesuvius_monai.engine.predict import folder_targets
+from vesuvius_monai.engine.zarr_predict import predict_zarr
 from vesuvius_monai.engine.remote_reads import peak_live_chunks, planned_reads
 from vesuvius_monai.errors import VesuviusError
 

@@ -22,7 +22,7 @@ from vesuvius_monai.data.readers import open_volume
 from vesuvius_monai.engine.blockwise import BlockJob, run_blocks
 from vesuvius_monai.engine.infer import infer_volume, load_normalized, make_predictor, volume_job
 from vesuvius_monai.engine.networks import ModuleNetwork
-from vesuvius_monai.engine.predict import predict_zarr
+from vesuvius_monai.engine.zarr_predict import predict_zarr
 from vesuvius_monai.engine.windows import WindowGrid
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.zarr_store import PredictionStore, SpillFolder

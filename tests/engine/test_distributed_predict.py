@@ -38,7 +38,7 @@ SCRIPT = r"""
 import json, os, signal, sys, time
 from pathlib import Path
 from vesuvius_monai.cli import main
-from vesuvius_monai.engine import predict as predict_module
+from vesuvius_monai.engine import zarr_predict as predict_module
 from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.zarr_store import PredictionStore
 

@@ -34,7 +34,7 @@ from vesuvius_monai.engine.distributed import (gather_results, init_distributed,
                                                split_contiguous)
 from vesuvius_monai.engine.ensemble import Ensemble, Fuser
 from vesuvius_monai.engine.infer import window_grid
-from vesuvius_monai.engine.predict import FINISH_HINT, _open, output_meta, predict_zarr
+from vesuvius_monai.engine.zarr_predict import FINISH_HINT, open_input, output_meta, predict_zarr
 from vesuvius_monai.engine.zarr_output import (check_output_store, checked_roi, export_nifti, open_work_store,
                                                output_lock, publish_store, work_path)
 from vesuvius_monai.errors import VesuviusError
@@ -80,7 +80,7 @@ def prepare_ensemble_outputs(cfg: Config, ensemble: Ensemble, targets: list[tupl
     """Check every output (before creating any), then create or resume their stores; the blocks left to fuse."""
     opened, run_info = [], ensemble.run_info()
     for input_path, out in targets:
-        reader = _open(input_path, cfg)
+        reader = open_input(input_path, cfg)
         region = checked_roi(reader, roi)
         meta = output_meta(reader, region, cfg, run_info)
         opened.append((reader, region, meta, check_output_store(out, cfg.infer.out_dtype, meta, resume)))

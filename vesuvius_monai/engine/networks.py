@@ -1,5 +1,5 @@
 """What a prediction runs: a source of the network, which the Zarr driver
-(:func:`vesuvius_monai.engine.predict.predict_zarr`) turns into a predictor on its device.
+(:func:`vesuvius_monai.engine.zarr_predict.predict_zarr`) turns into a predictor on its device.
 
 A source gives two things: ``predictor(infer_cfg, device)``, a context manager yielding the function
 (B, 1, z, y, x) -> probabilities (B, 1, z, y, x) that every window goes through (the network in eval mode, TTA

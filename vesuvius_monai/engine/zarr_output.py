@@ -5,7 +5,7 @@ to ``<out>`` once every block is written, so ``<out>`` only ever exists complete
 again resumes ``<out>.partial``; a run with other settings stops with an error naming the settings that differ.
 One run at a time writes a store: it holds the lock ``<out>.lock`` (:func:`output_lock`) from before the store is
 checked until it is published; a second run is refused meanwhile, and the lock of a killed run is taken over.
-The driver (:func:`vesuvius_monai.engine.predict.predict_zarr`) lets one process check and create every store
+The driver (:func:`vesuvius_monai.engine.zarr_predict.predict_zarr`) lets one process check and create every store
 (:func:`check_output_store`, :func:`open_work_store`) before it (or several processes, under torchrun) fills them,
 and publishes each (:func:`publish_store`) once every process writing into it has finished.
 """
