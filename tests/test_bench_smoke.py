@@ -93,6 +93,14 @@ def tiny_runs(tmp: Path) -> dict[str, tuple[list[list[str]], list[str]]]:
                             ["fetched MiB", "requests", "fetched/needed", "equal"]),
         "bench_skip_empty.py": ([["--z", "32", "--n", "96", "--out", str(tmp / "skip.json")]],
                                 ["setting", "windows run", "skipped", "seconds", "speed-up"]),
+        "bench_stack.py": ([["--steps", "6", "--members", "2", "--systems", "default", "--families", "thin",
+                             "--fragment-shape", "32", "--split", "1", "1", "1", "--data-dir", str(tmp / "data"),
+                             "--run-dir", str(tmp / "runs"), "--", "model.kwargs={init_features: 4, depth: 2}",
+                             "transforms.patch_size=[32,32,32]", "infer.roi_size=[32,32,32]",
+                             "train.batch_size=1"]],
+                           ["system / chain", "LB score", "Dice", "TopoScore"]),
+        "bench_tune_heldout.py": ([["--fragments", "4", "--size", "24", "--val", "2", "--splits", "2"]],
+                                  ["tuner", "changed base", "worse on test (score)"]),
     }
 
 
