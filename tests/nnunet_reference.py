@@ -54,8 +54,9 @@ def window_logits(nets, x: torch.Tensor, mirror_axes) -> torch.Tensor:
 
 
 def nnunet_predict(nets, image: np.ndarray, norm, patch, mirror_axes=(0, 1, 2), step: float = 0.5,
-                   channel: int = 1) -> np.ndarray:
-    """Foreground probability (float64, ``image``'s shape) as nnUNetPredictor computes it (module docstring)."""
+                   channel: int = 1, probs: bool = False) -> np.ndarray:
+    """Foreground probability (float64, ``image``'s shape) as nnUNetPredictor computes it (module docstring); with
+    ``probs`` each window's softmax is blended instead of its logits (as nnU-Net v1 did)."""
     x = norm(image.astype(np.float64)).astype(np.float32)
     diff = [max(p - d, 0) for d, p in zip(x.shape, patch)]
     x = np.pad(x, [(d // 2, d - d // 2) for d in diff])
@@ -65,9 +66,11 @@ def nnunet_predict(nets, image: np.ndarray, norm, patch, mirror_axes=(0, 1, 2), 
         for start in itertools.product(*(steps(s, p, step) for s, p in zip(x.shape, patch))):
             sl = tuple(slice(t, t + p) for t, p in zip(start, patch))
             out = window_logits(nets, torch.from_numpy(np.ascontiguousarray(x[sl]))[None, None], mirror_axes)[0]
+            out = torch.softmax(out, 0) if probs else out
             if logits is None:
                 logits = torch.zeros((out.shape[0], *x.shape), dtype=torch.float64)
             logits[(slice(None), *sl)] += out * g
             weights[sl] += g
-    probs = torch.softmax(logits / weights, 0)[channel].numpy()
-    return probs[tuple(slice(d // 2, d // 2 + s) for d, s in zip(diff, image.shape))]
+    blended = logits / weights
+    result = (blended if probs else torch.softmax(blended, 0))[channel].numpy()
+    return result[tuple(slice(d // 2, d // 2 + s) for d, s in zip(diff, image.shape))]

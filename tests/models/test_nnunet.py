@@ -119,6 +119,36 @@ def test_monai_style_mode_stays_selectable(model, tmp_path, shape):
     assert np.abs(got - nnunet_expected([nets[0]], image, ct)).max() > 1e-4
 
 
+def test_three_classes_blend_probabilities_and_refuse_logits(tmp_path):
+    """A plan of three classes: the foreground's softmax probability is blended (nnU-Net's grid and Gaussian), as
+    the reference does with probabilities; logit blending, which needs two classes, is refused naming the key."""
+    folder, nets = write_folder(tmp_path / "m", data=dataset({"background": 0, "surface": 1, "other": 2}))
+    network = nnunet_network(folder)
+    cfg = _cfg(network)
+    assert cfg.infer.blend_space == "prob" and cfg.infer.grid == "nnunet" and cfg.infer.blend == "nnunet"
+    image = np.random.default_rng(4).uniform(0, 255, (20, 27, 18))
+    predict(cfg, network, _nifti(tmp_path / "in.nii.gz", image), tmp_path / "out.nii.gz")
+    got = open_volume(tmp_path / "out.nii.gz").read()
+    expected_probs = nnunet_predict([nets[0]], image, ct, PATCH, probs=True)
+    np.testing.assert_allclose(got, expected_probs, rtol=0, atol=2e-5)
+    with pytest.raises(VesuviusError, match="infer.blend_space=logit needs a plan of two classes"):
+        predict(_cfg(network, "infer.blend_space=logit"), network, tmp_path / "in.nii.gz", tmp_path / "o.nii.gz")
+
+
+def test_skipped_windows_count_as_background_with_logit_blending(model, tmp_path):
+    """infer.skip_background with blended logits: where only skipped windows reach, the probability is ~0 (not
+    the sigmoid of 0), and far from the empty slab the prediction is nnU-Net's."""
+    folder, nets = model
+    image = np.random.default_rng(6).uniform(1, 255, (48, 20, 20))
+    image[:24] = 0
+    network = nnunet_network(folder, ["0"])
+    predict(_cfg(network, "infer.skip_background=0"), network, _nifti(tmp_path / "in.nii.gz", image),
+            tmp_path / "out.nii.gz")
+    got = open_volume(tmp_path / "out.nii.gz").read()
+    assert got[:7].max() < 1e-9  # only the windows at z 0 and 7 (all empty) reach here
+    np.testing.assert_allclose(got[38:], nnunet_expected([nets[0]], image, ct)[38:], rtol=0, atol=2e-5)
+
+
 @pytest.mark.parametrize("shape", [(23, 37, 29), (13, 8, 41)])
 def test_blockwise_zarr_two_folds_zscore(tmp_path, shape):
     """Two folds averaged, per-image z-score, block-wise Zarr of several blocks, no mirroring along z."""
