@@ -374,3 +374,24 @@ def test_slabs_of_z_planes_recompute_only_the_windows_reaching_across(tmp_path):
         assert reaching and run.recomputed == len(reaching) * len(y) * len(x)
         assert run.recomputed_blocks == sum(1 for b in planes[seam - 1] if grid.n_own_windows(b))
     assert stats[0].recomputed == 0
+
+
+@pytest.mark.parametrize("shape, block", [((30, 26, 22), (8, 8, 8)), ((11, 40, 19), (16, 16, 16))])
+def test_logit_blending_equals_sigmoid_of_monai_over_logits(tmp_path, shape, block):
+    """infer.blend_space=logit (any source): the sigmoid of MONAI's sliding window over the TTA-averaged logits,
+    whole and block-wise Zarr."""
+    net, reader = TinyNet(), save_volume(tmp_path, shape, 7)
+    cfg = make_cfg((8, 8, 8), block, overlap=0.5, tta=(0, 2))
+    cfg = dataclasses.replace(cfg, infer=dataclasses.replace(cfg.infer, blend_space="logit"))
+    image = torch.from_numpy(load_normalized(reader, cfg.transforms.percentiles))[None, None]
+    flips = [(), (2,), (4,), (2, 4)]
+
+    def logits(x):
+        return sum(torch.flip(net(torch.flip(x, f) if f else x), f) if f else net(x) for f in flips) / len(flips)
+
+    with torch.inference_mode():
+        expected = torch.sigmoid(sliding_window_inference(image, (8, 8, 8), 2, logits, overlap=0.5, mode="gaussian",
+                                                          sigma_scale=0.125))[0, 0].numpy()
+    np.testing.assert_allclose(infer_volume(net, reader, cfg, device=CPU), expected, rtol=0, atol=2e-6)
+    out = predict_store(net, reader, cfg, tmp_path / "out.zarr")
+    np.testing.assert_allclose(open_volume(out).read(), expected, rtol=0, atol=2e-6)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from monai.data.utils import compute_importance_map, dense_patch_slices
@@ -72,3 +74,28 @@ def test_spills_and_predecessors_agree():
             assert all(s.start < s.stop for s in part)
         for pred in grid.predecessors(index):
             assert all(p <= i for p, i in zip(pred, index)) and pred != index
+
+
+def nnunet_cases(n, seed=2):
+    """Random shapes (1..59), windows (2..19), blocks (1..49) and nnU-Net's overlaps (tile step 1 - overlap)."""
+    rng = np.random.default_rng(seed)
+    return [(tuple(int(v) for v in rng.integers(1, 60, 3)), tuple(int(v) for v in rng.integers(2, 20, 3)),
+             tuple(int(v) for v in rng.integers(1, 50, 3)), float(rng.choice([0, 0.25, 0.5]))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("shape, roi, block, overlap", nnunet_cases(20))
+def test_nnunet_grid_owns_each_nnunet_window_once_and_weighs_them(shape, roi, block, overlap):
+    """steps="nnunet": the windows are nnU-Net's (tests/nnunet_reference.py, on the padded shape), each owned by one
+    block, and blend "nnunet" weights sum nnU-Net's Gaussian over them."""
+    from tests.nnunet_reference import gaussian, steps
+
+    grid = WindowGrid(shape, roi, overlap, block, "nnunet")
+    padded = tuple(max(d, r) for d, r in zip(shape, roi))
+    expected = list(itertools.product(*(steps(p, r, 1 - overlap) for p, r in zip(padded, roi))))
+    owned = [w for index in grid.blocks() for batch in grid.window_batches(index, 3) for w in batch]
+    assert sorted(owned) == sorted(expected) and len(owned) == grid.n_windows
+    count, g = np.zeros(padded, dtype=np.float64), gaussian(roi)
+    for start in expected:
+        count[tuple(slice(t, t + r) for t, r in zip(start, roi))] += g
+    for index in grid.blocks():
+        np.testing.assert_allclose(grid.weights(index, "nnunet", 0.125), count[grid.block_region(index)], rtol=1e-5)

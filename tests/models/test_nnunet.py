@@ -1,5 +1,7 @@
-"""nnU-Net v2 model folders: read safely, built from the plan, predicted like nnU-Net predicts a window (the plan's
-normalisation, mirroring, softmax) through the project's engine, whole (NIfTI) and block-wise (Zarr)."""
+"""nnU-Net v2 model folders: read safely, built from the plan, predicted as nnUNetPredictor predicts (the plan's
+normalisation, mirroring, nnU-Net's window starts and Gaussian, logits blended, softmax at the end: see
+tests/nnunet_reference.py) through the project's engine, whole (NIfTI) and block-wise (Zarr); and in the MONAI-style
+mode (probabilities blended on MONAI's grid) when the user asks for it."""
 
 import itertools
 import json
@@ -17,6 +19,7 @@ from monai.inferers import sliding_window_inference
 
 from tests.helpers import error_line
 from tests.nnunet_folder import CT_PROPS, PATCH, dataset, plans, write_folder
+from tests.nnunet_reference import nnunet_predict
 from vesuvius_monai.cli import main
 from vesuvius_monai.config import config_from_raw
 from vesuvius_monai.data.readers import open_volume
@@ -29,9 +32,17 @@ from vesuvius_monai.models.nnunet import NnunetFolder, is_nnunet_folder
 SPACING = (2.0, 1.0, 1.0)
 
 
+MONAI_STYLE = ("infer.blend=gaussian", "infer.grid=monai", "infer.blend_space=prob")
+
+
+def nnunet_expected(nets, image: np.ndarray, norm, mirror_axes=(0, 1, 2)) -> np.ndarray:
+    """Independent computation of nnUNetPredictor's result (tests/nnunet_reference.py), float32."""
+    return nnunet_predict(nets, image, norm, PATCH, mirror_axes).astype(np.float32)
+
+
 def expected(nets, image: np.ndarray, norm, mirror_axes=(0, 1, 2), overlap=0.5) -> np.ndarray:
-    """Independent computation: ``norm`` by hand, MONAI's sliding window (Gaussian, sigma 1/8) over a predictor
-    that averages every fold's logits over all mirrorings, then softmax; channel 1."""
+    """Independent computation of the MONAI-style mode: ``norm`` by hand, MONAI's sliding window (Gaussian, sigma
+    1/8) over a predictor that averages every fold's logits over all mirrorings, then softmax; channel 1."""
     axes = [a + 2 for a in mirror_axes]
     flips = [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
 
@@ -84,7 +95,7 @@ def model(tmp_path_factory):
 
 
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(shape=st.tuples(st.integers(9, 30), st.integers(9, 30), st.integers(9, 30)), seed=st.integers(0, 99))
+@given(shape=st.tuples(st.integers(9, 40), st.integers(9, 40), st.integers(9, 40)), seed=st.integers(0, 99))
 def test_whole_nifti_equals_the_independent_computation(model, tmp_path_factory, shape, seed):
     folder, nets = model
     image = np.random.default_rng(seed).uniform(0, 255, shape)
@@ -92,7 +103,50 @@ def test_whole_nifti_equals_the_independent_computation(model, tmp_path_factory,
     network = nnunet_network(folder, ["0"])
     predict(_cfg(network), network, _nifti(tmp / "in.nii.gz", image), tmp / "out.nii.gz")
     got = open_volume(tmp / "out.nii.gz").read()
+    np.testing.assert_allclose(got, nnunet_expected([nets[0]], image, ct), rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("shape", [(27, 13, 35), (30, 9, 20)])
+def test_monai_style_mode_stays_selectable(model, tmp_path, shape):
+    """infer.blend=gaussian, grid=monai, blend_space=prob: MONAI's sliding window over the windows' probabilities,
+    which differs from nnU-Net's where windows overlap."""
+    folder, nets = model
+    image = np.random.default_rng(5).uniform(0, 255, shape)
+    network = nnunet_network(folder, ["0"])
+    predict(_cfg(network, *MONAI_STYLE), network, _nifti(tmp_path / "in.nii.gz", image), tmp_path / "out.nii.gz")
+    got = open_volume(tmp_path / "out.nii.gz").read()
     np.testing.assert_allclose(got, expected([nets[0]], image, ct), rtol=0, atol=2e-5)
+    assert np.abs(got - nnunet_expected([nets[0]], image, ct)).max() > 1e-4
+
+
+def test_three_classes_blend_probabilities_and_refuse_logits(tmp_path):
+    """A plan of three classes: the foreground's softmax probability is blended (nnU-Net's grid and Gaussian), as
+    the reference does with probabilities; logit blending, which needs two classes, is refused naming the key."""
+    folder, nets = write_folder(tmp_path / "m", data=dataset({"background": 0, "surface": 1, "other": 2}))
+    network = nnunet_network(folder)
+    cfg = _cfg(network)
+    assert cfg.infer.blend_space == "prob" and cfg.infer.grid == "nnunet" and cfg.infer.blend == "nnunet"
+    image = np.random.default_rng(4).uniform(0, 255, (20, 27, 18))
+    predict(cfg, network, _nifti(tmp_path / "in.nii.gz", image), tmp_path / "out.nii.gz")
+    got = open_volume(tmp_path / "out.nii.gz").read()
+    expected_probs = nnunet_predict([nets[0]], image, ct, PATCH, probs=True)
+    np.testing.assert_allclose(got, expected_probs, rtol=0, atol=2e-5)
+    with pytest.raises(VesuviusError, match="infer.blend_space=logit needs a plan of two classes"):
+        predict(_cfg(network, "infer.blend_space=logit"), network, tmp_path / "in.nii.gz", tmp_path / "o.nii.gz")
+
+
+def test_skipped_windows_count_as_background_with_logit_blending(model, tmp_path):
+    """infer.skip_background with blended logits: where only skipped windows reach, the probability is ~0 (not
+    the sigmoid of 0), and far from the empty slab the prediction is nnU-Net's."""
+    folder, nets = model
+    image = np.random.default_rng(6).uniform(1, 255, (48, 20, 20))
+    image[:24] = 0
+    network = nnunet_network(folder, ["0"])
+    predict(_cfg(network, "infer.skip_background=0"), network, _nifti(tmp_path / "in.nii.gz", image),
+            tmp_path / "out.nii.gz")
+    got = open_volume(tmp_path / "out.nii.gz").read()
+    assert got[:7].max() < 1e-9  # only the windows at z 0 and 7 (all empty) reach here
+    np.testing.assert_allclose(got[38:], nnunet_expected([nets[0]], image, ct)[38:], rtol=0, atol=2e-5)
 
 
 @pytest.mark.parametrize("shape", [(23, 37, 29), (13, 8, 41)])
@@ -106,7 +160,7 @@ def test_blockwise_zarr_two_folds_zscore(tmp_path, shape):
     cfg = _cfg(network, "infer.block_size=[16,16,16]")
     predict(cfg, network, _nifti(tmp_path / "in.nii.gz", image), tmp_path / "out.zarr")
     got = open_volume(tmp_path / "out.zarr").read()
-    np.testing.assert_allclose(got, expected([nets[0], nets[1]], image, zscore, (1, 2)), rtol=0, atol=2e-5)
+    np.testing.assert_allclose(got, nnunet_expected([nets[0], nets[1]], image, zscore, (1, 2)), rtol=0, atol=2e-5)
 
 
 def test_cli_predict_takes_the_folder(model, tmp_path, capsys):
@@ -115,7 +169,7 @@ def test_cli_predict_takes_the_folder(model, tmp_path, capsys):
     source = _nifti(tmp_path / "in.nii.gz", image)
     assert main(["predict", "--checkpoint", str(folder), "--folds", "1", "--input", str(source), "--output",
                  str(tmp_path / "out.zarr"), "infer.out_dtype=float32", "infer.device=cpu"]) == 0
-    np.testing.assert_allclose(open_volume(tmp_path / "out.zarr").read(), expected([nets[1]], image, ct),
+    np.testing.assert_allclose(open_volume(tmp_path / "out.zarr").read(), nnunet_expected([nets[1]], image, ct),
                                rtol=0, atol=2e-5)
     assert main(["predict", "--checkpoint", str(tmp_path / "in.nii.gz"), "--folds", "1", "--input", str(source),
                  "--output", str(tmp_path / "o.zarr")]) == 2
@@ -214,7 +268,7 @@ def test_torchrun_two_ranks_share_the_blocks(model, tmp_path):
                            str(script)], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 processes:" in done.stderr
-    np.testing.assert_allclose(open_volume(tmp_path / "out.zarr").read(), expected([nets[0]], image, ct),
+    np.testing.assert_allclose(open_volume(tmp_path / "out.zarr").read(), nnunet_expected([nets[0]], image, ct),
                                rtol=0, atol=2e-5)
 
 

@@ -258,8 +258,10 @@ class InferConfig:
     roi_size: Triple = (64, 64, 64)
     overlap: float = 0.25
     sw_batch_size: int = 2
-    blend: str = "gaussian"  # gaussian | constant
+    blend: str = "gaussian"  # gaussian | constant (MONAI's importance maps) | nnunet (nnU-Net v2's Gaussian)
     sigma_scale: float = 0.125
+    grid: str = "monai"  # window starts: monai (sliding_window_inference's) | nnunet (nnU-Net v2's, step 1 - overlap)
+    blend_space: str = "prob"  # blend each window's probabilities, or its logits (sigmoid once after blending)
     tta_flip_axes: list[int] = field(default_factory=lambda: [0, 1, 2])  # any of 0 (z), 1 (y), 2 (x); [] for none
     tta_rot90: bool = False
     block_size: Triple = (192, 192, 192)  # inference blocks: rounded up to multiples of the stride, >= the window
@@ -289,7 +291,9 @@ class InferConfig:
         require(min(self.block_size) >= 1, "infer.block_size", f"every size must be >= 1, got {self.block_size}")
         finite("infer.sigma_scale", self.sigma_scale, 0.0, open_low=True)
         require(self.sw_batch_size >= 1, "infer.sw_batch_size", f"must be >= 1, got {self.sw_batch_size}")
-        choice("infer.blend", self.blend, ("gaussian", "constant"))
+        choice("infer.blend", self.blend, ("gaussian", "constant", "nnunet"))
+        choice("infer.grid", self.grid, ("monai", "nnunet"))
+        choice("infer.blend_space", self.blend_space, ("prob", "logit"))
         require(set(self.tta_flip_axes) <= {0, 1, 2} and len(set(self.tta_flip_axes)) == len(self.tta_flip_axes),
                 "infer.tta_flip_axes", f"distinct axes 0, 1 or 2, got {self.tta_flip_axes}")
         choice("infer.out_dtype", self.out_dtype, ("uint8", "float16", "float32"))

@@ -23,6 +23,10 @@ function (:mod:`vesuvius_monai.engine.support`), only windows whose input holds 
 contributes nothing to the sums but keeps its blending weight: the output is that of a network predicting 0 on it.
 An ROI's output is thus the whole volume's prediction restricted to the ROI (same grid, same windows).
 
+The predictor's values need not be probabilities: a job with ``finish`` blends whatever it returns (e.g. logits,
+as nnU-Net v2 does) and applies ``finish`` pointwise to each blended block before the sink sees it; a skipped
+window then counts as predicting the job's ``empty`` value (e.g. a large negative logit) instead of 0.
+
 Several processes share a volume by each predicting a set of blocks (``run_blocks(blocks=...)``, see
 :mod:`vesuvius_monai.engine.predict`: contiguous slabs of z-planes of blocks). A predecessor that another process
 owns and has not finished yet has left no spill: its spilling z-planes of windows are recomputed here (same
@@ -122,7 +126,9 @@ class BlockJob:
 
     ``roi``: the part of the volume (volume coordinates) written to the sink, whose origin is the ROI's first voxel
     (None: the whole volume). ``content``: where the input holds scroll (None: everywhere); windows without any are
-    skipped (see the module docstring)."""
+    skipped (see the module docstring). ``finish``: a pointwise map of each blended block (float32 array -> same
+    shape) applied before it is written (None: none; the blend is the output); ``empty``: what a skipped window
+    counts as predicting (see the module docstring)."""
 
     grid: WindowGrid
     read: Reader
@@ -133,6 +139,8 @@ class BlockJob:
     device: torch.device
     roi: Region | None = None
     content: Content | None = None
+    finish: Callable[[np.ndarray], np.ndarray] | None = None
+    empty: float = 0.0
 
     def output_roi(self) -> Region:
         """The region written (volume coordinates)."""
@@ -190,13 +198,23 @@ def window_sums(job: BlockJob, region: Region, image: np.ndarray, batches: list[
 
 
 def kept_batches(job: BlockJob, region: Region, batches: list[list[Triple]],
-                 content: np.ndarray | None) -> tuple[list[list[Triple]], int]:
-    """``batches`` less the windows not run (:meth:`BlockJob.runs`; ``content`` over ``region``), and how many."""
+                 content: np.ndarray | None) -> tuple[list[list[Triple]], list[Triple]]:
+    """``batches`` less the windows not run (:meth:`BlockJob.runs`; ``content`` over ``region``), and those."""
     if content is None and not job.roi:
-        return batches, 0
+        return batches, []
     origin = tuple(s.start for s in region)
     kept = [[s for s in b if job.runs(s, origin, content)] for b in batches]  # type: ignore[arg-type]
-    return [b for b in kept if b], sum(len(b) for b in batches) - sum(len(b) for b in kept)
+    return [b for b in kept if b], [s for b in batches for s in b if not job.runs(s, origin, content)]
+
+
+def add_skipped(job: BlockJob, sums: np.ndarray, region: Region, starts: list[Triple]) -> np.ndarray:
+    """``sums`` (over ``region``) plus ``weight * job.empty`` over each skipped window at ``starts``; in place, and
+    nothing at all when ``job.empty`` is 0."""
+    if job.empty and starts:
+        filled = importance(job.grid.window, job.blend, float(job.sigma_scale)) * np.float32(job.empty)
+        for s in starts:
+            sums[tuple(slice(t - r.start, t - r.start + w) for t, r, w in zip(s, region, job.grid.window))] += filled
+    return sums
 
 
 def block_sums(job: BlockJob, index: Triple, loaded: tuple | None,
@@ -209,13 +227,16 @@ def block_sums(job: BlockJob, index: Triple, loaded: tuple | None,
     """
     extent = job.grid.extent(index)
     image, content = loaded or (None, None)
-    batches, skipped = kept_batches(job, extent, job.grid.window_batches(index, job.batch), content)
+    own = job.grid.window_batches(index, job.batch)
+    batches, skipped = kept_batches(job, extent, own, content)
     if image is None or not batches:
-        on_batch(job.grid.n_own_windows(index) if loaded else 0)
-        return np.zeros(region_shape(extent), dtype=np.float32), (0, job.grid.n_own_windows(index) if loaded else 0)
-    on_batch(skipped)
+        n = job.grid.n_own_windows(index) if loaded else 0
+        on_batch(n)
+        sums = np.zeros(region_shape(extent), dtype=np.float32)
+        return add_skipped(job, sums, extent, [s for b in own for s in b] if loaded else []), (0, n)
+    on_batch(len(skipped))
     run = sum(len(b) for b in batches)
-    return window_sums(job, extent, image, batches, on_batch), (run, skipped)
+    return add_skipped(job, window_sums(job, extent, image, batches, on_batch), extent, skipped), (run, len(skipped))
 
 
 def finish_block(job: BlockJob, index: Triple, sums: np.ndarray, spills: Spills, sink: Sink,
@@ -233,6 +254,8 @@ def finish_block(job: BlockJob, index: Triple, sums: np.ndarray, spills: Spills,
     for succ, part in grid.successors(index):
         spills.put((index, succ), sums[relative(part, extent)])
     total /= grid.weights(index, job.blend, job.sigma_scale)
+    if job.finish is not None:
+        total = job.finish(total)
     region, crop = job.output(index) or grid.output_region(index)
     if windows is not None and hasattr(sink, "note_windows"):
         sink.note_windows(index, *windows)
@@ -330,14 +353,15 @@ def run_blocks(job: BlockJob, sink: Sink, spills: Spills, *, blocks: list[Triple
         if loaded is None:
             return None
         region, (image, content) = grid.planes_region(task.source, task.planes), loaded
-        batches = [b for b in grid.window_batches(task.source, job.batch) if b[0][0] in task.planes]
-        batches, skipped = kept_batches(job, region, batches, content)
-        bar.update(skipped)
+        planes = [b for b in grid.window_batches(task.source, job.batch) if b[0][0] in task.planes]
+        batches, skipped = kept_batches(job, region, planes, content)
+        bar.update(len(skipped))
         stats.recomputed += sum(len(b) for b in batches)
         stats.recomputed_blocks += 1
         if image is None or not batches:
-            return np.zeros(region_shape(region), dtype=np.float32)
-        return window_sums(job, region, image, batches, bar.update)
+            return add_skipped(job, np.zeros(region_shape(region), dtype=np.float32), region,
+                               [s for b in planes for s in b])
+        return add_skipped(job, window_sums(job, region, image, batches, bar.update), region, skipped)
 
     def finish(task: Triple | Recompute, result: tuple | np.ndarray | None) -> None:
         if not isinstance(task, Recompute):

@@ -45,7 +45,7 @@ FUSIONS = ("prob", "logit")
 LOGIT_EPS = 1e-6  # probabilities are clipped to [eps, 1 - eps] before their logit: |logit| <= 13.8
 # the settings a member keeps from its own checkpoint unless the user sets them (for every member)
 MEMBER_KEYS = ("infer.roi_size", "infer.overlap", "infer.blend", "infer.sigma_scale", "infer.tta_flip_axes",
-               "infer.tta_rot90", "transforms.percentiles")
+               "infer.tta_rot90", "transforms.percentiles", "infer.grid", "infer.blend_space")
 
 
 @dataclass(frozen=True)

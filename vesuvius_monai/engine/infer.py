@@ -5,8 +5,9 @@
 one process or a rank's share of the blocks under torchrun) builds the same :func:`volume_job` and runs it into a
 resumable store. Both run MONAI's sliding-window grid block by block (see :mod:`vesuvius_monai.engine.blockwise`):
 every window computed once, the output equal to MONAI's ``sliding_window_inference`` of the whole normalised
-volume. Probabilities are blended (not logits), as nnU-Net v1 did (v2 blends logits). Arrays are (z, y, x); the
-network sees (B, 1, z, y, x). AMP is used on CUDA only.
+volume. Probabilities are blended (not logits), as nnU-Net v1 did; with ``infer.blend_space=logit`` the windows'
+(TTA-averaged) logits are blended and the sigmoid applied once after, as nnU-Net v2 does (:func:`logit_finish`).
+Arrays are (z, y, x); the network sees (B, 1, z, y, x). AMP is used on CUDA only.
 """
 
 from __future__ import annotations
@@ -34,17 +35,22 @@ from vesuvius_monai.engine.zarr_output import checked_roi
 from vesuvius_monai.io.memory import check_memory
 
 
+EMPTY_LOGIT = -30.0  # blend_space logit: what a skipped window counts as predicting (sigmoid ~ 1e-13)
+
+
 def make_predictor(model: nn.Module, cfg: InferConfig, device: torch.device, amp: bool = True) -> Predictor:
-    """(B, 1, z, y, x) tensor -> probabilities of the same shape, float32, averaged over the TTA set.
+    """(B, 1, z, y, x) tensor -> probabilities of the same shape, float32, averaged over the TTA set (with
+    ``infer.blend_space=logit``: the logits, averaged over the TTA set).
 
     The network runs in channels-last-3D layout (weights copied once here, input per call).
     """
     state = channels_last_state(model)
+    logit_space = cfg.blend_space == "logit"
 
     def probs(x: torch.Tensor) -> torch.Tensor:
         with autocast(device, amp):
             logits = functional_call(model, state, (channels_last(x),))
-        return torch.sigmoid(logits.float())
+        return logits.float() if logit_space else torch.sigmoid(logits.float())
 
     def predict(x: torch.Tensor) -> torch.Tensor:
         return tta_predict(probs, x, flip_axes=tuple(cfg.tta_flip_axes), rot90=cfg.tta_rot90)
@@ -93,8 +99,13 @@ def source_normalizer(source: object, reader: VolumeReader, cfg: Config) -> Norm
 
 
 def window_grid(region: Region, icfg: InferConfig) -> WindowGrid:
-    """The sliding-window grid of ``region`` with the ``infer`` window, overlap and block size."""
-    return WindowGrid(region_shape(region), icfg.roi_size, icfg.overlap, icfg.block_size)
+    """The sliding-window grid of ``region`` with the ``infer`` window, overlap, block size and starts (``grid``)."""
+    return WindowGrid(region_shape(region), icfg.roi_size, icfg.overlap, icfg.block_size, icfg.grid)
+
+
+def logit_finish(blended: np.ndarray) -> np.ndarray:
+    """The sigmoid of blended logits (float32, any shape): the probabilities of ``infer.blend_space=logit``."""
+    return torch.sigmoid(torch.from_numpy(blended)).numpy()
 
 
 def volume_grid(reader: VolumeReader, roi: Region, icfg: InferConfig) -> tuple[WindowGrid, list]:
@@ -116,8 +127,9 @@ def volume_job(reader: VolumeReader, cfg: Config, predictor: Predictor, device: 
     norm = norm or percentile_normalizer(reader, cfg)
     source = VolumeInput(reader, norm, grid, icfg.skip_background, support_mask(reader, icfg))
     whole = region_shape(region) == grid.shape
+    logits = {"finish": logit_finish, "empty": EMPTY_LOGIT} if icfg.blend_space == "logit" else {}
     return BlockJob(grid, source.read, predictor, icfg.sw_batch_size, icfg.blend, icfg.sigma_scale, device,
-                    roi=None if whole else region, content=source.content if source.skips else None)
+                    roi=None if whole else region, content=source.content if source.skips else None, **logits)
 
 
 def infer_volume(model: nn.Module, reader: VolumeReader, cfg: Config, *, device: torch.device | None = None,

@@ -1,13 +1,18 @@
 """nnU-Net v2 models as network sources of the prediction engine (see :mod:`vesuvius_monai.engine.networks`).
 
 :class:`NnunetNetwork` runs one or several folds of a trained-model folder (:mod:`vesuvius_monai.models.nnunet`)
-as nnU-Net's predictor does for one window: the logits of every fold, averaged over the mirrored copies
-(``infer.tta_flip_axes``, by default the checkpoint's ``inference_allowed_mirroring_axes``) and over the folds, then
-softmax over the classes; the window's prediction is the foreground channel's probability. The engine blends the
-windows' probabilities with MONAI's Gaussian (``sigma_scale`` 1/8, nnU-Net's); nnU-Net blends logits, so the two
-differ slightly where windows overlap. The input is normalised with the plan's scheme (:meth:`normalizer`), and
-:meth:`config_layer` gives the plan's window (patch size), step (overlap 0.5) and mirroring as the ``infer`` keys
-a user leaves out.
+as nnU-Net's predictor does: the logits of every fold, averaged over the mirrored copies (``infer.tta_flip_axes``,
+by default the checkpoint's ``inference_allowed_mirroring_axes``) and over the folds.
+
+By default (:meth:`NnunetNetwork.config_layer`) the result is nnU-Net v2's ``nnUNetPredictor``'s: its window
+starts (``infer.grid=nnunet``), its Gaussian (``infer.blend=nnunet``) and its blending of logits, softmax once at
+the end (``infer.blend_space=logit``). For a plan of two classes the softmax of blended logits is the sigmoid of the
+blended logit difference (blending is linear, with the same weights for both), so a window's prediction is
+``l_fg - l_bg`` and the engine applies the sigmoid after blending. A plan of more classes blends each window's
+softmax probability of the foreground instead (``blend_space=prob``; logit blending is refused for it). With
+``blend_space=prob`` the window's prediction is that probability, as nnU-Net v1 blended. The input is normalised
+with the plan's scheme (:meth:`normalizer`), and :meth:`config_layer` gives the plan's window (patch size), step
+(overlap 0.5) and mirroring as the ``infer`` keys a user leaves out.
 """
 
 from __future__ import annotations
@@ -68,15 +73,30 @@ class NnunetNetwork:
             return normalizer(scheme, volume_statistics(reader))
         return normalizer(scheme, {})
 
+    @property
+    def binary(self) -> bool:
+        """Whether the plan has two classes (background and foreground): logits can be blended exactly."""
+        return len(self.folder.labels) == 2
+
     def config_layer(self) -> dict:
         """The plan's inference settings as a config mapping: window = patch size, overlap 0.5 (nnU-Net's
-        tile_step_size), the first fold's mirroring axes as TTA, Gaussian blending with sigma 1/8."""
+        tile_step_size), the first fold's mirroring axes as TTA, and nnU-Net's window starts, Gaussian (sigma 1/8)
+        and logit blending (probabilities for a plan of more than two classes, see the module docstring)."""
+        if not self.binary:
+            log.info("%s: %d classes: the windows' foreground probabilities are blended (nnU-Net blends every "
+                     "class's logits), so the result differs slightly from nnU-Net's where windows overlap",
+                     self.folder.path, len(self.folder.labels))
         return {"infer": {"roi_size": list(self.folder.patch_size), "overlap": 0.5,
                           "tta_flip_axes": list(self.folds[0].mirror_axes), "tta_rot90": False,
-                          "blend": "gaussian", "sigma_scale": 0.125}}
+                          "blend": "nnunet", "sigma_scale": 0.125, "grid": "nnunet",
+                          "blend_space": "logit" if self.binary else "prob"}}
 
     def check_window(self, infer: InferConfig) -> None:
-        """Refuse an ``infer.roi_size`` the network cannot take (not a multiple of its total stride per axis)."""
+        """Refuse an ``infer.roi_size`` the network cannot take (not a multiple of its total stride per axis), and
+        logit blending for a plan of more than two classes."""
+        if infer.blend_space == "logit" and not self.binary:
+            raise VesuviusError(f"infer.blend_space=logit needs a plan of two classes; {self.folder.path} has "
+                                f"{len(self.folder.labels)}: use infer.blend_space=prob")
         strides = self.folder.strides
         if any(r % s for r, s in zip(infer.roi_size, strides)):
             raise VesuviusError(f"infer.roi_size {tuple(infer.roi_size)} must be a multiple of {strides} (z, y, x) "
@@ -135,9 +155,12 @@ def volume_statistics(reader: VolumeReader, max_voxels: int = STATS_VOXELS) -> d
 
 @contextlib.contextmanager
 def _predicting(source: NnunetNetwork, cfg: InferConfig, device: torch.device) -> Iterator[Predictor]:
-    """(B, 1, z, y, x) normalised windows -> (B, 1, z, y, x) foreground probabilities (see the module docstring)."""
+    """(B, 1, z, y, x) normalised windows -> (B, 1, z, y, x) foreground probabilities, or with
+    ``infer.blend_space=logit`` foreground minus background logits (see the module docstring)."""
+    source.check_window(cfg)
     networks = [source.folder.model(fold).to(device) for fold in source.folds]
     channel = source.folder.foreground_channel
+    logit_space = cfg.blend_space == "logit"
 
     def predict(x: torch.Tensor) -> torch.Tensor:
         total = None
@@ -148,6 +171,8 @@ def _predicting(source: NnunetNetwork, cfg: InferConfig, device: torch.device) -
 
             mean = tta_predict(logits, x, flip_axes=tuple(cfg.tta_flip_axes), rot90=cfg.tta_rot90)
             total = mean if total is None else total + mean
+        if logit_space:
+            return (total[:, channel:channel + 1] - total[:, 1 - channel:2 - channel]) / len(networks)
         return torch.softmax(total / len(networks), dim=1)[:, channel:channel + 1]
 
     yield predict

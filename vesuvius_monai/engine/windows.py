@@ -3,7 +3,10 @@
 The windows are MONAI's own grid (``sliding_window_inference``): a volume axis shorter than the window is padded
 to the window (``pad_lo = (window - size) // 2`` zeros before it), the stride is MONAI's ``_get_scan_interval``
 and the starts come from MONAI's ``dense_patch_slices``, one axis at a time (the 3D grid is their product):
-0, s, 2s, ... plus a last window flush with the end. All positions here are in *padded* coordinates.
+0, s, 2s, ... plus a last window flush with the end. All positions here are in *padded* coordinates. With
+``steps="nnunet"`` the starts are nnU-Net v2's instead (:func:`nnunet_starts`, its
+``compute_steps_for_sliding_window``: as many windows, spread evenly); the padding is the same (nnU-Net's
+``pad_nd_image`` also puts ``(window - size) // 2`` zeros before an axis shorter than the window).
 
 Blocks tile the padded volume with an edge that is a multiple of the stride and at least one window (an axis
 with a single window is one block), so block boundaries are window starts. A block owns the windows whose start
@@ -23,6 +26,7 @@ import numpy as np
 import torch
 from monai.data.utils import compute_importance_map, dense_patch_slices
 from monai.inferers.utils import _get_scan_interval
+from scipy.ndimage import gaussian_filter
 
 from vesuvius_monai.data.regions import BlockIndices, Region, Triple, intersect, region_shape, relative
 from vesuvius_monai.errors import VesuviusError
@@ -82,11 +86,25 @@ def axis_steps(size: int, window: int, overlap: float, block: int) -> tuple[int,
     return stride, edge
 
 
-def make_axis(size: int, window: int, overlap: float, block: int) -> Axis:
-    """The axis of MONAI's grid for a volume axis of ``size``; ``block`` is rounded up (see module docstring)."""
+def nnunet_starts(size: int, window: int, step: float) -> tuple[int, ...]:
+    """nnU-Net v2's window starts along an axis of (padded) ``size`` >= ``window`` with ``tile_step_size`` ``step``
+    (``compute_steps_for_sliding_window``): ceil((size - window) / (window * step)) + 1 windows, the i-th at
+    round(i * (size - window) / (n - 1)) (numpy's rounding, half to even)."""
+    n = int(np.ceil((size - window) / (window * step))) + 1
+    if n == 1:
+        return (0,)
+    return tuple(int(np.round((size - window) / (n - 1) * i)) for i in range(n))
+
+
+def make_axis(size: int, window: int, overlap: float, block: int, steps: str = "monai") -> Axis:
+    """The axis of the grid (``steps`` "monai" or "nnunet") for a volume axis of ``size``; ``block`` is rounded up
+    (see module docstring). Blocks need only be at least a window long, so either set of starts suits them."""
     padded = max(size, window)
     stride, edge = axis_steps(size, window, overlap, block)
-    starts = tuple(int(s[0].start) for s in dense_patch_slices((padded,), (window,), (stride,)))
+    if steps == "nnunet":
+        starts = nnunet_starts(padded, window, 1.0 - overlap)
+    else:
+        starts = tuple(int(s[0].start) for s in dense_patch_slices((padded,), (window,), (stride,)))
     return Axis(size=size, window=window, stride=stride, pad_lo=(padded - size) // 2, starts=starts, block=edge)
 
 
@@ -107,16 +125,17 @@ class WindowGrid:
     """MONAI's sliding-window grid of a (z, y, x) volume, cut into blocks (see the module docstring).
 
     ``shape``: the volume (z, y, x); ``window``: the window size; ``overlap``: MONAI's overlap in [0, 1);
-    ``block``: wanted block edges (rounded up to multiples of the stride, at least one window). A grid of more than
+    ``block``: wanted block edges (rounded up to multiples of the stride, at least one window); ``steps``:
+    "monai" (MONAI's starts) or "nnunet" (nnU-Net v2's, tile step 1 - overlap). A grid of more than
     :data:`MAX_BLOCKS` blocks, or with blocks too large for memory, is refused before anything is listed.
     """
 
-    def __init__(self, shape: Triple, window: Triple, overlap: float, block: Triple) -> None:
+    def __init__(self, shape: Triple, window: Triple, overlap: float, block: Triple, steps: str = "monai") -> None:
         self.shape = tuple(int(d) for d in shape)
         self.window = tuple(int(w) for w in window)
-        steps = [axis_steps(d, w, overlap, b) for d, w, b in zip(self.shape, self.window, block)]
-        check_blocks(self.shape, self.window, tuple(edge for _, edge in steps))  # type: ignore[arg-type]
-        self.axes = tuple(make_axis(d, w, overlap, b) for d, w, b in zip(self.shape, self.window, block))
+        edges = tuple(axis_steps(d, w, overlap, b)[1] for d, w, b in zip(self.shape, self.window, block))
+        check_blocks(self.shape, self.window, edges)  # type: ignore[arg-type]
+        self.axes = tuple(make_axis(d, w, overlap, b, steps) for d, w, b in zip(self.shape, self.window, block))
 
     @property
     def block_size(self) -> Triple:
@@ -230,9 +249,24 @@ class WindowGrid:
 
 @functools.lru_cache(maxsize=8)
 def importance(window: Triple, mode: str, sigma_scale: float) -> np.ndarray:
-    """MONAI's importance map of one window (float32, (z, y, x)), as ``sliding_window_inference`` builds it."""
+    """The importance map of one window (float32, (z, y, x)): MONAI's, as ``sliding_window_inference`` builds it
+    (``mode`` "gaussian" or "constant"), or nnU-Net v2's Gaussian (``mode`` "nnunet", :func:`nnunet_gaussian`)."""
+    if mode == "nnunet":
+        return nnunet_gaussian(window, sigma_scale)
     return compute_importance_map(window, mode=mode, sigma_scale=sigma_scale, device="cpu",
                                   dtype=torch.float32).numpy()
+
+
+def nnunet_gaussian(window: Triple, sigma_scale: float) -> np.ndarray:
+    """nnU-Net v2's ``compute_gaussian`` in float32 (nnU-Net casts to float16): a unit delta at voxel
+    ``window // 2`` filtered by scipy's ``gaussian_filter`` (sigma ``window * sigma_scale``, mode constant, float64),
+    scaled to a peak of 10, zeros raised to the smallest nonzero value. (z, y, x) of ``window``."""
+    delta = np.zeros(window, dtype=np.float64)
+    delta[tuple(w // 2 for w in window)] = 1.0
+    gauss = gaussian_filter(delta, [w * sigma_scale for w in window], 0, mode="constant", cval=0)
+    gauss = (gauss / gauss.max() * 10).astype(np.float32)
+    gauss[gauss == 0] = gauss[gauss != 0].min()
+    return gauss
 
 
 @functools.lru_cache(maxsize=2)  # interior blocks repeat; each entry is a block of float32
