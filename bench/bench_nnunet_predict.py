@@ -14,11 +14,11 @@ predicted
 Each side runs in its own process (peak host RSS from ``getrusage``, peak GPU memory from
 ``torch.cuda.max_memory_allocated``); the foreground probabilities are compared voxel by voxel (max and mean
 absolute difference). The window grids coincide when (n - patch) is a multiple of patch / 2 (as for 320 and 512 with
-the default plan's 128). Known differences: nnU-Net blends logits and softmaxes once, this engine blends each
-window's probabilities; nnU-Net's Gaussian is centred on voxel patch // 2 and never clamped, MONAI's on
-(patch - 1) / 2 with weights below 1e-3 of its peak raised to 1e-3; nnU-Net sums the weighted logits and the weights
-in float16, which near the volume's edges and corners (where only a window's tails reach, weights ~1e-7 of the peak)
-leaves a few bits of precision (``--nnunet-fp32`` sums in float32 instead, to tell the causes apart). The
+the default plan's 128). By default the project reproduces nnUNetPredictor (nnU-Net's window starts,
+its Gaussian, logit blending with one softmax at the end: ``infer.grid=nnunet``, ``infer.blend=nnunet``,
+``infer.blend_space=logit``); what remains is nnU-Net's float16 sums of the weighted logits and weights, which near
+the volume's edges and corners (where only a window's tails reach, weights ~1e-10 of the peak) leave a few bits of
+precision (``--nnunet-fp32`` sums in float32 instead, to tell the causes apart).The
 difference is printed over the whole volume and beyond a quarter patch of its faces.
 
 Usage::
