@@ -17,6 +17,7 @@ percentile sample (over the whole volume, also for an ROI). ``fetched``: chunk b
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import sys
 import tempfile
@@ -32,7 +33,10 @@ from loopback import LoopbackServer  # noqa: E402
 
 from vesuvius_monai.config import load_config  # noqa: E402
 from vesuvius_monai.data.readers import open_volume  # noqa: E402
+from vesuvius_monai.data.readers import SAMPLE_VOXELS, sample_regions  # noqa: E402
+from vesuvius_monai.data.regions import intersect, shift_region  # noqa: E402
 from vesuvius_monai.engine.infer import window_grid  # noqa: E402
+from vesuvius_monai.engine.zarr_output import checked_roi  # noqa: E402
 from vesuvius_monai.engine.networks import ModuleNetwork  # noqa: E402
 from vesuvius_monai.engine.predict import parse_roi  # noqa: E402
 from vesuvius_monai.engine.zarr_predict import predict_zarr  # noqa: E402
@@ -59,16 +63,33 @@ def write_volume(folder: Path, size: int, chunk: int) -> Path:
     return folder / "scroll.zarr"
 
 
+def window_chunks(reader, grid, written) -> set:
+    """The chunks the windows that run read: every window of the whole volume's grid that touches ``written``
+    (padded coordinates shifted back to the volume, clipped to it)."""
+    pad = grid.pad_lo
+    target = shift_region(written, pad)
+    inside = tuple(slice(p, p + d) for p, d in zip(pad, grid.shape))
+    chunks = set()
+    for start in itertools.product(*(a.starts for a in grid.axes)):
+        window = tuple(slice(t, t + w) for t, w in zip(start, grid.window))
+        part = intersect(window, target) and intersect(window, inside)
+        if part:
+            chunks.update(reader.chunks_of(shift_region(part, tuple(-p for p in pad))))
+    return chunks
+
+
 def needed_bytes(store: Path, cfg, roi) -> tuple[int, int, int]:
-    """(stored bytes of the windows' chunks, the same with the percentile sample's chunks, planned peak in bytes)."""
+    """(stored bytes of the chunks the run windows read, the same with the percentile sample's chunks, planned peak
+    in bytes). The windows are those of the whole volume's grid that touch the ROI (they read context outside it)."""
     reader = open_volume(store)
-    region = tuple(slice(0, d) for d in reader.shape) if roi is None else roi
-    grid = window_grid(region, cfg.infer)
-    windows = {c for read in planned_reads(reader, grid, region, grid.blocks(), sample=False) for c in read}
-    reads = list(planned_reads(reader, grid, region, grid.blocks()))
-    every = {c for read in reads for c in read}
+    whole = tuple(slice(0, d) for d in reader.shape)
+    written = whole if roi is None else checked_roi(reader, roi)
+    grid = window_grid(whole, cfg.infer)
+    windows = window_chunks(reader, grid, written)
+    reads = list(planned_reads(reader, grid, whole, grid.blocks_touching(written), written=written))
+    sample = {c for region in sample_regions(reader.shape, SAMPLE_VOXELS) for c in reader.chunks_of(region)}
     size = lambda chunks: sum((store / reader.chunk_key(c)).stat().st_size for c in chunks)  # noqa: E731
-    return size(windows), size(every), peak_live_chunks(reads) * reader.chunk_bytes
+    return size(windows), size(windows | sample), peak_live_chunks(reads) * reader.chunk_bytes
 
 
 def main() -> None:

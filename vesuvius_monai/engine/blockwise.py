@@ -142,6 +142,10 @@ class BlockJob:
     finish: Callable[[np.ndarray], np.ndarray] | None = None
     empty: float = 0.0
 
+    def padded_roi(self) -> Region:
+        """The region written, in the grid's padded coordinates."""
+        return shift_region(self.output_roi(), self.grid.pad_lo)
+
     def output_roi(self) -> Region:
         """The region written (volume coordinates)."""
         return self.roi or tuple(slice(0, d) for d in self.grid.shape)  # type: ignore[return-value]
@@ -308,6 +312,16 @@ def schedule(grid: WindowGrid, blocks: list[Triple], done: set[Triple]) -> list[
     return tasks
 
 
+def _within(part: np.ndarray | None, box: Region, region: Region, dtype) -> np.ndarray | None:
+    """``part`` (over ``box``, inside ``region``) in an array over ``region``, zero (False) elsewhere; None stays
+    None. With an ROI only the windows touching it run, and they read nothing outside ``box``."""
+    if part is None:
+        return None
+    out = np.zeros(region_shape(region), dtype=dtype)
+    out[relative(box, region)] = part
+    return out
+
+
 @torch.inference_mode()
 def run_blocks(job: BlockJob, sink: Sink, spills: Spills, *, blocks: list[Triple] | None = None,
                progress: bool = False) -> RunStats:
@@ -335,8 +349,14 @@ def run_blocks(job: BlockJob, sink: Sink, spills: Spills, *, blocks: list[Triple
                disable=not progress, dynamic_ncols=True)
 
     def read(region: Region) -> tuple[np.ndarray | None, np.ndarray | None]:
-        content = job.content(region) if job.content is not None else None
-        return (job.read(region) if content is None or content.any() else None), content
+        box = intersect(region, grid.reach(job.padded_roi())) if job.roi else region
+        if box is None:  # no window of the region touches the ROI
+            return None, None
+        content = job.content(box) if job.content is not None else None
+        image = job.read(box) if content is None or content.any() else None
+        if box == region:
+            return image, content
+        return _within(image, box, region, np.float32), _within(content, box, region, bool)
 
     def load(task: Triple | Recompute) -> tuple | None:
         if isinstance(task, Recompute):  # its owner may have stored the spills meanwhile

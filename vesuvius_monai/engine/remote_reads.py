@@ -25,27 +25,29 @@ logger = logging.getLogger(__name__)
 Chunk = tuple[int, int, int]
 
 
-def block_input(grid: WindowGrid, roi: Region, index: Triple) -> Region | None:
-    """The volume region the engine reads for block ``index`` of ``grid`` over ``roi`` (as
-    :func:`~vesuvius_monai.engine.infer.volume_reader` does: the extent, clipped to the ROI), or None when the block
-    owns no window (nothing is read for it)."""
+def block_input(grid: WindowGrid, roi: Region, index: Triple, written: Region | None = None) -> Region | None:
+    """The volume region the engine reads for block ``index`` of ``grid`` over ``roi`` (the block's extent inside
+    the volume; with ``written``, the part of the volume being predicted, only where the windows touching it reach:
+    :func:`~vesuvius_monai.engine.blockwise.run_blocks`), or None when nothing is read for it."""
     if not grid.n_own_windows(index):
         return None
     inside = tuple(slice(p, p + d) for p, d in zip(grid.pad_lo, grid.shape))
     part = intersect(grid.extent(index), inside)  # type: ignore[arg-type]
+    if part is not None and written is not None:
+        part = intersect(part, grid.reach(shift_region(written, grid.pad_lo)))
     if part is None:
         return None
     return shift_region(part, tuple(r.start - p for r, p in zip(roi, grid.pad_lo)))
 
 
 def planned_reads(reader: VolumeReader, grid: WindowGrid, roi: Region, blocks: Iterable[Triple],
-                  sample: bool = True) -> Iterator[list[Chunk]]:
+                  sample: bool = True, written: Region | None = None) -> Iterator[list[Chunk]]:
     """The chunks of each read of a run, in order: the percentile sample's (when ``sample``), then each block's."""
     if sample:
         for region in sample_regions(reader.shape, SAMPLE_VOXELS):
             yield reader.chunks_of(region)  # type: ignore[attr-defined]
     for index in blocks:
-        region = block_input(grid, roi, index)
+        region = block_input(grid, roi, index, written)
         if region is not None:
             yield reader.chunks_of(region)  # type: ignore[attr-defined]
 
@@ -67,14 +69,14 @@ def peak_live_chunks(reads: list[list[Chunk]]) -> int:
 
 
 def plan_remote_reads(reader: VolumeReader, grid: WindowGrid, roi: Region, blocks: list[Triple], cache_mb: float,
-                      cache_dir: str | None) -> None:
+                      cache_dir: str | None, written: Region | None = None) -> None:
     """Tell the chunk cache of a remote ``reader`` the reads of this run (``blocks``, in order, after the percentile
     sample); log the memory it needs to fetch each chunk once, warning when ``cache_mb`` is less and there is no
     ``cache_dir``. Nothing for a local volume."""
     store = getattr(reader, "store", None)
     if store is None:
         return
-    reads = list(planned_reads(reader, grid, roi, blocks))
+    reads = list(planned_reads(reader, grid, roi, blocks, written=written))
     store.expect(reader.chunk_key(c) for read in reads for c in read)  # type: ignore[attr-defined]
     size = reader.chunk_bytes  # type: ignore[attr-defined]
     needed_mb = peak_live_chunks(reads) * size / 2**20

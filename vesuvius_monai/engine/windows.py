@@ -171,6 +171,11 @@ class WindowGrid:
         """The block (padded coordinates)."""
         return tuple(slice(*a.block_span(j)) for a, j in zip(self.axes, index))  # type: ignore[return-value]
 
+    def reach(self, roi: Region) -> Region:
+        """Where a window that touches ``roi`` (padded coordinates) can read: ``roi`` grown by the window less one
+        voxel on each side (padded coordinates, not clipped)."""
+        return tuple(slice(r.start - w + 1, r.stop + w - 1) for r, w in zip(roi, self.window))  # type: ignore
+
     def extent(self, index: Triple) -> Region:
         """The block plus the far-side reach of its own windows (padded coordinates): its input region.
 

@@ -189,7 +189,8 @@ def _run_share(network: NetworkSource, cfg: Config, work: Work, ctx: DistContext
             done = store.done_blocks()
             todo = [b for b in (sorted(blocks) if ctx.active else touching) if b not in done]
             whole = tuple(slice(0, n) for n in reader.shape)  # blocks read their context beyond an ROI
-            plan_remote_reads(reader, grid, whole, todo, cfg.data.remote_cache_mb, cfg.data.remote_cache_dir)
+            plan_remote_reads(reader, grid, whole, todo, cfg.data.remote_cache_mb, cfg.data.remote_cache_dir,
+                              None if volume.region == whole else volume.region)
             job = volume_job(reader, cfg, predictor, device, volume.region,  # (reads the percentile sample)
                              source_normalizer(network, reader, cfg))
             stats += run_blocks(job, store, store.spills(), blocks=blocks if ctx.active else None,
