@@ -174,3 +174,21 @@ def test_write_mask_zarr_refuses_an_unfinished_store_and_a_large_whole_chain(tmp
         write_mask_zarr(tmp_path / "p.zarr", tmp_path / "m.zarr",
                         PostprocessConfig(min_size=3, max_whole_voxels=100), progress=False)
     assert not (tmp_path / "m.zarr").exists() and len(list(tmp_path.iterdir())) == 1
+
+
+def test_a_zarr_mask_has_the_pyramid_of_its_probabilities(tmp_path):
+    """Every level the mask's multiscales lists exists, each the 2x2x2 max of the one below (odd edges partial)."""
+    import zarr
+
+    prob = random_prob(4, (21, 18, 11))
+    store = prob_store(tmp_path / "p.zarr", prob)
+    store.build_pyramid(3)
+    out = write_mask_zarr(tmp_path / "p.zarr", tmp_path / "m.zarr", PostprocessConfig(), progress=False)
+    group = zarr.open_group(str(out), mode="r")
+    paths = [d["path"] for d in group.attrs["multiscales"][0]["datasets"]]
+    assert paths == ["0", "1", "2"]
+    for k in (1, 2):
+        below = group[str(k - 1)][...]
+        padded = np.pad(below, [(0, d % 2) for d in below.shape])
+        expected = padded.reshape(padded.shape[0] // 2, 2, padded.shape[1] // 2, 2, padded.shape[2] // 2, 2)
+        assert np.array_equal(group[str(k)][...], expected.max(axis=(1, 3, 5)))

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from vesuvius_monai.config import PostprocessConfig, to_dict
 from vesuvius_monai.errors import VesuviusError, disk_errors
 from vesuvius_monai.io.atomic import build_dir, check_replaceable
+from vesuvius_monai.io.pyramid import build_levels
 from vesuvius_monai.io.zarr_store import ARRAY_NAME, PredictionStore
 from vesuvius_monai.postprocess.chain import apply_chain, check_prob
 from vesuvius_monai.postprocess.operators import PLUG_PASSES
@@ -99,7 +100,8 @@ def _chain(prob: np.ndarray, cfg: PostprocessConfig) -> np.ndarray:
 def write_mask_zarr(probs: str | Path, out: str | Path, cfg: PostprocessConfig, *, progress: bool = True) -> Path:
     """Post-process the finished Zarr probability store ``probs`` into a uint8 (0 / 1) Zarr store ``out``.
 
-    ``out`` has the chunks, spacing and affine of ``probs`` (OME-Zarr 0.4 attrs, array ``0``) and records its
+    ``out`` has the chunks, spacing, affine and pyramid levels of ``probs`` (OME-Zarr 0.4; coarser levels the
+    2x2x2 max) and records its
     source and the ``postprocess`` settings; it is built beside ``out`` and renamed in place when finished, and only
     an earlier mask written here is ever replaced.
     """
@@ -120,6 +122,8 @@ def write_mask_zarr(probs: str | Path, out: str | Path, cfg: PostprocessConfig, 
                 array[region] = mask.astype(np.uint8)
 
             postprocess_blocks(store.read_probabilities, write, shape, cfg, chunks, progress=progress)  # type: ignore[arg-type]
+            levels = len(multiscales[0]["datasets"])  # the probabilities' pyramid, each level the max of 2x2x2
+            build_levels(group, work, levels, "max", lambda a: a, lambda a: a, progress)
 
     build_dir(out, MASK_KIND, build, name="--mask")
     log.info("wrote %s", out)
