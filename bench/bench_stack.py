@@ -19,6 +19,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -48,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-dir", type=Path)
     parser.add_argument("--run-dir", type=Path, default=Path("runs/bench_stack"))
     parser.add_argument("--train-only", action="store_true", help="train the runs, then stop")
+    parser.add_argument("--report", action="store_true", help="print the report of <run-dir>/results.json again")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of every run")
     return parser.parse_args(argv)
 
@@ -118,6 +120,15 @@ def print_report(results: dict[str, dict]) -> None:
             print(f"  {name} / chain_tuned: LB {row['score'] - ref['score']:+.4f}, "
                   f"Dice {row['dice'] - ref['dice']:+.4f}"
                   f"  ({len(r['steps'])} run(s) of {r['steps'][0]} steps, {sum(r['steps'])} in all)")
+    print("\nheld out: test fragments on which the chain chosen on val scores below the base (threshold 0.5)")
+    for name, r in results.items():
+        base = r["rows"]["base"]["fragments"]
+        for row in ("old_tuned", "chain_tuned"):
+            frags = r["rows"][row]["fragments"]
+            worse = [f for f in frags if frags[f]["score"] < base[f]["score"]]
+            worse_dice = [f for f in frags if frags[f]["dice"] < base[f]["dice"]]
+            print(f"  {name} {row}: score worse on {len(worse)} of {len(frags)}, Dice worse on {len(worse_dice)} "
+                  f"of {len(frags)}")
     print("\nchosen chains")
     for name, r in results.items():
         for row in ("old_tuned", "chain_tuned"):
@@ -139,6 +150,9 @@ def print_report(results: dict[str, dict]) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.report:
+        print_report(json.loads((args.run_dir / "results.json").read_text())["systems"])
+        return
     dataset, info = prepare_data(args)
     for spec in run_specs(args):
         ensure_trained(spec, dataset, args.run_dir, args.overrides)
