@@ -30,14 +30,13 @@ from tqdm import tqdm
 
 from vesuvius_monai.config import Config
 from vesuvius_monai.data.regions import Region, Triple
-from vesuvius_monai.engine.distributed import (gather_results, init_distributed, make_wait_group, on_main,
+from vesuvius_monai.engine.distributed import (init_distributed, make_wait_group, on_main,
                                                split_contiguous)
 from vesuvius_monai.engine.ensemble import Ensemble, Fuser
 from vesuvius_monai.engine.infer import window_grid
-from vesuvius_monai.engine.zarr_predict import FINISH_HINT, open_input, output_meta, predict_zarr
+from vesuvius_monai.engine.zarr_predict import open_input, output_meta, predict_zarr, shared_run
 from vesuvius_monai.engine.zarr_output import (check_output_store, checked_roi, export_nifti, open_work_store,
                                                output_lock, publish_store, work_path)
-from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.zarr_store import PredictionStore
 
 log = logging.getLogger(__name__)
@@ -124,19 +123,7 @@ def predict_ensemble_zarr(cfg: Config, ensemble: Ensemble, targets: list[tuple[P
                              [(o.input, member_path(o.output, i)) for o in pending], roi)
         units = [(v, block) for v, o in enumerate(pending) for block in o.todo]
         share = [units[k] for k in split_contiguous([1.0] * len(units), ctx.world_size)[ctx.rank]]
-        error, fused = None, 0
-        try:
-            fused = fuse_blocks(ensemble, pending, share, progress=ctx.is_main)
-        except Exception as err:
-            if not ctx.active:
-                raise
-            if not isinstance(err, VesuviusError):
-                log.exception("rank %d failed", ctx.rank)
-            error = str(err) if isinstance(err, VesuviusError) else f"{type(err).__name__}: {err}"
-        try:
-            gather_results(ctx, error, fused)
-        except VesuviusError as err:
-            raise VesuviusError(f"{err}; {FINISH_HINT}") from None
+        shared_run(ctx, lambda: fuse_blocks(ensemble, pending, share, progress=ctx.is_main), 0)
         on_main(ctx, _publish, outputs, nifti_output)
 
 

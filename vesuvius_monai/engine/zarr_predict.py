@@ -22,10 +22,10 @@ import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-
+from typing import Callable, TypeVar
 
 from vesuvius_monai.config import Config, to_dict
-from vesuvius_monai.data.readers import (Region, VolumeReader, open_volume, region_shape)
+from vesuvius_monai.data.readers import Region, VolumeReader, open_volume, region_shape
 from vesuvius_monai.data.regions import Triple
 from vesuvius_monai.data.remote import RemoteAddress, RemoteOptions, as_location
 from vesuvius_monai.engine.blockwise import RunStats, run_blocks
@@ -42,6 +42,7 @@ from vesuvius_monai.io.zarr_store import PredictionStore
 
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 FINISH_HINT = "the blocks written so far are kept: run the same command again (with any number of processes) to finish"
 
@@ -147,23 +148,29 @@ def predict_zarr(cfg: Config, network: NetworkSource, targets: list[tuple[Path, 
     make_wait_group(ctx)
     with contextlib.ExitStack() as locks:
         work = on_main(ctx, _lock_and_prepare, locks, cfg, network, targets, roi, ctx.world_size, resume)
-        error, stats = None, RunStats()
-        try:
-            if work.shares[ctx.rank]:
-                stats = _run_share(network, cfg, work, ctx, device)
-        except Exception as err:
-            if not ctx.active:
-                raise
-            if not isinstance(err, VesuviusError):
-                log.exception("rank %d failed", ctx.rank)
-            error = str(err) if isinstance(err, VesuviusError) else f"{type(err).__name__}: {err}"
-        try:
-            results = gather_results(ctx, error, stats)
-        except VesuviusError as err:
-            raise VesuviusError(f"{err}; {FINISH_HINT}") from None
+        results = shared_run(ctx, lambda: _run_share(network, cfg, work, ctx, device) if work.shares[ctx.rank]
+                             else RunStats(), RunStats())
         if ctx.active:
             _log_shares(results)
         on_main(ctx, _publish, work, nifti_output)
+
+
+def shared_run(ctx: DistContext, work: Callable[[], T], empty: T) -> list[T]:
+    """Run this process's ``work`` and gather every rank's result (``empty`` for a rank that failed). Under torchrun
+    a failure is logged and gathered, so that every rank stops with one error naming it and the way to finish."""
+    error, result = None, empty
+    try:
+        result = work()
+    except Exception as err:
+        if not ctx.active:
+            raise
+        if not isinstance(err, VesuviusError):
+            log.exception("rank %d failed", ctx.rank)
+        error = str(err) if isinstance(err, VesuviusError) else f"{type(err).__name__}: {err}"
+    try:
+        return gather_results(ctx, error, result)
+    except VesuviusError as err:
+        raise VesuviusError(f"{err}; {FINISH_HINT}") from None
 
 
 def _lock_and_prepare(locks: contextlib.ExitStack, cfg: Config, network: NetworkSource,
