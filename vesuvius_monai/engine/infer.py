@@ -26,7 +26,8 @@ from vesuvius_monai.config import Config, InferConfig
 from vesuvius_monai.data.readers import VolumeReader, sample_percentiles
 from vesuvius_monai.data.regions import Region, region_shape
 from vesuvius_monai.data.transforms import normalize, read_finite
-from vesuvius_monai.engine.blockwise import ArraySink, BlockJob, MemorySpills, Predictor, run_blocks
+from vesuvius_monai.engine.blockwise import BlockJob, Predictor, run_blocks
+from vesuvius_monai.engine.sinks import ArraySink, MemorySpills
 from vesuvius_monai.engine.device import autocast, channels_last, channels_last_state
 from vesuvius_monai.engine.support import VolumeInput, support_mask
 from vesuvius_monai.engine.tta import tta_predict
