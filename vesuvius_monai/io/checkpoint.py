@@ -111,12 +111,8 @@ class Checkpoint:
     def model(self, device: torch.device | str = "cpu") -> nn.Module:
         """The network with its weights, in eval mode, on ``device``."""
         model = build_model(self.model_name, **self.model_kwargs)
-        try:
-            model.load_state_dict(self.model_state)
-        except RuntimeError as err:
-            lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-            raise VesuviusError(f"checkpoint {self.path}: its weights do not fit its network {self.model_name} "
-                                f"{self.model_kwargs} ({' '.join(lines[:2])[:300]})") from None
+        load_weights(model, self.model_state, f"checkpoint {self.path}: its weights do not fit its network "
+                     f"{self.model_name} {self.model_kwargs}")
         log.info("loaded %s (step %d)", self.model_name, self.step)
         return model.to(device).eval()
 
@@ -173,6 +169,16 @@ def load_plain(path: Path) -> Any:
     except Exception as err:  # torch raises many types for a damaged file
         raise VesuviusError(f"checkpoint {path} is corrupt or not a torch file: {err}") from None
     return payload
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], misfit: str) -> None:
+    """``model.load_state_dict(state)``; weights that do not fit raise a VesuviusError: ``misfit`` and the first two
+    lines of torch's message."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+        raise VesuviusError(f"{misfit} ({' '.join(lines[:2])[:300]})") from None
 
 
 def _weights(state: Any, path: Path) -> dict[str, torch.Tensor]:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from vesuvius_monai.errors import VesuviusError
-from vesuvius_monai.io.checkpoint import load_plain
+from vesuvius_monai.io.checkpoint import load_plain, load_weights
 
 log = logging.getLogger(__name__)
 
@@ -241,12 +241,7 @@ class NnunetFolder:
     def model(self, fold: FoldCheckpoint) -> nn.Module:
         """The plan's network with ``fold``'s weights, on the CPU, in eval mode."""
         network = self.network()
-        try:
-            network.load_state_dict(fold.weights)
-        except RuntimeError as err:
-            lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-            raise VesuviusError(f"{fold.path}: its weights do not fit the network of {self.path / PLANS} "
-                                f"({' '.join(lines[:2])[:300]})") from None
+        load_weights(network, fold.weights, f"{fold.path}: its weights do not fit the network of {self.path / PLANS}")
         return network.eval()
 
     # ----------------------------------------------------------------- normalisation
