@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from vesuvius_monai.config import Config, PostprocessConfig, TuneConfig
-from vesuvius_monai.engine.ensemble import checkpoint_ensemble, ensemble_volume
+from vesuvius_monai.engine.ensemble import build_ensemble, ensemble_volume
 from vesuvius_monai.engine.evaluate import select_fragments
 from vesuvius_monai.postprocess import postprocess
 from vesuvius_monai.tuning.scorer import FragmentScorer
@@ -54,7 +54,7 @@ def predict_split(cfg: Config, checkpoints: list[Path], split: str, cache: Path)
         stored = np.load(cache)
         probs = [stored[f.id] for f in fragments]
     else:
-        ensemble = checkpoint_ensemble(cfg, checkpoints)
+        ensemble = build_ensemble(cfg, checkpoints)
         probs = [ensemble_volume(ensemble, f.image, torch.device("cpu")) for f in fragments]
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp.npz")

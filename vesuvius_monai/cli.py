@@ -30,53 +30,36 @@ def _checkpoint_and_config(args: argparse.Namespace):
     """The ensemble of the ``--checkpoint`` s (each read once; one checkpoint: an ensemble of one) with their
     ``--weights``, and the run config: without ``--config``, the first checkpoint's own config is the base; the
     post-processing of ``--postprocess FILE``, or else the one ``tune-postprocess`` chose for a single checkpoint's
-    run, fills the ``postprocess`` keys the user's config file and overrides leave out. Each member predicts with its
-    own checkpoint's window and TTA unless the user sets them (:func:`~vesuvius_monai.engine.ensemble.member_config`).
+    run, fills the ``postprocess`` keys the user's config file and overrides leave out. A ``--checkpoint`` may be an
+    nnU-Net v2 model folder (its ``--folds`` averaged as nnU-Net does): the plan of the first such folder fills the
+    ``infer`` keys the user leaves out. Each member predicts with its own checkpoint's (or plan's) window and TTA
+    unless the user sets them (:func:`~vesuvius_monai.engine.ensemble.member_config`).
     """
-    from vesuvius_monai.engine.ensemble import checkpoint_ensemble, normalized_weights
+    from vesuvius_monai.engine.ensemble import build_ensemble, normalized_weights
     from vesuvius_monai.engine.tune import choice_layer, read_choice, tuned_layer
     from vesuvius_monai.io.checkpoint import Checkpoint
     from vesuvius_monai.models.nnunet import is_nnunet_folder
 
     normalized_weights(args.weights, len(args.checkpoint))  # a wrong --weights fails before anything is read
-    if any(is_nnunet_folder(path) for path in args.checkpoint):
-        return _with_nnunet(args)
-    if args.folds:
+    nnunet = [is_nnunet_folder(path) for path in args.checkpoint]
+    if args.folds and not any(nnunet):
         raise VesuviusError("--folds goes with an nnU-Net model folder as --checkpoint; none was given")
-    checkpoints = [Checkpoint.load(path) for path in args.checkpoint]
-    base = mapping_layer(str(checkpoints[0].path), checkpoints[0].config) if args.config is None else None
+    if any(nnunet):
+        from vesuvius_monai.engine.nnunet_network import nnunet_network
+    sources = [nnunet_network(path, args.folds, args.nnunet_checkpoint) if folder else Checkpoint.load(path)
+               for path, folder in zip(args.checkpoint, nnunet)]
+    first = sources[0]
+    is_checkpoint = isinstance(first, Checkpoint)
+    base = mapping_layer(str(first.path), first.config) if args.config is None and is_checkpoint else None
     choice = getattr(args, "postprocess", None)
-    fill = read_choice(choice) if choice else tuned_layer(checkpoints[0]) if len(checkpoints) == 1 else None
-    cfg = _config(args, base=base, fills=[fill])
+    tuned = read_choice(choice) if choice else tuned_layer(first) if len(sources) == 1 and is_checkpoint else None
+    plan = next((mapping_layer(f"the plan of {s.folder.path}", s.config_layer()) for s in sources
+                 if not isinstance(s, Checkpoint)), None)
+    cfg = _config(args, base=base, fills=[tuned, plan])
     raw = read_yaml_mapping(args.config, "config file") if args.config is not None else {}
-    ensemble = checkpoint_ensemble(cfg, checkpoints, args.weights, explicit_keys(raw, args.overrides))
+    ensemble = build_ensemble(cfg, sources, args.weights, explicit_keys(raw, args.overrides))
     if choice:
         choice_layer(choice, ensemble)  # warns when tuned on other members
-    return ensemble, cfg
-
-
-def _with_nnunet(args: argparse.Namespace):
-    """:func:`_checkpoint_and_config` when a ``--checkpoint`` is an nnU-Net v2 model folder (its ``--folds``
-    averaged as nnU-Net does): the plan of the first such folder fills the ``infer`` keys the user leaves out, and
-    each member predicts with its own plan's (or checkpoint's) window and TTA unless the user sets them."""
-    from vesuvius_monai.engine.nnunet_network import mixed_ensemble, nnunet_network
-    from vesuvius_monai.engine.tune import choice_layer, read_choice
-    from vesuvius_monai.io.checkpoint import Checkpoint
-    from vesuvius_monai.models.nnunet import is_nnunet_folder
-
-    sources = [nnunet_network(path, args.folds, args.nnunet_checkpoint) if is_nnunet_folder(path)
-               else Checkpoint.load(path) for path in args.checkpoint]
-    first = sources[0]
-    base = mapping_layer(str(first.path), first.config) if args.config is None and isinstance(first, Checkpoint) \
-        else None
-    plan = next(mapping_layer(f"the plan of {s.folder.path}", s.config_layer()) for s in sources
-                if not isinstance(s, Checkpoint))
-    choice = getattr(args, "postprocess", None)
-    cfg = _config(args, base=base, fills=[read_choice(choice) if choice else None, plan])
-    raw = read_yaml_mapping(args.config, "config file") if args.config is not None else {}
-    ensemble = mixed_ensemble(cfg, sources, args.weights, explicit_keys(raw, args.overrides))
-    if choice:
-        choice_layer(choice, ensemble)
     return ensemble, cfg
 
 

@@ -18,7 +18,7 @@ from vesuvius_monai.cli import main
 from vesuvius_monai.config import config_from_raw, load_config
 from vesuvius_monai.data.readers import open_volume
 from vesuvius_monai.engine import ensemble_zarr
-from vesuvius_monai.engine.ensemble import (LOGIT_EPS, Ensemble, Member, checkpoint_ensemble, fuse, member_config,
+from vesuvius_monai.engine.ensemble import (LOGIT_EPS, Ensemble, Member, build_ensemble, fuse, member_config,
                                             normalized_weights)
 from vesuvius_monai.engine.ensemble_zarr import member_path, predict_ensemble_zarr
 from vesuvius_monai.engine.infer import infer_volume
@@ -120,7 +120,7 @@ def test_an_ensemble_of_one_is_the_single_model_bit_for_bit(ckpts, suffix):
     cfg = run_cfg(paths["a"])
     single = predict(cfg, paths["a"], root / "vol.npy", root / f"single{suffix}")
     logit_cfg = config_from_raw(Checkpoint.load(paths["a"]).config, [*RUN, "infer.fusion=logit"])
-    one = checkpoint_ensemble(logit_cfg, [paths["a"]], [3.0], explicit=set())
+    one = build_ensemble(logit_cfg, [paths["a"]], [3.0], explicit=set())
     ensemble = predict(logit_cfg, one, root / "vol.npy", root / f"one{suffix}")
     a, b = open_volume(single).read(), open_volume(ensemble).read()
     assert a.dtype == b.dtype == np.float32
@@ -226,7 +226,7 @@ def test_other_members_weights_or_fusion_are_refused_naming_the_difference(ckpts
 
     def run(names, weights=None, fusion="prob"):
         fcfg = config_from_raw(Checkpoint.load(paths["a"]).config, [*RUN, f"infer.fusion={fusion}"])
-        ens = checkpoint_ensemble(fcfg, [paths[n] for n in names], weights, explicit=set())
+        ens = build_ensemble(fcfg, [paths[n] for n in names], weights, explicit=set())
         return predict(fcfg, ens, root / "vol.npy", out, roi=(slice(0, 12), slice(None), slice(None)))
 
     run("ab")

@@ -105,11 +105,10 @@ class Ensemble:
         return self.members[0].network.run_info() if self.single else {"ensemble": self.record()}
 
     def check_windows(self) -> None:
-        """Every checkpoint member's network takes its window (``Checkpoint.check_window``)."""
+        """Every member's network takes its window, where its source can tell (``check_window``: a checkpoint's,
+        an nnU-Net model's)."""
         for member in self.members:
-            if member.checkpoint is not None:
-                member.checkpoint.check_window(member.cfg.infer)
-            elif hasattr(member.network, "check_window"):  # e.g. an nnU-Net model (engine.nnunet_network)
+            if hasattr(member.network, "check_window"):
                 member.network.check_window(member.cfg.infer)
 
 
@@ -146,17 +145,26 @@ def member_config(run: Config, own: Config, explicit: set[str]) -> Config:
                                        for section, values in changes.items()})
 
 
-def checkpoint_ensemble(run: Config, checkpoints: Sequence[str | Path | Checkpoint],
-                        weights: Sequence[float] | None = None, explicit: set[str] | None = None) -> Ensemble:
-    """The ensemble of ``checkpoints`` (read once each) with the run config ``run``, ``weights`` (None: equal) and
-    ``run.infer.fusion``. ``explicit``: the keys the user set (:func:`member_config`); None: every member predicts
-    with ``run`` as it is."""
-    ckpts = [as_checkpoint(c) for c in checkpoints]
-    members = []
-    for ckpt, weight in zip(ckpts, normalized_weights(weights, len(ckpts))):
+def build_ensemble(run: Config, sources: Sequence[str | Path | Checkpoint | NetworkSource],
+                   weights: Sequence[float] | None = None, explicit: set[str] | None = None) -> Ensemble:
+    """The ensemble of ``sources`` with the run config ``run``, ``weights`` (None: equal) and ``run.infer.fusion``.
+    A source is a project checkpoint (or its path; read once) or a network source that gives its own settings
+    (``own_config()``, e.g. an nnU-Net model's plan). ``explicit``: the keys the user set (:func:`member_config`:
+    each member takes the other :data:`MEMBER_KEYS` from its own config); None: every member predicts with ``run``
+    as it is."""
+    return Ensemble(tuple(_member(run, source, weight, explicit) for source, weight
+                          in zip(sources, normalized_weights(weights, len(sources)))), run.infer.fusion)
+
+
+def _member(run: Config, source: str | Path | Checkpoint | NetworkSource, weight: float,
+            explicit: set[str] | None) -> Member:
+    """One member of :func:`build_ensemble`."""
+    if isinstance(source, (str, Path, Checkpoint)):
+        ckpt = as_checkpoint(source)
         cfg = run if explicit is None else member_config(run, ckpt.run_config(), explicit)
-        members.append(Member(CheckpointNetwork(ckpt), cfg, weight, ckpt))
-    return Ensemble(tuple(members), run.infer.fusion)
+        return Member(CheckpointNetwork(ckpt), cfg, weight, ckpt)
+    cfg = run if explicit is None else member_config(run, source.own_config(), explicit)
+    return Member(source, cfg, weight)
 
 
 def as_ensemble(network: Ensemble | Checkpoint | str | Path | NetworkSource | nn.Module, cfg: Config) -> Ensemble:
@@ -165,7 +173,7 @@ def as_ensemble(network: Ensemble | Checkpoint | str | Path | NetworkSource | nn
     if isinstance(network, Ensemble):
         return network
     if isinstance(network, (Checkpoint, str, Path)):
-        return checkpoint_ensemble(cfg, [network])
+        return build_ensemble(cfg, [network])
     if isinstance(network, nn.Module):
         network = ModuleNetwork(network)
     return Ensemble((Member(network, cfg),), cfg.infer.fusion)

@@ -30,12 +30,9 @@ from vesuvius_monai.config import Config, InferConfig, config_from_raw
 from vesuvius_monai.data.readers import VolumeReader, sample_regions
 from vesuvius_monai.engine.blockwise import Predictor
 from vesuvius_monai.engine.device import autocast
-from vesuvius_monai.engine.ensemble import Ensemble, Member, member_config, normalized_weights
 from vesuvius_monai.engine.infer import Normalize
 from vesuvius_monai.engine.tta import tta_predict
-from vesuvius_monai.engine.networks import CheckpointNetwork
 from vesuvius_monai.errors import VesuviusError
-from vesuvius_monai.io.checkpoint import Checkpoint
 from vesuvius_monai.models.nnunet import FoldCheckpoint, NnunetFolder, check_spacing, normalizer
 
 log = logging.getLogger(__name__)
@@ -77,6 +74,11 @@ class NnunetNetwork:
     def binary(self) -> bool:
         """Whether the plan has two classes (background and foreground): logits can be blended exactly."""
         return len(self.folder.labels) == 2
+
+    def own_config(self) -> Config:
+        """The built-in defaults with the plan's settings (:meth:`config_layer`): what this member predicts with
+        where the user sets nothing (``engine.ensemble.member_config``)."""
+        return config_from_raw(self.config_layer())
 
     def config_layer(self) -> dict:
         """The plan's inference settings as a config mapping: window = patch size, overlap 0.5 (nnU-Net's
@@ -123,22 +125,6 @@ def nnunet_sources(folder: str | Path, folds: Sequence[str] | None = None,
     """One network source per fold (for an ensemble that averages its members' probabilities)."""
     network = nnunet_network(folder, folds, checkpoint_name)
     return [NnunetNetwork(network.folder, (fold,)) for fold in network.folds]
-
-
-def mixed_ensemble(run: Config, sources: Sequence[Checkpoint | NnunetNetwork], weights: Sequence[float] | None = None,
-                   explicit: set[str] | None = None) -> Ensemble:
-    """The ensemble of project checkpoints and nnU-Net models (each one member, its folds averaged inside) with the
-    run config ``run``, ``weights`` (None: equal) and ``run.infer.fusion``. ``explicit``: the keys the user set; each
-    member takes the others of ``ensemble.MEMBER_KEYS`` from its own checkpoint's config or its plan."""
-    members = []
-    for source, weight in zip(sources, normalized_weights(weights, len(sources))):
-        if isinstance(source, Checkpoint):
-            cfg = run if explicit is None else member_config(run, source.run_config(), explicit)
-            members.append(Member(CheckpointNetwork(source), cfg, weight, source))
-        else:
-            own = config_from_raw(source.config_layer())
-            members.append(Member(source, run if explicit is None else member_config(run, own, explicit), weight))
-    return Ensemble(tuple(members), run.infer.fusion)
 
 
 def volume_statistics(reader: VolumeReader, max_voxels: int = STATS_VOXELS) -> dict:
