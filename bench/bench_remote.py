@@ -68,11 +68,10 @@ def window_chunks(reader, grid, written) -> set:
     (padded coordinates shifted back to the volume, clipped to it)."""
     pad = grid.pad_lo
     target = shift_region(written, pad)
-    inside = tuple(slice(p, p + d) for p, d in zip(pad, grid.shape))
     chunks = set()
     for start in itertools.product(*(a.starts for a in grid.axes)):
         window = tuple(slice(t, t + w) for t, w in zip(start, grid.window))
-        part = intersect(window, target) and intersect(window, inside)
+        part = intersect(window, target) and intersect(window, grid.inside)
         if part:
             chunks.update(reader.chunks_of(shift_region(part, tuple(-p for p in pad))))
     return chunks

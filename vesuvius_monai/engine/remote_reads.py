@@ -31,8 +31,7 @@ def block_input(grid: WindowGrid, roi: Region, index: Triple, written: Region | 
     :func:`~vesuvius_monai.engine.blockwise.run_blocks`), or None when nothing is read for it."""
     if not grid.n_own_windows(index):
         return None
-    inside = tuple(slice(p, p + d) for p, d in zip(grid.pad_lo, grid.shape))
-    part = intersect(grid.extent(index), inside)  # type: ignore[arg-type]
+    part = intersect(grid.extent(index), grid.inside)
     if part is not None and written is not None:
         part = intersect(part, grid.reach(shift_region(written, grid.pad_lo)))
     if part is None:

@@ -72,7 +72,7 @@ class VolumeInput:
                  background: float | None = None, support: SupportMask | None = None) -> None:
         self.reader, self.norm, self.background, self.support = reader, norm, background, support
         self.pad_lo = grid.pad_lo
-        self.inside = tuple(slice(p, p + d) for p, d in zip(grid.pad_lo, grid.shape))
+        self.inside = grid.inside
         self._raw: dict[tuple, np.ndarray] = {}  # raw values read by content(), for the read() that follows
 
     @property

@@ -171,6 +171,11 @@ class WindowGrid:
         """The block (padded coordinates)."""
         return tuple(slice(*a.block_span(j)) for a, j in zip(self.axes, index))  # type: ignore[return-value]
 
+    @property
+    def inside(self) -> Region:
+        """The volume itself in the grid's padded coordinates (MONAI pads around it)."""
+        return tuple(slice(p, p + d) for p, d in zip(self.pad_lo, self.shape))  # type: ignore[return-value]
+
     def reach(self, roi: Region) -> Region:
         """Where a window that touches ``roi`` (padded coordinates) can read: ``roi`` grown by the window less one
         voxel on each side (padded coordinates, not clipped)."""
