@@ -36,7 +36,7 @@ def _checkpoint_and_config(args: argparse.Namespace):
     unless the user sets them (:func:`~vesuvius_monai.engine.ensemble.member_config`).
     """
     from vesuvius_monai.engine.ensemble import build_ensemble, normalized_weights
-    from vesuvius_monai.engine.tune import choice_layer, read_choice, tuned_layer
+    from vesuvius_monai.engine.tune import check_tuned_members, choice_layer, tuned_layer
     from vesuvius_monai.io.checkpoint import Checkpoint
     from vesuvius_monai.models.nnunet import is_nnunet_folder
 
@@ -52,14 +52,14 @@ def _checkpoint_and_config(args: argparse.Namespace):
     is_checkpoint = isinstance(first, Checkpoint)
     base = mapping_layer(str(first.path), first.config) if args.config is None and is_checkpoint else None
     choice = getattr(args, "postprocess", None)
-    tuned = read_choice(choice) if choice else tuned_layer(first) if len(sources) == 1 and is_checkpoint else None
+    tuned = choice_layer(choice) if choice else tuned_layer(first) if len(sources) == 1 and is_checkpoint else None
     plan = next((mapping_layer(f"the plan of {s.folder.path}", s.config_layer()) for s in sources
                  if not isinstance(s, Checkpoint)), None)
     cfg = _config(args, base=base, fills=[tuned, plan])
     raw = read_yaml_mapping(args.config, "config file") if args.config is not None else {}
     ensemble = build_ensemble(cfg, sources, args.weights, explicit_keys(raw, args.overrides))
     if choice:
-        choice_layer(choice, ensemble)  # warns when tuned on other members
+        check_tuned_members(choice, ensemble)
     return ensemble, cfg
 
 

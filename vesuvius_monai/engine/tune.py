@@ -14,7 +14,7 @@ another checkpoint.
 With several checkpoints (an ensemble, :mod:`vesuvius_monai.engine.ensemble`) the fused probabilities are tuned; the
 choice records the members (``ensemble``: checkpoint, SHA-256, weight, window of each; the fusion) and goes only where
 ``--out`` says (it belongs to no one member's run); ``evaluate`` and ``predict`` take it with ``--postprocess FILE``
-(:func:`choice_layer`), which warns when it was tuned on other members, weights or fusion.
+(:func:`choice_layer`); :func:`check_tuned_members` warns when it was tuned on other members, weights or fusion.
 """
 
 from __future__ import annotations
@@ -144,19 +144,21 @@ def _check_tuned_on(path: Path, checkpoint: Checkpoint) -> None:
                 record.get("checkpoint_step", "?"), checkpoint.path, checkpoint.step)
 
 
-def choice_layer(path: str | Path, ensemble: Ensemble) -> Layer:
+def choice_layer(path: str | Path) -> Layer:
     """The post-processing of the choice file ``path`` (``--postprocess FILE``) as a config layer (see
-    :func:`tuned_layer`), with a warning unless it was tuned on the same members, weights and fusion as
-    ``ensemble``."""
+    :func:`tuned_layer`); :func:`check_tuned_members` then says whether it suits the ensemble built with it."""
     path = Path(path)
     if not path.is_file():
         raise VesuviusError(f"--postprocess {path}: no such file (a postprocess.json written by tune-postprocess)")
-    layer = read_choice(path)
-    tuned, wanted = _tuned_members(json.loads(path.read_text())), _members_of(ensemble)
+    return read_choice(path)
+
+
+def check_tuned_members(path: str | Path, ensemble: Ensemble) -> None:
+    """Warn unless the choice file ``path`` was tuned on the same members, weights and fusion as ``ensemble``."""
+    tuned, wanted = _tuned_members(json.loads(Path(path).read_text())), _members_of(ensemble)
     if tuned != wanted:
         log.warning("--postprocess %s was tuned on %s, not on %s: its post-processing may not suit these; run "
                     "tune-postprocess with them again", path, _describe(tuned), _describe(wanted))
-    return layer
 
 
 def _members_of(ensemble: Ensemble) -> tuple:
