@@ -3,9 +3,10 @@
 A model folder in nnU-Net's layout (``nnUNetTrainer__nnUNetPlans__3d_fullres/`` with plans.json, dataset.json and
 ``fold_0/checkpoint_final.pth``) is written with random weights (seeded): ``--plan default`` is nnU-Net's default
 3d_fullres U-Net (patch 128^3, 6 stages, 32-320 features), ``--plan tiny`` a 3-stage one with 32^3 patches for CPU
-checks. Random weights are enough for agreement: both sides run the same network on the same windows. For each
-``--sizes`` n, a volume n^3 (uint8 noise, no zero voxel so nnU-Net's crop to the nonzero region keeps it whole) is
-predicted
+checks, ``--plan narrow`` the default's 128^3 patch (so the same windows) on a 3-stage network of 4-16 features: the
+320^3 / 512^3 time and memory on a CPU. Random weights are enough for agreement: both sides run the same network
+on the same windows. For each ``--sizes`` n, a volume n^3 (uint8 noise, no zero voxel so nnU-Net's crop to the
+nonzero region keeps it whole) is predicted
 
 * by ``nnUNetPredictor`` (in ``.venv-nnunet``, ``bash bench/setup_nnunet.sh``): ``predict_single_npy_array`` with
   tile_step_size 0.5, Gaussian blending and mirroring (``--no-mirroring``: none), the whole volume in memory;
@@ -26,6 +27,8 @@ Usage::
     bash bench/setup_nnunet.sh
     PYTHONPATH=. .venv/bin/python bench/bench_nnunet_predict.py --sizes 320 512 --device cuda
     PYTHONPATH=. .venv/bin/python bench/bench_nnunet_predict.py --plan tiny --sizes 64 80 --device cpu
+    PYTHONPATH=. .venv/bin/python bench/bench_nnunet_predict.py --plan narrow --sizes 320 512 --device cpu \
+        --no-mirroring --out-dir runs/nnunet_predict_narrow
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ PLANS = {
                 "strides": [[1, 1, 1]] + [[2, 2, 2]] * 5, "convs": 2},
     "tiny": {"patch": [32, 32, 32], "features": [8, 16, 32], "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
              "convs": 2},
+    "narrow": {"patch": [128, 128, 128], "features": [4, 8, 16], "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+               "convs": 2},
 }
 CT = {"max": 255.0, "mean": 128.0, "median": 128.0, "min": 1.0, "percentile_00_5": 3.0, "percentile_99_5": 252.0,
       "std": 70.0}
@@ -97,6 +102,8 @@ def write_model(root: Path, plan: str, seed: int = 0) -> Path:
 
     folder = root / FOLDER
     if (folder / "fold_0" / "checkpoint_final.pth").is_file():
+        if json.loads((folder / "plans.json").read_text()) != plans_json(plan):
+            raise SystemExit(f"{folder} holds a model of another plan than --plan {plan}: choose another --out-dir")
         return folder
     (folder / "fold_0").mkdir(parents=True, exist_ok=True)
     plans = plans_json(plan)
