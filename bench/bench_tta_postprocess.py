@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import logging
 import time
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.io.checkpoint import Checkpoint
 from vesuvius_monai.io.run_dir import RunDir
 from vesuvius_monai.metrics.leaderboard import leaderboard_score
-from vesuvius_monai.postprocess import PostprocessConfig, Search, postprocess
+from vesuvius_monai.postprocess import PostprocessConfig, postprocess
 
 log = logging.getLogger("bench_tta_postprocess")
 
@@ -164,10 +165,21 @@ def pick_threshold(probs: list[np.ndarray], labels: list[np.ndarray],
     Ties go to the candidate closest to 0.5. Returns (best threshold, {threshold: mean score})."""
     if len(candidates) == 0:
         raise VesuviusError("pick_threshold 'candidates' is empty")
+    if len(probs) == 0 or len(probs) != len(labels):
+        raise VesuviusError(f"pick_threshold needs equally many probs and labels (> 0), got {len(probs)} and "
+                            f"{len(labels)}")
+    for i, (prob, label) in enumerate(zip(probs, labels)):
+        if prob.shape != label.shape:
+            raise VesuviusError(f"pick_threshold fragment {i}: prob shape {prob.shape} != label shape {label.shape}")
     base = base or PostprocessConfig()
-    search = Search(probs, labels, score_fn, base=base)
-    scores = {float(t): float(np.mean(search.measure(dataclasses.replace(base, threshold=float(t)))))
-              for t in candidates}
+    scores = {}
+    for t in candidates:
+        values = [float(score_fn(postprocess(prob, dataclasses.replace(base, threshold=float(t))), label))
+                  for prob, label in zip(probs, labels)]
+        for i, value in enumerate(values):
+            if not math.isfinite(value):
+                raise VesuviusError(f"pick_threshold: score_fn gave {value} for fragment {i} at threshold {float(t)}")
+        scores[float(t)] = float(np.mean(values))
     best_score = max(scores.values())
     best = min((t for t, s in scores.items() if s == best_score), key=lambda t: abs(t - 0.5))
     log.info("best threshold %.3f with mean score %.4f", best, best_score)

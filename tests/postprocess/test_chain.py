@@ -14,7 +14,6 @@ from vesuvius_monai.io.zarr_store import PredictionStore
 from vesuvius_monai.metrics.components import cavity_labels
 from vesuvius_monai.postprocess import postprocess
 from vesuvius_monai.postprocess.blockwise import halo, postprocess_blocks, whole_keys, write_mask_zarr
-from vesuvius_monai.postprocess.search import describe
 
 RANK = {6: 1, 18: 2, 26: 3}
 radii = st.tuples(st.integers(0, 2), st.integers(0, 2), st.integers(0, 2))
@@ -53,12 +52,6 @@ def test_chain_order_removal_before_patching_and_filling():
     prob[5, 5, 5] = 0.9
     out = postprocess(prob, PostprocessConfig(min_size=2, fill_voids=True))
     assert out.sum() == 7**3
-
-
-def test_describe_names_the_keys_not_at_their_default():
-    assert describe(PostprocessConfig()) == "threshold 0.50, min_size 0 (26-connected), fill_holes_max 0"
-    name = describe(PostprocessConfig(hysteresis_high=0.85, close_radius=(2, 1, 1), plug_holes=True))
-    assert name.endswith(", hysteresis_high 0.85, close_radius (2, 1, 1), plug_holes True")
 
 
 @pytest.mark.parametrize("kwargs, key", [

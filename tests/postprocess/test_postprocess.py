@@ -1,14 +1,12 @@
-"""Tests for vesuvius_monai.postprocess: threshold, small-component removal, cavity filling, threshold tuning."""
+"""Tests for vesuvius_monai.postprocess: threshold, small-component removal, cavity filling."""
 
 import math
 
 import numpy as np
 import pytest
-from scipy import ndimage
 
-from vesuvius_monai.config import TuneConfig
 from vesuvius_monai.errors import VesuviusError
-from vesuvius_monai.postprocess import PostprocessConfig, describe, pick_postprocess, postprocess
+from vesuvius_monai.postprocess import PostprocessConfig, postprocess
 
 
 def two_cubes() -> np.ndarray:
@@ -127,91 +125,3 @@ def test_bad_config_names_the_key(kwargs, key):
 def test_bad_prob_rejected(prob, text):
     with pytest.raises(VesuviusError, match=text):
         postprocess(prob, PostprocessConfig())
-
-
-# ---------------------------------------------------------------- pick_postprocess (guarded)
-
-
-def _noisy_sheet(seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A label slab and a probability map with the slab at 0.8 and random specks at 0.65 around it."""
-    rng = np.random.default_rng(seed)
-    label = np.zeros((16, 16, 16), np.uint8)
-    label[6:9] = 1
-    prob = np.where(label == 1, 0.8, 0.1).astype(np.float32)
-    specks = rng.random(label.shape) < 0.01
-    prob[specks & (label == 0)] = 0.65
-    return prob, label
-
-
-def _dice_score(pred, label):
-    return 2 * np.sum(pred & (label == 1)) / max(pred.sum() + (label == 1).sum(), 1)
-
-
-def test_pick_postprocess_chooses_what_helps_every_fragment():
-    pairs = [_noisy_sheet(s) for s in range(3)]
-    base = PostprocessConfig()
-    choice = pick_postprocess([p for p, _ in pairs], [q for _, q in pairs], _dice_score, base=base)
-    assert choice.chosen != base  # specks at 0.65: a threshold above them, or their removal, helps all three
-    best = max(choice.scores, key=lambda k: np.mean(choice.scores[k]))
-    assert np.mean(choice.scores[best]) == pytest.approx(np.mean(choice.scores[describe(choice.chosen)]))
-    assert all(n > o for n, o in zip(choice.scores[describe(choice.chosen)], choice.scores[describe(base)]))
-
-
-def test_pick_postprocess_keeps_the_base_on_one_fragment_or_a_split_vote():
-    prob, label = _noisy_sheet(0)
-    one = pick_postprocess([prob], [label], _dice_score, base=PostprocessConfig())
-    assert one.chosen == one.base and "one validation fragment" in one.reason
-    # a second fragment with a faint sheet (0.62) and no specks: thresholds above the specks (0.65) erase it, and
-    # removing small components changes nothing there, so the best candidate is better on one fragment of two only
-    faint = np.where(label == 1, 0.62, 0.1).astype(np.float32)
-    split = pick_postprocess([prob, faint], [label, label.copy()], _dice_score, base=PostprocessConfig())
-    best = describe(max((PostprocessConfig(min_size=m, connectivity=c) for m in (64, 256, 1024) for c in (6, 26)),
-                        key=lambda cfg: np.mean(split.scores[describe(cfg)])))
-    assert np.mean(split.scores[best]) > np.mean(split.scores[describe(split.base)])  # better on average ...
-    assert split.chosen == split.base and "not better on most fragments" in split.reason  # ... but carried by one
-
-
-def _precision(pred, label):
-    return float(np.sum(pred & (label == 1)) / max(pred.sum(), 1))
-
-
-def test_pick_postprocess_does_not_buy_the_score_with_dice():
-    """Precision rewards high thresholds that erase the sheet's faint rim; the Dice rule refuses them, and still
-    allows removing the specks (which helps both)."""
-    pairs = []
-    for seed in range(3):
-        prob, label = _noisy_sheet(seed)
-        label[5] = label[9] = 1  # a rim of the sheet the network is unsure of (0.55)
-        prob[5] = prob[9] = 0.55
-        pairs.append((prob, label))
-    probs, labels = [p for p, _ in pairs], [q for _, q in pairs]
-    base = PostprocessConfig()
-    free = pick_postprocess(probs, labels, _precision, base=base, tune=TuneConfig(max_dice_drop=1.0),
-                            dice_fn=_dice_score)
-    assert free.chosen.threshold >= 0.55  # the rim is gone: precision 1, Dice much lower
-    assert np.mean(free.dices[describe(free.chosen)]) < np.mean(free.dices[describe(base)]) - 0.1
-    ruled = pick_postprocess(probs, labels, _precision, base=base, tune=TuneConfig(max_dice_drop=0.005),
-                             dice_fn=_dice_score)
-    assert ruled.chosen.threshold < 0.55 and ruled.chosen.min_size > 0  # specks removed, rim kept
-    assert np.mean(ruled.dices[describe(ruled.chosen)]) >= np.mean(ruled.dices[describe(base)])
-    assert "not allowed" in ruled.reason
-
-
-@pytest.mark.parametrize("seed", range(8))
-def test_pick_postprocess_dice_rule_holds_on_random_volumes(seed):
-    """Whatever the score, the chosen candidate's mean Dice is never more than max_dice_drop below the base's, and
-    every candidate tried has its Dice recorded."""
-    rng = np.random.default_rng(seed)
-    n = int(rng.integers(2, 4))
-    shape = tuple(int(v) for v in rng.integers(8, 20, size=3))
-    probs = [ndimage.gaussian_filter(rng.random(shape), 1.5).astype(np.float32) for _ in range(n)]
-    probs = [(p - p.min()) / (p.max() - p.min()) for p in probs]
-    labels = [(ndimage.gaussian_filter(rng.random(shape), 1.5) > 0.5).astype(np.uint8) for _ in range(n)]
-    drop = float(rng.choice([0.0, 0.005, 0.02, 0.1]))
-    score = [_precision, lambda p, q: -float(p.sum()), _dice_score][seed % 3]
-    tune = TuneConfig(thresholds=(0.3, 0.45, 0.5, 0.6, 0.75), min_sizes=(4, 32), max_dice_drop=drop)
-    base = PostprocessConfig(threshold=float(rng.choice([0.4, 0.5])))
-    choice = pick_postprocess(probs, labels, score, base=base, tune=tune, dice_fn=_dice_score)
-    mean_dice = {k: float(np.mean(v)) for k, v in choice.dices.items()}
-    assert mean_dice[describe(choice.chosen)] >= mean_dice[describe(base)] - drop - 1e-12
-    assert choice.dices.keys() == choice.scores.keys()

@@ -24,7 +24,9 @@ def test_tune_postprocess_writes_per_operator_gains(synthetic_root, tiny_args, t
     tuned = json.loads((run / "postprocess.json").read_text())
     assert tuned["fragments"] == ["frag_002", "frag_003"]
     assert tuned["steps"] and tuned["steps"][0]["operator"] == "threshold"  # threshold 0.95 is far too high
-    assert {"operator", "before", "after", "sweep", "score_gain", "dice_gain"} <= set(tuned["steps"][0])
+    keys = {"operator", "before", "after", "sweep", "score_gain", "dice_gain", "held_out_gain"}
+    assert keys <= set(tuned["steps"][0])
+    assert all(s["held_out_gain"] > 0 for s in tuned["steps"])  # tune.halves is on by default: each change held
     chosen, base = tuned["scores"][tuned["chain"]], tuned["scores"][next(iter(tuned["scores"]))]
     assert sum(s["score_gain"] for s in tuned["steps"]) == pytest.approx(tuned["gain"]["score"])
     assert tuned["gain"]["score"] == pytest.approx(np.mean(chosen) - np.mean(base))

@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy import ndimage
 
 from vesuvius_monai.config import PostprocessConfig, TuneConfig, load_config, resolve_config, to_dict
 from vesuvius_monai.engine.tune import read_choice
@@ -17,7 +19,7 @@ from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.metrics.overlap import dice_masks
 from vesuvius_monai.postprocess import postprocess
 from vesuvius_monai.tuning.scorer import FnScorer
-from vesuvius_monai.tuning.search import search_chain
+from vesuvius_monai.tuning.search import halves, held_out_gain, search_chain
 from vesuvius_monai.tuning.space import DIMENSIONS, describe_chain
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
@@ -64,8 +66,11 @@ class Table:
 
 
 def choose(per_fragment: list[dict[float, float]], rule: str, dices=None, **tune) -> PostprocessConfig:
+    """The threshold the search takes from per-fragment score tables (the held-out halves off unless ``tune`` sets
+    ``halves``)."""
     scorers = [Table(s, d) for s, d in zip(per_fragment, dices or [None] * len(per_fragment))]
-    cfg = TuneConfig(operators=("threshold",), thresholds=tuple(per_fragment[0]), rule=rule, **tune)
+    cfg = TuneConfig(operators=("threshold",), thresholds=tuple(per_fragment[0]), rule=rule,
+                     **{"halves": 0, **tune})
     return search_chain([np.zeros(1)] * len(scorers), scorers, base=PostprocessConfig(threshold=0.5), tune=cfg,
                         chain=lambda prob, c: c).chosen
 
@@ -90,6 +95,59 @@ def test_robust_rule_takes_the_smallest_change_within_noise_of_the_best():
     frags = [{0.5: 0.5, 0.45: 0.60, 0.3: 0.62}, {0.5: 0.5, 0.45: 0.62, 0.3: 0.60}, {0.5: 0.5, 0.45: 0.61, 0.3: 0.63}]
     assert choose(frags, "majority").threshold == 0.3  # best mean
     assert choose(frags, "robust").threshold == 0.45  # within noise of the best, closer to 0.5
+
+
+def test_robust_dice_rule_counts_the_spread_of_the_dice_losses():
+    frags = tables([0.02, 0.03, 0.02])
+    dices = [{0.5: 0.9, 0.3: 0.9}, {0.5: 0.9, 0.3: 0.9}, {0.5: 0.9, 0.3: 0.891}]  # mean -0.003, one fragment -0.009
+    assert choose(frags, "majority", dices).threshold == 0.3  # within max_dice_drop on the mean
+    assert choose(frags, "robust", dices).threshold == 0.5  # -0.003 - 0.003 (one standard error) < -0.005
+    even = [{0.5: 0.9, 0.3: 0.897}] * 3  # the same mean loss on every fragment: no spread
+    assert choose(frags, "robust", even).threshold == 0.3
+
+
+def tables(gains_at_03: list[float]) -> list[dict[float, float]]:
+    """Per-fragment tables where threshold 0.3 gains ``gains_at_03[i]`` over 0.5 on fragment i."""
+    return [{0.5: 0.5, 0.3: 0.5 + g} for g in gains_at_03]
+
+
+@pytest.mark.parametrize("rule", ["robust", "majority"])
+def test_halves_keep_a_change_every_fragment_agrees_on(rule):
+    frags = tables([0.10, 0.12, 0.09, 0.11, 0.10, 0.13])
+    assert choose(frags, rule, halves=20).threshold == 0.3
+    assert choose(tables([0.10, 0.12]), rule, halves=20).threshold == 0.3  # two: each chooses for the other
+
+
+def test_halves_refuse_a_change_the_fragments_cannot_choose_for_each_other():
+    frags = tables([1.0, 1.0, 1.0, -2.9])  # mean +0.025, better on 3 of 4: the majority rule takes it
+    assert choose(frags, "majority").threshold == 0.3
+    # each half with the loser in it picks nothing; each without it picks 0.3, which loses on the other half
+    assert choose(frags, "majority", halves=20).threshold == 0.5
+    assert choose(tables([0.1, -0.05]), "majority", halves=20).threshold == 0.5
+
+
+def test_held_out_gain_by_hand():
+    gains = np.array([[1.0, 1.0, 1.0, -2.9], [0.0, 0.0, 0.0, 0.0]])
+    held, dice, won, lost = held_out_gain(gains, np.zeros_like(gains), np.array([1.0, 2.0]),
+                                          TuneConfig(rule="majority"))
+    # 6 splits into pairs; the 3 without fragment 3 pick row 0 and score (1 - 2.9) / 2 on the other pair
+    assert (won, lost) == (0, 3) and held == pytest.approx(3 * -0.95 / 6) and dice == 0.0
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 12), st.integers(0, 40), st.integers(0, 2**16))
+def test_halves_are_splits_into_a_larger_and_a_smaller_half(n, limit, seed):
+    splits = halves(n, limit, seed)
+    assert all(np.array_equal(a, c) for (a, _), (c, _) in zip(splits, halves(n, limit, seed)))  # the same each run
+    if n < 2 or limit == 0:
+        assert splits == []
+        return
+    assert len(splits) == min(limit, math.comb(n, n - n // 2))
+    for a, b in splits:
+        assert len(a) == n - n // 2 and len(b) == n // 2
+        assert sorted(np.concatenate([a, b]).tolist()) == list(range(n))
+    if math.comb(n, n - n // 2) <= limit:  # every split, once
+        assert len({tuple(a) for a, _ in splits}) == len(splits)
 
 
 @pytest.mark.parametrize("rule", ["robust", "majority"])
@@ -137,6 +195,7 @@ def test_dimension_candidates_skip_invalid_configs_and_include_off():
     ("tune.operators=[threshhold]", "tune.operators"), ("tune.rule=robus", "tune.rule"),
     ("tune.close_modes=[sheet]", "tune.close_modes"), ("tune.sweeps=0", "tune.sweeps"),
     ("tune.noise_k=-1", "tune.noise_k"), ("tune.hysteresis_highs=[0]", "tune.hysteresis_highs"),
+    ("tune.halves=-1", "tune.halves"), ("tune.halves=2.5", "tune.halves"),
     ("tune.open_radii=[[1,-1,1]]", "tune.open_radii"), ("tune.connectivities=[8]", "tune.connectivities"),
     ("tune.operators=[dust,dust]", "tune.operators")])
 def test_tune_errors_name_the_key(override, key):
@@ -157,3 +216,94 @@ def test_choice_round_trips_through_read_choice(tmp_path):
     assert resolve_config(None, [], fills=[read_choice(path)]).postprocess == chosen
     assert resolve_config(None, ["postprocess.min_size=3"], fills=[read_choice(path)]).postprocess == \
         dataclasses.replace(chosen, min_size=3)  # the user's keys win
+
+
+# ---------------------------------------------------------------- on noisy sheets
+
+
+def _noisy_sheet(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A label slab and a probability map with the slab at 0.8 and random specks at 0.65 around it."""
+    rng = np.random.default_rng(seed)
+    label = np.zeros((16, 16, 16), np.uint8)
+    label[6:9] = 1
+    prob = np.where(label == 1, 0.8, 0.1).astype(np.float32)
+    specks = rng.random(label.shape) < 0.01
+    prob[specks & (label == 0)] = 0.65
+    return prob, label
+
+
+def _dice_score(pred, label):
+    return 2 * np.sum(pred & (label == 1)) / max(pred.sum() + (label == 1).sum(), 1)
+
+
+def guarded(probs, labels, score_fn, *, base=PostprocessConfig(), dice_fn=None, **tune):
+    """search_chain over threshold and dust as the default tune section would run it (held-out halves on)."""
+    cfg = TuneConfig(operators=("threshold", "dust"), **tune)
+    return search_chain(probs, [FnScorer(label, score_fn, dice_fn) for label in labels], base=base, tune=cfg,
+                        chain=postprocess)
+
+
+def test_search_chooses_what_helps_every_fragment():
+    pairs = [_noisy_sheet(s) for s in range(3)]
+    base = PostprocessConfig()
+    choice = guarded([p for p, _ in pairs], [q for _, q in pairs], _dice_score, base=base)
+    assert choice.chosen != base  # specks at 0.65: a threshold above them, or their removal, helps all three
+    assert all(n > o for n, o in zip(choice.scores[describe_chain(choice.chosen)], choice.scores[describe_chain(base)]))
+
+
+@pytest.mark.parametrize("halves", [0, 20])
+def test_search_keeps_the_base_on_one_fragment_or_a_split_vote(halves):
+    prob, label = _noisy_sheet(0)
+    one = guarded([prob], [label], _dice_score, halves=halves)
+    assert one.chosen == one.base and "one validation fragment cannot choose" in one.reason
+    # a second fragment with a faint sheet (0.62) and no specks: thresholds above the specks (0.65) erase it, and
+    # removing small components changes nothing there, so the best candidate is better on one fragment of two only
+    faint = np.where(label == 1, 0.62, 0.1).astype(np.float32)
+    split = guarded([prob, faint], [label, label.copy()], _dice_score, rule="majority", halves=halves)
+    best = max(split.scores, key=lambda name: np.mean(split.scores[name]))
+    assert np.mean(split.scores[best]) > np.mean(split.scores[describe_chain(split.base)])  # better on average ...
+    assert split.chosen == split.base  # ... but carried by one
+
+
+def _precision(pred, label):
+    return float(np.sum(pred & (label == 1)) / max(pred.sum(), 1))
+
+
+def test_search_does_not_buy_the_score_with_dice():
+    """Precision rewards high thresholds that erase the sheet's faint rim; the Dice rule refuses them, and still
+    allows removing the specks (which helps both)."""
+    pairs = []
+    for seed in range(3):
+        prob, label = _noisy_sheet(seed)
+        label[5] = label[9] = 1  # a rim of the sheet the network is unsure of (0.55)
+        prob[5] = prob[9] = 0.55
+        pairs.append((prob, label))
+    probs, labels = [p for p, _ in pairs], [q for _, q in pairs]
+    base = PostprocessConfig()
+    free = guarded(probs, labels, _precision, base=base, dice_fn=_dice_score, max_dice_drop=1.0)
+    assert free.chosen.threshold >= 0.55  # the rim is gone: precision 1, Dice much lower
+    assert np.mean(free.dices[describe_chain(free.chosen)]) < np.mean(free.dices[describe_chain(base)]) - 0.1
+    ruled = guarded(probs, labels, _precision, base=base, dice_fn=_dice_score, max_dice_drop=0.005)
+    assert ruled.chosen.threshold < 0.55 and ruled.chosen.min_size > 0  # specks removed, rim kept
+    assert np.mean(ruled.dices[describe_chain(ruled.chosen)]) >= np.mean(ruled.dices[describe_chain(base)])
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_search_dice_rule_holds_on_random_volumes(seed):
+    """Whatever the score, the chosen candidate's mean Dice is never more than max_dice_drop below the base's, and
+    every candidate tried has its Dice recorded."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 4))
+    shape = tuple(int(v) for v in rng.integers(8, 20, size=3))
+    probs = [ndimage.gaussian_filter(rng.random(shape), 1.5).astype(np.float32) for _ in range(n)]
+    probs = [(p - p.min()) / (p.max() - p.min()) for p in probs]
+    labels = [(ndimage.gaussian_filter(rng.random(shape), 1.5) > 0.5).astype(np.uint8) for _ in range(n)]
+    drop = float(rng.choice([0.0, 0.005, 0.02, 0.1]))
+    score = [_precision, lambda p, q: -float(p.sum()), _dice_score][seed % 3]
+    base = PostprocessConfig(threshold=float(rng.choice([0.4, 0.5])))
+    choice = guarded(probs, labels, score, base=base, dice_fn=_dice_score, thresholds=(0.3, 0.45, 0.5, 0.6, 0.75),
+                     min_sizes=(4, 32), max_dice_drop=drop, rule=str(rng.choice(["robust", "majority"])),
+                     halves=int(rng.choice([0, 20])))
+    mean_dice = {k: float(np.mean(v)) for k, v in choice.dices.items()}
+    assert mean_dice[describe_chain(choice.chosen)] >= mean_dice[describe_chain(base)] - drop - 1e-12
+    assert choice.dices.keys() == choice.scores.keys()

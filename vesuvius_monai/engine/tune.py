@@ -4,8 +4,9 @@ The checkpoint's model predicts every validation fragment once; :func:`vesuvius_
 then searches the post-processing chain operator by operator (the config's ``tune`` section), scoring each candidate
 with the competition's exact leaderboard score (:class:`vesuvius_monai.tuning.scorer.FragmentScorer`); candidates
 that lose more than ``tune.max_dice_drop`` of mean Dice are not allowed, and a change is taken only by ``tune.rule``
-(default "robust": better on most fragments by more than the per-fragment noise), a guard against fitting the
-validation fragments. ``postprocess.json`` records each accepted change with its validation gain (``steps``).
+(default "robust": better on most fragments by more than the per-fragment noise) when it also holds on resampled
+halves of the fragments (``tune.halves``), guards against fitting the validation fragments. ``postprocess.json``
+records each accepted change with its validation and held-out gains (``steps``).
 The choice goes to ``<run>/postprocess.json`` (with the run folder locked meanwhile), recording the checkpoint's path,
 step and SHA-256; ``evaluate``, ``predict`` and ``tune-postprocess`` with a checkpoint of that run use it for every
 ``postprocess`` key the user's config and overrides do not set (:func:`tuned_layer`), and say so when it was tuned on

@@ -5,8 +5,10 @@ operator of ``tune.operators`` in chain order (:mod:`vesuvius_monai.tuning.space
 operator is applied with the other keys at the current choice, post-processed from the probabilities (predicted
 once) and scored on every fragment; the rule (``tune.rule``) decides whether one replaces the current choice:
 
-- Dice rule (both rules): a candidate whose mean Dice is more than ``tune.max_dice_drop`` below ``base``'s is never
-  taken.
+- Dice rule: a candidate whose mean Dice is more than ``tune.max_dice_drop`` below ``base``'s is never taken; with
+  "robust", neither is one whose per-fragment Dice changes from ``base`` are that far below zero within
+  ``noise_k`` standard errors (mean(e) - noise_k * sd(e) / sqrt(n) < -max_dice_drop): a Dice loss that varies
+  from fragment to fragment may be larger on the next one.
 - "robust": a candidate may replace the current choice only when it is better on a strict majority of the
   fragments (at least two) and its mean gain g = mean(d_i) over the per-fragment gains d_i exceeds ``noise_k``
   standard errors, g > noise_k * sd(d) / sqrt(n) (so that with two fragments and noise_k = 1 it must be better on
@@ -15,6 +17,12 @@ once) and scored on every fragment; the rule (``tune.rule``) decides whether one
   several changes that validation cannot tell apart, the smallest.
 - "majority": the candidate of best mean score is taken when it is better on the mean and on a strict majority of
   the fragments (at least two), the tuner's guard before the chain search.
+- Resampled halves (``tune.halves`` > 0, both rules): the rule is also run on one half of the fragments (the larger
+  half A of a split; up to ``tune.halves`` splits, every split when there are no more) and its pick scored on the
+  other half B against the current choice. The operator changes only when that held-out gain is positive on the
+  mean over the splits and on more splits than it is negative, and its mean held-out Dice loss stays within
+  ``tune.max_dice_drop``: a change the validation fragments cannot choose for each other is not made. These
+  splits cost no scoring: every candidate is scored on every fragment anyway.
 
 The chosen chain must finally beat ``base`` on the mean and on a strict majority (at least two fragments), else
 ``base`` is kept. Each accepted change is a :class:`Step` with its mean score and Dice gains: the gains of the
@@ -23,6 +31,7 @@ steps sum to the chosen chain's gain over ``base``.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -49,8 +58,9 @@ class Scorer(Protocol):
 
 @dataclass(frozen=True)
 class Step:
-    """One accepted change: the operator, its value before and after, the sweep, and the mean validation score and
-    Dice gains it brought (over the choice before it)."""
+    """One accepted change: the operator, its value before and after, the sweep, the mean validation score and
+    Dice gains it brought (over the choice before it), and the mean score gain of the rule's pick on held-out halves
+    (``tune.halves``; None when off)."""
 
     operator: str
     before: list
@@ -58,6 +68,7 @@ class Step:
     sweep: int
     score_gain: float
     dice_gain: float
+    held_out_gain: float | None = None
 
 
 @dataclass
@@ -78,14 +89,19 @@ class ChainChoice:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-class _Table:
-    """Per-fragment score and Dice of every candidate tried, each computed once."""
+Memo = dict  # (scorer, chain name) -> (score, dice): one fragment's figures for one chain, shared between searches
 
-    def __init__(self, probs: Sequence[np.ndarray], scorers: Sequence[Scorer], chain: Chain):
+
+class _Table:
+    """Per-fragment score and Dice of every candidate tried, each computed once (and once per ``memo``: searches
+    over overlapping fragments, keyed by their scorer objects, share it)."""
+
+    def __init__(self, probs: Sequence[np.ndarray], scorers: Sequence[Scorer], chain: Chain, memo: Memo | None):
         if len(probs) == 0 or len(probs) != len(scorers):
             raise VesuviusError(f"the chain search needs equally many probs and labels (> 0), got {len(probs)} and "
                                 f"{len(scorers)}")
         self.probs, self.scorers, self.chain = probs, scorers, chain
+        self.memo = {} if memo is None else memo
         self.scores: dict[str, list[float]] = {}
         self.dices: dict[str, list[float]] = {}
         self.timings = {"chain": 0.0, "score": 0.0}
@@ -94,25 +110,24 @@ class _Table:
         """(scores, dices) of ``cfg``, each float64 (n_fragments,)."""
         name = describe_chain(cfg)
         if name not in self.scores:
-            scores, dices = [], []
-            for i, (prob, scorer) in enumerate(zip(self.probs, self.scorers)):
-                start = time.perf_counter()
-                mask = self.chain(prob, cfg)
-                middle = time.perf_counter()
-                result = scorer.score(mask)
-                self.timings["chain"] += middle - start
-                self.timings["score"] += time.perf_counter() - middle
-                if not (math.isfinite(result["score"]) and math.isfinite(result["dice"])):
-                    raise VesuviusError(f"post-processing score of fragment {i} with {name} is not finite: {result}")
-                scores.append(float(result["score"]))
-                dices.append(float(result["dice"]))
-            self.scores[name], self.dices[name] = scores, dices
+            cells = [self._cell(i, cfg, name) for i in range(len(self.probs))]
+            self.scores[name], self.dices[name] = [c[0] for c in cells], [c[1] for c in cells]
         return np.array(self.scores[name]), np.array(self.dices[name])
 
-
-def _beats(new: np.ndarray, old: np.ndarray) -> bool:
-    """Better on the mean and on a strict majority of at least two fragments."""
-    return len(old) >= 2 and new.mean() > old.mean() and int(np.sum(new > old)) > len(old) / 2
+    def _cell(self, i: int, cfg: PostprocessConfig, name: str) -> tuple[float, float]:
+        """(score, dice) of fragment ``i`` post-processed by ``cfg``."""
+        key = (self.scorers[i], name)
+        if key not in self.memo:
+            start = time.perf_counter()
+            mask = self.chain(self.probs[i], cfg)
+            middle = time.perf_counter()
+            result = self.scorers[i].score(mask)
+            self.timings["chain"] += middle - start
+            self.timings["score"] += time.perf_counter() - middle
+            if not (math.isfinite(result["score"]) and math.isfinite(result["dice"])):
+                raise VesuviusError(f"post-processing score of fragment {i} with {name} is not finite: {result}")
+            self.memo[key] = (float(result["score"]), float(result["dice"]))
+        return self.memo[key]
 
 
 def _noise(gains: np.ndarray, k: float) -> float:
@@ -120,54 +135,119 @@ def _noise(gains: np.ndarray, k: float) -> float:
     return k * float(np.std(gains, ddof=1)) / math.sqrt(len(gains)) if len(gains) > 1 else math.inf
 
 
-def _pick(dim: Dimension, current: PostprocessConfig, table: _Table, tune: TuneConfig,
-          dice_floor: float) -> PostprocessConfig:
-    """The value of ``dim`` that the rule takes at ``current`` (``current`` itself when nothing qualifies)."""
-    old, _ = table.measure(current)
-    candidates = dim.candidates(current, tune)
-    qualified = []  # (gain, noise, distance, cfg)
-    for cfg in tqdm(candidates, desc=f"tune {dim.name}", leave=False, dynamic_ncols=True):
-        new, dices = table.measure(cfg)
-        if cfg == current or dices.mean() < dice_floor or not _beats(new, old):
+def _beats(new: np.ndarray, old: np.ndarray) -> bool:
+    """Better on the mean and on a strict majority of at least two fragments."""
+    return len(old) >= 2 and new.mean() > old.mean() and int(np.sum(new > old)) > len(old) / 2
+
+
+def _rule_pick(gains: np.ndarray, distance: np.ndarray, tune: TuneConfig, least: int = 2) -> int | None:
+    """Row of ``gains`` (candidates, fragments: each candidate's score gain over the current choice) that the rule
+    takes, None when none qualifies: better on the mean and on a strict majority of at least ``least`` fragments
+    (and, "robust", by more than the noise, which is waived for a single fragment); "majority" takes the best mean,
+    "robust" the candidate of least ``distance`` from the current value within noise of the best."""
+    n = gains.shape[1]
+    qualified = []  # (mean gain, noise, distance, row)
+    for row, g in enumerate(gains):
+        if n < least or g.mean() <= 0 or int(np.sum(g > 0)) <= n / 2:
             continue
-        gains = new - old
-        noise = _noise(gains, tune.noise_k)
-        if tune.rule == "robust" and gains.mean() <= noise:
+        noise = _noise(g, tune.noise_k) if n > 1 else 0.0
+        if tune.rule == "robust" and g.mean() <= noise:
             continue
-        distance = abs(dim.order(dim.value_of(cfg), tune) - dim.order(dim.value_of(current), tune))
-        qualified.append((float(gains.mean()), noise, distance, cfg))
+        qualified.append((float(g.mean()), noise, float(distance[row]), row))
     if not qualified:
-        return current
-    best_gain, best_noise, best_distance, best = max(qualified, key=lambda q: (q[0], -q[2]))
+        return None
+    best_gain, best_noise, _, best = max(qualified, key=lambda q: (q[0], -q[2]))
     if tune.rule == "majority":
         return best
-    band = [q for q in qualified if q[0] >= best_gain - best_noise]
-    return min(band, key=lambda q: (q[2], -q[0]))[3]
+    return min((q for q in qualified if q[0] >= best_gain - best_noise), key=lambda q: (q[2], -q[0]))[3]
+
+
+def halves(n: int, limit: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Splits (A, B) of ``n`` fragments, A the larger half (n - n // 2): every split when there are at most
+    ``limit``, else ``limit`` drawn at random (seeded: the same every run)."""
+    size = n - n // 2
+    if n < 2 or limit == 0:
+        return []
+    if math.comb(n, size) <= limit:
+        chosen = [np.array(a) for a in itertools.combinations(range(n), size)]
+    else:
+        rng = np.random.default_rng(seed)
+        chosen = [np.sort(rng.choice(n, size, replace=False)) for _ in range(limit)]
+    return [(a, np.setdiff1d(np.arange(n), a)) for a in chosen]
+
+
+def held_out_gain(gains: np.ndarray, dice_gains: np.ndarray, distance: np.ndarray,
+                  tune: TuneConfig) -> tuple[float, float, int, int]:
+    """The rule run on each half A of :func:`halves` and its pick scored on the other half B (no pick: gain 0):
+    (mean score gain, mean Dice gain, splits with a gain, splits with a loss). Arrays are (candidates, fragments)."""
+    scores, dices = [], []
+    for a, b in halves(gains.shape[1], tune.halves):
+        row = _rule_pick(gains[:, a], distance, tune, least=1)
+        scores.append(0.0 if row is None else float(gains[row, b].mean()))
+        dices.append(0.0 if row is None else float(dice_gains[row, b].mean()))
+    if not scores:
+        return 0.0, 0.0, 0, 0
+    return float(np.mean(scores)), float(np.mean(dices)), sum(x > 0 for x in scores), sum(x < 0 for x in scores)
+
+
+def _dice_allowed(dices: np.ndarray, base_dices: np.ndarray, tune: TuneConfig) -> bool:
+    """The Dice rule (module docstring) for a candidate's per-fragment Dice against ``base``'s."""
+    change = dices - base_dices
+    noise = _noise(change, tune.noise_k) if tune.rule == "robust" and len(change) > 1 else 0.0
+    return float(change.mean()) - noise >= -tune.max_dice_drop
+
+
+def _pick(dim: Dimension, current: PostprocessConfig, table: _Table, tune: TuneConfig,
+          base_dices: np.ndarray) -> tuple[PostprocessConfig, float | None]:
+    """The value of ``dim`` that the rule takes at ``current`` (``current`` itself when nothing qualifies), and the
+    held-out gain that let it through (None without ``tune.halves``)."""
+    old, old_dice = table.measure(current)
+    candidates = []
+    for cfg in tqdm(dim.candidates(current, tune), desc=f"tune {dim.name}", leave=False, dynamic_ncols=True):
+        new, dices = table.measure(cfg)
+        if cfg != current and _dice_allowed(dices, base_dices, tune):
+            candidates.append((cfg, new - old, dices - old_dice))
+    if not candidates:
+        return current, None
+    gains = np.array([c[1] for c in candidates])
+    distance = np.array([abs(dim.order(dim.value_of(c[0]), tune) - dim.order(dim.value_of(current), tune))
+                         for c in candidates])
+    row = _rule_pick(gains, distance, tune)
+    if row is None:
+        return current, None
+    if tune.halves == 0:
+        return candidates[row][0], None
+    held, held_dice, won, lost = held_out_gain(gains, np.array([c[2] for c in candidates]), distance, tune)
+    if held <= 0 or won <= lost or held_dice < -tune.max_dice_drop:
+        log.info("tune %s: %s refused: on held-out halves its rule gains %+.4f (better on %d splits, worse on %d), "
+                 "Dice %+.4f", dim.name, list(dim.value_of(candidates[row][0])), held, won, lost, held_dice)
+        return current, None
+    return candidates[row][0], held
 
 
 def search_chain(probs: Sequence[np.ndarray], scorers: Sequence[Scorer], *, base: PostprocessConfig,
-                 tune: TuneConfig = TuneConfig(), chain: Chain | None = None) -> ChainChoice:
+                 tune: TuneConfig = TuneConfig(), chain: Chain | None = None, memo: Memo | None = None) -> ChainChoice:
     """Choose the post-processing chain on validation fragments (see the module docstring for the rule).
 
     probs[i]: (Z, Y, X) probabilities in [0, 1] of fragment i; scorers[i].score(bool mask) -> {"score", "dice"}
     against that fragment's label (e.g. :class:`vesuvius_monai.tuning.scorer.FragmentScorer`). ``chain(prob, cfg)``
-    post-processes (default :func:`vesuvius_monai.postprocess.postprocess`).
+    post-processes (default :func:`vesuvius_monai.postprocess.postprocess`). ``memo``: a dict shared by searches
+    over the same scorer objects (e.g. splits of one set of fragments), so that a chain is scored once per fragment.
     """
     if chain is None:
         from vesuvius_monai.postprocess import postprocess as chain
     start = time.perf_counter()
-    table = _Table(probs, scorers, chain)
+    table = _Table(probs, scorers, chain, memo)
     base_scores, base_dices = table.measure(base)
-    dice_floor = base_dices.mean() - tune.max_dice_drop
     current, steps = base, []
     for sweep in range(1, tune.sweeps + 1):
         changed = False
         for dim in searched(tune):
-            picked = _pick(dim, current, table, tune, dice_floor)
+            picked, held = _pick(dim, current, table, tune, base_dices)
             if picked != current:
                 (old, old_dice), (new, new_dice) = table.measure(current), table.measure(picked)
                 steps.append(Step(dim.name, list(dim.value_of(current)), list(dim.value_of(picked)), sweep,
-                                  float(new.mean() - old.mean()), float(new_dice.mean() - old_dice.mean())))
+                                  float(new.mean() - old.mean()), float(new_dice.mean() - old_dice.mean()), held))
                 log.info("tune %s: %s -> %s (sweep %d): mean score %+.4f, mean Dice %+.4f", dim.name,
                          steps[-1].before, steps[-1].after, sweep, steps[-1].score_gain, steps[-1].dice_gain)
                 current, changed = picked, True
@@ -193,7 +273,8 @@ def _final(current: PostprocessConfig, base: PostprocessConfig, table: _Table,
     (old, old_dice), (new, new_dice) = table.measure(base), table.measure(current)
     gain = (f"mean score {old.mean():.4f} -> {new.mean():.4f}, better on {int(np.sum(new > old))} of {len(old)} "
             f"fragments, mean Dice {old_dice.mean():.4f} -> {new_dice.mean():.4f}")
-    rule = f"rule {tune.rule}" + (f", noise_k {tune.noise_k:g}" if tune.rule == "robust" else "")
+    rule = (f"rule {tune.rule}" + (f", noise_k {tune.noise_k:g}" if tune.rule == "robust" else "")
+            + (f", {tune.halves} held-out halves" if tune.halves else ""))
     if len(old) < 2:
         return base, f"kept {describe_chain(base)}: one validation fragment cannot choose"
     if current == base:
