@@ -164,6 +164,13 @@ def cmd_tune_postprocess(args: argparse.Namespace) -> None:
     tune_postprocess(cfg, checkpoint, args.out)
 
 
+def cmd_resample(args: argparse.Namespace) -> None:
+    from vesuvius_monai.data.resample import resample_file
+
+    path = resample_file(args.input, args.output, spacing=args.spacing, like=args.like, order=args.order)
+    log.info("wrote %s", path)
+
+
 def _location(text: str):
     """A command-line volume or output: an ``http(s)://`` / ``s3://`` address stays a string (``Path`` would turn
     ``http://host`` into ``http:/host``), anything else is a ``Path``."""
@@ -178,7 +185,8 @@ POSTPROCESS_HELP = ("a postprocess.json written by tune-postprocess (e.g. with -
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vesuvius-monai", description="3D papyrus-surface detection for Vesuvius "
-                                     "Challenge scroll CT: synth, plan, train, tune-postprocess, evaluate, predict.")
+                                     "Challenge scroll CT: synth, plan, train, tune-postprocess, evaluate, predict, "
+                                     "resample.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -238,6 +246,16 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--support", type=Path, help="mask volume of where the scroll is (values > "
                     "infer.support_threshold; the input's size or a coarser one): windows outside it are not run "
                     "(infer.support)")
+    rs = sub.add_parser("resample", help="resample a volume to a voxel spacing, an nnU-Net plan's spacing, or "
+                        "another volume's grid (NIfTI output)")
+    rs.add_argument("--input", type=Path, required=True, help="volume: .nii(.gz), .tif, folder of .tif, .zarr, .npy")
+    rs.add_argument("--output", type=Path, required=True, help="the resampled volume (.nii.gz or .nii)")
+    rs.add_argument("--spacing", type=float, nargs=3, metavar=("Z", "Y", "X"), help="the new voxel spacing")
+    rs.add_argument("--like", type=Path, help="an nnU-Net model folder (its plan's spacing) or a volume (its shape, "
+                    "spacing and orientation: e.g. probabilities back onto the scan's grid)")
+    rs.add_argument("--order", type=int, default=3, choices=[0, 1, 3], help="spline order: 3 for images, 0 for "
+                    "labels, 1 for probabilities (default 3)")
+    rs.set_defaults(func=cmd_resample)
     tt = add("tune-postprocess", cmd_tune_postprocess, "choose threshold and small-component removal on the "
              "validation fragments (leaderboard score); later commands use the choice", checkpoint=True,
              aliases=["tune-threshold"])

@@ -287,9 +287,11 @@ def normalizer(scheme: str, props: dict) -> Normalize:
 
 
 def check_spacing(path: str | Path, spacing: tuple[float, ...], folder: NnunetFolder) -> None:
-    """Refuse a volume whose spacing (z, y, x) differs from the plan's (1e-3 relative), naming both (this project
-    does not resample)."""
+    """Refuse a volume whose spacing (z, y, x) differs from the plan's (1e-3 relative), naming both and the command
+    that resamples it (never silently: :mod:`vesuvius_monai.data.resample`)."""
     if not np.allclose(spacing, folder.spacing, rtol=1e-3, atol=0):
         raise VesuviusError(f"{path}: spacing {tuple(spacing)} (z, y, x) differs from the plan's {folder.spacing} "
                             f"({folder.path / PLANS}); nnU-Net models are run here only at their plan's spacing: "
-                            f"resample the volume first, or set data.spacing if the file's spacing is wrong")
+                            f"resample the volume first ('vesuvius-monai resample --input {path} --like "
+                            f"{folder.path} --output VOLUME.nii.gz', and the probabilities back with '--like {path} "
+                            f"--order 1'), or set data.spacing if the file's spacing is wrong")
