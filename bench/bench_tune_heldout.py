@@ -96,6 +96,10 @@ def synthetic_set(args: argparse.Namespace, rng: np.random.Generator) -> tuple[l
 
 def network_set(args: argparse.Namespace) -> tuple[list, list, list[str], list[str]]:
     """(probs, labels, families, ids) of bench_stack's val and test fragments of ``--system``, pooled."""
+    needed = [args.probs.parent / "dataset.yaml", *(args.probs / f"{args.system}_{s}.npz" for s in ("val", "test"))]
+    if missing := [str(path) for path in needed if not path.is_file()]:
+        raise SystemExit(f"error: {', '.join(missing)} not found: run bench_stack.py first (it predicts the "
+                         f"fragments), or pass --synthetic")
     dataset = yaml.safe_load((args.probs.parent / "dataset.yaml").read_text())
     label_paths = {f["id"]: f["label"] for f in dataset["fragments"]}
     probs, labels, ids = [], [], []

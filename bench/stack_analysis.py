@@ -30,7 +30,7 @@ log = logging.getLogger("bench_stack")
 FIXED_12TH = PostprocessConfig(threshold=0.30, hysteresis_high=0.85, open_radius=(1, 1, 1), close_radius=(2, 1, 1),
                                min_size=100, connectivity=26)
 # Today's tuner before the chain search: threshold and dust only, the majority guard, one sweep.
-OLD_TUNER = TuneConfig(operators=("threshold", "dust"), rule="majority", sweeps=1)
+OLD_TUNER = TuneConfig(operators=("threshold", "dust"), rule="majority", sweeps=1, halves=0)
 
 
 @dataclass

@@ -99,7 +99,9 @@ def tiny_runs(tmp: Path) -> dict[str, tuple[list[list[str]], list[str]]]:
                              "transforms.patch_size=[32,32,32]", "infer.roi_size=[32,32,32]",
                              "train.batch_size=1"]],
                            ["system / chain", "LB score", "Dice", "TopoScore"]),
-        "bench_tune_heldout.py": ([["--fragments", "4", "--size", "24", "--val", "2", "--splits", "2"]],
+        "bench_tune_heldout.py": ([["--synthetic", "--fragments", "4", "--size", "24", "--val", "2", "--splits", "2",
+                                    "--memo", str(tmp / "memo.json")], ["--synthetic", "--fragments", "4", "--size",
+                                    "24", "--val", "2", "--splits", "2", "--memo", str(tmp / "memo.json")]],
                                   ["tuner", "changed base", "worse on test (score)"]),
     }
 
