@@ -112,24 +112,36 @@ def network_set(args: argparse.Namespace) -> tuple[list, list, list[str], list[s
     return probs, labels, [i.rsplit("_", 1)[0] for i in ids], ids
 
 
-def read_memo(path: Path | None, scorers: list, ids: list[str]) -> dict:
-    """The search memo ((scorer, chain name) -> (score, dice)) kept at ``path`` by :func:`write_memo`."""
+def memo_source(args: argparse.Namespace) -> dict:
+    """What a memo's scores belong to: the fragments and probabilities they were scored on."""
+    if args.synthetic:
+        return {"synthetic": True, "seed": args.seed, "size": args.size, "fragments": args.fragments}
+    return {"probs": str(args.probs.resolve()), "system": args.system}
+
+
+def read_memo(path: Path | None, source: dict, scorers: list, ids: list[str]) -> dict:
+    """The search memo ((scorer, chain name) -> (score, dice)) kept at ``path`` by :func:`write_memo`; a memo of
+    other fragments or probabilities is refused."""
     if path is None or not path.is_file():
         return {}
-    by_id = dict(zip(ids, scorers))
     stored = json.loads(path.read_text())
-    return {(by_id[key.split("\t")[0]], key.split("\t")[1]): tuple(value) for key, value in stored.items()
-            if key.split("\t")[0] in by_id}
+    if stored.get("source") != source:
+        raise SystemExit(f"error: --memo {path} holds scores of {stored.get('source')}, not of {source}: choose "
+                         f"another --memo")
+    by_id = dict(zip(ids, scorers))
+    cells = (key.split("\t") + [value] for key, value in stored["cells"].items())
+    return {(by_id[fragment], name): tuple(value) for fragment, name, value in cells if fragment in by_id}
 
 
-def write_memo(path: Path | None, memo: dict, scorers: list, ids: list[str]) -> None:
-    """Keep ``memo`` at ``path`` as {"<fragment id>\t<chain>": [score, dice]} (atomically)."""
+def write_memo(path: Path | None, source: dict, memo: dict, scorers: list, ids: list[str]) -> None:
+    """Keep ``memo`` at ``path`` as {"source": ..., "cells": {"<fragment id>\t<chain>": [score, dice]}}
+    (atomically)."""
     if path is None:
         return
     name_of = {id(scorer): fragment_id for scorer, fragment_id in zip(scorers, ids)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text(path, json.dumps({f"{name_of[id(scorer)]}\t{name}": list(value)
-                                 for (scorer, name), value in memo.items()}))
+    write_text(path, json.dumps({"source": source, "cells": {f"{name_of[id(scorer)]}\t{name}": list(value)
+                                                             for (scorer, name), value in memo.items()}}))
 
 
 def draw_split(groups: list[str], val_count: int | None, rng: np.random.Generator) -> tuple[list[int], list[int]]:
@@ -149,7 +161,8 @@ def run(args: argparse.Namespace) -> None:
     else:
         probs, labels, groups, ids = network_set(args)
     scorers = [FragmentScorer(label) for label in labels]
-    memo = read_memo(args.memo, scorers, ids)
+    source_key = memo_source(args)
+    memo = read_memo(args.memo, source_key, scorers, ids)
 
     def test_scores(cfg: PostprocessConfig, test: list[int]) -> np.ndarray:
         """(test fragments, 2): score and Dice of ``cfg`` on each, through the shared memo."""
@@ -175,7 +188,7 @@ def run(args: argparse.Namespace) -> None:
                                "dice_gain": float(gain[1]), "seconds": seconds})
             log.warning("split %d %s: %s; test gain %+.4f, Dice %+.4f (%.0f s)", split, name, describe_chain(
                 choice.chosen), gain[0], gain[1], seconds)
-        write_memo(args.memo, memo, scorers, ids)
+        write_memo(args.memo, source_key, memo, scorers, ids)
     source = (f"{args.fragments} folded {args.size}^3 fragments, {args.val} val / {args.fragments - args.val} test"
               if args.synthetic else f"{len(groups)} fragments of {args.system} in {args.probs}, one val per family "
                                      f"({len(set(groups))}) / {len(groups) - len(set(groups))} test")

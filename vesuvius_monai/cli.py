@@ -248,11 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "(infer.support)")
     rs = sub.add_parser("resample", help="resample a volume to a voxel spacing, an nnU-Net plan's spacing, or "
                         "another volume's grid (NIfTI output)")
-    rs.add_argument("--input", type=Path, required=True, help="volume: .nii(.gz), .tif, folder of .tif, .zarr, .npy")
+    rs.add_argument("--input", type=_location, required=True, help="volume: .nii(.gz), .tif, folder of .tif, .zarr, "
+                    ".npy, or an http(s):// or s3:// address of a Zarr")
     rs.add_argument("--output", type=Path, required=True, help="the resampled volume (.nii.gz or .nii)")
     rs.add_argument("--spacing", type=float, nargs=3, metavar=("Z", "Y", "X"), help="the new voxel spacing")
-    rs.add_argument("--like", type=Path, help="an nnU-Net model folder (its plan's spacing) or a volume (its shape, "
-                    "spacing and orientation: e.g. probabilities back onto the scan's grid)")
+    rs.add_argument("--like", type=_location, help="an nnU-Net model folder (its plan's spacing) or a volume (its "
+                    "shape, spacing and orientation: e.g. probabilities back onto the scan's grid)")
     rs.add_argument("--order", type=int, default=3, choices=[0, 1, 3], help="spline order: 3 for images, 0 for "
                     "labels, 1 for probabilities (default 3)")
     rs.set_defaults(func=cmd_resample)

@@ -3,6 +3,8 @@ path around the nnU-Net spacing refusal (to the plan's spacing, predict, probabi
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -49,6 +51,53 @@ def test_values_labels_and_dtypes_survive(old, new, order, seed):
     assert resample_array(rng.integers(0, 255, old).astype(np.uint8), new, order).dtype == np.uint8
 
 
+@pytest.mark.parametrize("dtype", [np.int16, np.uint16, np.int32, np.uint32, np.int64, np.uint64, np.bool_])
+@pytest.mark.parametrize("order", [1, 3])
+def test_integer_extremes_never_wrap(dtype, order):
+    info = np.iinfo(dtype) if dtype is not np.bool_ else None
+    values = [False, True] if info is None else [info.min, info.max, info.max - 1, 0 if info.min == 0 else -1]
+    array = np.resize(np.array(values, dtype=dtype), (4, 4, 4))
+    out = resample_array(array, (7, 5, 9), order)
+    assert out.dtype == dtype
+    if info is not None:  # cubic overshoot is clipped into the range, never wrapped to the other end
+        assert out.max() <= info.max and out.min() >= info.min and out.max() > info.max // 2
+    constant = np.full((4, 4, 4), info.max if info else True, dtype=dtype)
+    got = resample_array(constant, (5, 3, 6), order)
+    if info is None or info.bits <= 32:
+        assert (got == constant.flat[0]).all()  # exact up to 32 bits (float64 holds them)
+    else:  # 64 bits: within float64's precision, below the maximum (no wrap)
+        assert (got <= info.max).all() and (info.max - got.astype(np.float64) <= 2.0**-50 * float(info.max)).all()
+
+
+def _oblique(spacing_xyz, origin) -> np.ndarray:
+    """A NIfTI affine: axes rotated 30 degrees about z, x flipped, voxel sizes ``spacing_xyz``."""
+    c, s = np.cos(np.pi / 6), np.sin(np.pi / 6)
+    rotation = np.array([[-c, -s, 0], [-s, c, 0], [0, 0, 1.0]])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation * np.array(spacing_xyz)
+    affine[:3, 3] = origin
+    return affine
+
+
+def test_oblique_affine_keeps_every_corner_when_the_shapes_divide():
+    old = _oblique((2.0, 1.0, 0.5), (10.0, -3.0, 7.0))  # spacing (z, y, x) = (0.5, 1, 2)
+    new = resampled_affine(old, (8, 6, 4), (4, 3, 8), (1.0, 2.0, 1.0))
+    for ijk in itertools.product(*((-0.5, n - 0.5) for n in (4, 6, 8))):  # old corners, x first
+        new_ijk = [(v + 0.5) * m / n - 0.5 for v, n, m in zip(ijk, (4, 6, 8), (8, 3, 4))]
+        np.testing.assert_allclose(new @ [*new_ijk, 1], old @ [*ijk, 1], atol=1e-9)
+    np.testing.assert_allclose(np.linalg.norm(new[:3, :3], axis=0), [1.0, 2.0, 1.0])  # x, y, z voxel sizes
+
+
+def test_like_a_volume_elsewhere_is_refused(tmp_path):
+    scan = _volume(tmp_path / "scan.nii.gz", np.ones((6, 6, 6), np.float32), (1.0, 1.0, 1.0))
+    shifted = np.diag([1.0, 1.0, 1.0, 1.0])
+    shifted[:3, 3] = (20.0, 0.0, 0.0)
+    write_nifti(tmp_path / "elsewhere.nii.gz", np.ones((6, 6, 6), np.float32), affine=shifted)
+    with pytest.raises(VesuviusError, match="covers another region"):
+        resample_file(scan, tmp_path / "out.nii.gz", like=tmp_path / "elsewhere.nii.gz")
+    assert not (tmp_path / "out.nii.gz").exists()
+
+
 def test_affine_keeps_the_extent_and_orientation():
     flip = np.diag([-2.0, 1.0, 0.5, 1.0])  # x reversed; spacing (z, y, x) = (0.5, 1, 2)
     flip[:3, 3] = (10.0, -3.0, 7.0)
@@ -85,6 +134,7 @@ def test_bad_requests_are_refused_and_nothing_is_overwritten(tmp_path, capsys):
     _volume(theirs, np.zeros((2, 2, 2), np.float32), (1.0, 1.0, 1.0))
     before = theirs.read_bytes()
     cases = [(["--spacing", "1", "0", "1"], "--spacing must be three positive"),
+             (["--spacing", "1", "1", "1", "--output", str(tmp_path / "out.zarr")], "written as NIfTI"),
              ([], "one of --spacing"),
              (["--spacing", "1", "1", "1", "--output", str(scan)], "is the --input"),
              (["--spacing", "1", "1", "1", "--output", str(theirs)], "was not written by predict")]

@@ -126,9 +126,18 @@ def test_halves_refuse_a_change_the_fragments_cannot_choose_for_each_other():
     assert choose(tables([0.1, -0.05]), "majority", halves=20).threshold == 0.5
 
 
+def test_each_half_applies_the_dice_rule_on_its_own_fragments():
+    """Row 0 gains everywhere but loses 0.02 Dice on fragments 0 and 1: only the half {2, 3} may pick it (every other
+    half's mean Dice change is -0.01 or -0.02, past max_dice_drop 0.005), and it scores +1 on {0, 1}."""
+    gains = np.array([[1.0, 1.0, 1.0, 1.0]])
+    changes = np.array([[-0.02, -0.02, 0.0, 0.0]])
+    held, _, won, lost = held_out_gain(gains, changes, changes, np.array([1.0]), TuneConfig(rule="majority"))
+    assert (won, lost) == (1, 0) and held == pytest.approx(1 / 6)
+
+
 def test_held_out_gain_by_hand():
     gains = np.array([[1.0, 1.0, 1.0, -2.9], [0.0, 0.0, 0.0, 0.0]])
-    held, dice, won, lost = held_out_gain(gains, np.zeros_like(gains), np.array([1.0, 2.0]),
+    held, dice, won, lost = held_out_gain(gains, np.zeros_like(gains), np.zeros_like(gains), np.array([1.0, 2.0]),
                                           TuneConfig(rule="majority"))
     # 6 splits into pairs; the 3 without fragment 3 pick row 0 and score (1 - 2.9) / 2 on the other pair
     assert (won, lost) == (0, 3) and held == pytest.approx(3 * -0.95 / 6) and dice == 0.0

@@ -5,7 +5,8 @@ silently. ``resample`` is the explicit step: to the plan's spacing before ``pred
 the probabilities back onto the scan's grid after (``--like SCAN --order 1``). As nnU-Net's default preprocessing
 does for isotropic data: the new shape is round(shape * spacing / target), and the volume is interpolated by
 ``skimage.transform.resize`` (edge mode, no anti-aliasing; order 3 for images, 0 for labels, 1 for probabilities),
-the volume's extent kept (voxel corners meet). Arrays are (z, y, x). The whole volume is held in memory.
+the volume's extent kept up to that rounding. ``--like VOLUME`` must cover the same region (within a voxel).
+Arrays are (z, y, x). The whole volume is held in memory.
 """
 
 from __future__ import annotations
@@ -31,31 +32,38 @@ def target_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequenc
 
 def resample_array(array: np.ndarray, shape: Sequence[int], order: int) -> np.ndarray:
     """``array`` (z, y, x) interpolated to ``shape`` with a spline of ``order`` (0: the nearest value, for labels;
-    the values of an order-0 result are values of ``array``). Floats come back float32, integers keep their dtype
-    at order 0 (at 1 and 3 they are rounded back into the dtype's range)."""
+    the values of an order-0 result are values of ``array``). Floats come back float32; integers keep their dtype
+    (at orders 1 and 3 they are interpolated in float64, rounded and clipped into the dtype's range, so 64-bit
+    values beyond 2^53 lose their last bits)."""
     from skimage.transform import resize
 
     if order not in ORDERS:
         raise VesuviusError(f"--order must be one of {list(ORDERS)}, got {order}")
     shape = tuple(int(n) for n in shape)
+    integer = array.dtype.kind in "iub"
     if tuple(array.shape) == shape:
-        return array.copy()
-    data = array.astype(np.float32) if array.dtype.kind == "f" or order > 0 else array
+        return array.copy() if integer else array.astype(np.float32)
+    if integer and order == 0:
+        return resize(array, shape, order=0, mode="edge", anti_aliasing=False, preserve_range=True).astype(
+            array.dtype)
+    data = array.astype(np.float64 if integer else np.float32)  # float64 holds every int32 exactly
     out = resize(data, shape, order=order, mode="edge", anti_aliasing=False, preserve_range=True)
-    if array.dtype.kind in "iub":
-        info = np.iinfo(array.dtype) if array.dtype.kind != "b" else None
-        out = np.rint(out) if order > 0 else out
-        if info is not None:
-            out = np.clip(out, info.min, info.max)
-        return out.astype(array.dtype)
-    return out.astype(np.float32)
+    if not integer:
+        return out.astype(np.float32)
+    if array.dtype.kind == "b":
+        return np.rint(out) > 0
+    info = np.iinfo(array.dtype)  # its min is 0 or a power of two (exact in float64); a 64-bit max rounds up
+    high = float(info.max) if float(info.max) <= info.max else float(np.nextafter(float(info.max), 0.0))
+    return np.clip(np.rint(out), float(info.min), high).astype(array.dtype)
 
 
 def resampled_affine(affine: np.ndarray, old_shape: Sequence[int], new_shape: Sequence[int],
                      new_spacing: Spacing) -> np.ndarray:
     """The NIfTI affine (x first) of a volume of ``old_shape`` (z, y, x) resampled to ``new_shape`` at
     ``new_spacing`` (z, y, x): the same orientation, each axis's voxel size ``new_spacing``, and its first voxel
-    centre where resize puts it (the extent kept)."""
+    centre where resize puts it. The extent is kept up to the rounding of the shape: the far faces move by
+    |new_n * new_spacing - old_n * old_spacing| at most half a new voxel (nnU-Net's rule stores the target spacing
+    too)."""
     old_xyz, new_xyz = np.array(old_shape[::-1], float), np.array(new_shape[::-1], float)
     directions = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
     first = (0.5 * old_xyz / new_xyz) - 0.5  # the old voxel coordinate of the new voxel 0 (per x, y, z)
@@ -71,11 +79,13 @@ def resample_file(source: str | Path, output: str | Path, *, spacing: Sequence[f
     shape, spacing and affine; or an nnU-Net model folder: its plan's spacing), and write it to ``output`` (NIfTI,
     atomically; an existing file is replaced only when ``predict`` or ``resample`` wrote it)."""
     from vesuvius_monai.data.readers import open_volume
-    from vesuvius_monai.io.nifti import PREDICTION_MARK, check_replaceable_nifti, write_nifti
+    from vesuvius_monai.io.nifti import PREDICTION_MARK, check_replaceable_nifti, is_nifti_path, write_nifti
 
     if (spacing is None) == (like is None):
         raise VesuviusError("resample needs one of --spacing Z Y X or --like (a volume, or an nnU-Net model folder)")
-    if Path(output).resolve() == Path(source).resolve():
+    if not is_nifti_path(output):
+        raise VesuviusError(f"--output {output}: the resampled volume is written as NIfTI (.nii.gz or .nii)")
+    if Path(output).resolve() == Path(str(source)).resolve():
         raise VesuviusError(f"--output {output} is the --input: resample never writes over its input")
     check_replaceable_nifti(output, "--output")
     reader = open_volume(source)
@@ -103,4 +113,16 @@ def _target(reader, spacing: Sequence[float] | None, like: str | Path | None) ->
         shape = target_shape(reader.shape, reader.spacing, spacing)
         return shape, resampled_affine(reader.affine, reader.shape, shape, spacing), spacing  # type: ignore
     grid = open_volume(like)  # type: ignore[arg-type]
+    gap = float(np.abs(_corners(reader.affine, reader.shape) - _corners(grid.affine, grid.shape)).max())
+    if gap > max(*reader.spacing, *grid.spacing):
+        raise VesuviusError(f"--like {like} covers another region than {reader.path} (their corners are up to "
+                            f"{gap:.3g} apart in world coordinates, more than a voxel): resampling onto its grid "
+                            f"would misplace the volume; check both files' orientation and origin")
     return grid.shape, grid.affine, grid.spacing
+
+
+def _corners(affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """World coordinates (8, 3) of the outer corners of a volume of ``shape`` (z, y, x) under a NIfTI affine."""
+    x, y, z = (np.array([-0.5, n - 0.5]) for n in shape[::-1])
+    points = np.array([[i, j, k, 1.0] for i in x for j in y for k in z])
+    return (affine @ points.T).T[:, :3]

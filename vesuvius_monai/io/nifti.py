@@ -112,7 +112,8 @@ def check_replaceable_nifti(path: str | os.PathLike, flag: str) -> None:
     :data:`PREDICTION_MARK`): a command never replaces a file it did not write. ``flag`` names the option."""
     check_replaceable_file(
         path, lambda p: bytes(nib.load(str(p)).header["descrip"]).rstrip(b"\0").decode() == PREDICTION_MARK,
-        f"{flag} {path} already exists and was not written by predict; choose another name or move it away "
+        f"{flag} {path} already exists and was not written by predict or resample; choose another name or move it "
+        f"away "
         f"(nothing was written)")
 
 

@@ -140,15 +140,17 @@ def _beats(new: np.ndarray, old: np.ndarray) -> bool:
     return len(old) >= 2 and new.mean() > old.mean() and int(np.sum(new > old)) > len(old) / 2
 
 
-def _rule_pick(gains: np.ndarray, distance: np.ndarray, tune: TuneConfig, least: int = 2) -> int | None:
+def _rule_pick(gains: np.ndarray, distance: np.ndarray, allowed: np.ndarray, tune: TuneConfig,
+               least: int = 2) -> int | None:
     """Row of ``gains`` (candidates, fragments: each candidate's score gain over the current choice) that the rule
-    takes, None when none qualifies: better on the mean and on a strict majority of at least ``least`` fragments
-    (and, "robust", by more than the noise, which is waived for a single fragment); "majority" takes the best mean,
-    "robust" the candidate of least ``distance`` from the current value within noise of the best."""
+    takes among the ``allowed`` rows (the Dice rule), None when none qualifies: better on the mean and on a strict
+    majority of at least ``least`` fragments (and, "robust", by more than the noise, which is waived for a single
+    fragment); "majority" takes the best mean, "robust" the candidate of least ``distance`` from the current value
+    within noise of the best."""
     n = gains.shape[1]
     qualified = []  # (mean gain, noise, distance, row)
     for row, g in enumerate(gains):
-        if n < least or g.mean() <= 0 or int(np.sum(g > 0)) <= n / 2:
+        if not allowed[row] or n < least or g.mean() <= 0 or int(np.sum(g > 0)) <= n / 2:
             continue
         noise = _noise(g, tune.noise_k) if n > 1 else 0.0
         if tune.rule == "robust" and g.mean() <= noise:
@@ -176,13 +178,15 @@ def halves(n: int, limit: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarr
     return [(a, np.setdiff1d(np.arange(n), a)) for a in chosen]
 
 
-def held_out_gain(gains: np.ndarray, dice_gains: np.ndarray, distance: np.ndarray,
+def held_out_gain(gains: np.ndarray, dice_gains: np.ndarray, dice_changes: np.ndarray, distance: np.ndarray,
                   tune: TuneConfig) -> tuple[float, float, int, int]:
-    """The rule run on each half A of :func:`halves` and its pick scored on the other half B (no pick: gain 0):
-    (mean score gain, mean Dice gain, splits with a gain, splits with a loss). Arrays are (candidates, fragments)."""
+    """The rule run on each half A of :func:`halves` (its Dice rule on A's fragments only) and its pick scored on
+    the other half B (no pick: gain 0): (mean score gain, mean Dice gain, splits with a gain, splits with a loss).
+    Arrays are (candidates, fragments): score and Dice gains over the current choice, Dice changes from ``base``."""
     scores, dices = [], []
     for a, b in halves(gains.shape[1], tune.halves):
-        row = _rule_pick(gains[:, a], distance, tune, least=1)
+        allowed = np.array([_dice_allowed(change[a], tune) for change in dice_changes])
+        row = _rule_pick(gains[:, a], distance, allowed, tune, least=1)
         scores.append(0.0 if row is None else float(gains[row, b].mean()))
         dices.append(0.0 if row is None else float(dice_gains[row, b].mean()))
     if not scores:
@@ -190,9 +194,8 @@ def held_out_gain(gains: np.ndarray, dice_gains: np.ndarray, distance: np.ndarra
     return float(np.mean(scores)), float(np.mean(dices)), sum(x > 0 for x in scores), sum(x < 0 for x in scores)
 
 
-def _dice_allowed(dices: np.ndarray, base_dices: np.ndarray, tune: TuneConfig) -> bool:
-    """The Dice rule (module docstring) for a candidate's per-fragment Dice against ``base``'s."""
-    change = dices - base_dices
+def _dice_allowed(change: np.ndarray, tune: TuneConfig) -> bool:
+    """The Dice rule (module docstring) for a candidate's per-fragment Dice changes from ``base``."""
     noise = _noise(change, tune.noise_k) if tune.rule == "robust" and len(change) > 1 else 0.0
     return float(change.mean()) - noise >= -tune.max_dice_drop
 
@@ -202,27 +205,29 @@ def _pick(dim: Dimension, current: PostprocessConfig, table: _Table, tune: TuneC
     """The value of ``dim`` that the rule takes at ``current`` (``current`` itself when nothing qualifies), and the
     held-out gain that let it through (None without ``tune.halves``)."""
     old, old_dice = table.measure(current)
-    candidates = []
+    configs, rows = [], []
     for cfg in tqdm(dim.candidates(current, tune), desc=f"tune {dim.name}", leave=False, dynamic_ncols=True):
         new, dices = table.measure(cfg)
-        if cfg != current and _dice_allowed(dices, base_dices, tune):
-            candidates.append((cfg, new - old, dices - old_dice))
-    if not candidates:
+        if cfg != current:
+            configs.append(cfg)
+            rows.append((new - old, dices - old_dice, dices - base_dices))
+    if not configs:
         return current, None
-    gains = np.array([c[1] for c in candidates])
-    distance = np.array([abs(dim.order(dim.value_of(c[0]), tune) - dim.order(dim.value_of(current), tune))
-                         for c in candidates])
-    row = _rule_pick(gains, distance, tune)
+    gains, dice_gains, dice_changes = (np.array(column) for column in zip(*rows))
+    distance = np.array([abs(dim.order(dim.value_of(c), tune) - dim.order(dim.value_of(current), tune))
+                         for c in configs])
+    allowed = np.array([_dice_allowed(change, tune) for change in dice_changes])
+    row = _rule_pick(gains, distance, allowed, tune)
     if row is None:
         return current, None
     if tune.halves == 0:
-        return candidates[row][0], None
-    held, held_dice, won, lost = held_out_gain(gains, np.array([c[2] for c in candidates]), distance, tune)
+        return configs[row], None
+    held, held_dice, won, lost = held_out_gain(gains, dice_gains, dice_changes, distance, tune)
     if held <= 0 or won <= lost or held_dice < -tune.max_dice_drop:
         log.info("tune %s: %s refused: on held-out halves its rule gains %+.4f (better on %d splits, worse on %d), "
-                 "Dice %+.4f", dim.name, list(dim.value_of(candidates[row][0])), held, won, lost, held_dice)
+                 "Dice %+.4f", dim.name, list(dim.value_of(configs[row])), held, won, lost, held_dice)
         return current, None
-    return candidates[row][0], held
+    return configs[row], held
 
 
 def search_chain(probs: Sequence[np.ndarray], scorers: Sequence[Scorer], *, base: PostprocessConfig,
