@@ -131,8 +131,9 @@ class _Table:
 
 
 def _noise(gains: np.ndarray, k: float) -> float:
-    """``k`` standard errors of the per-fragment gains (ddof 1)."""
-    return k * float(np.std(gains, ddof=1)) / math.sqrt(len(gains)) if len(gains) > 1 else math.inf
+    """``k`` standard errors of the per-fragment gains (ddof 1); 0 for a single fragment, whose spread is unknown
+    (the guards on the number of fragments decide there)."""
+    return k * float(np.std(gains, ddof=1)) / math.sqrt(len(gains)) if len(gains) > 1 else 0.0
 
 
 def _beats(new: np.ndarray, old: np.ndarray) -> bool:
@@ -152,7 +153,7 @@ def _rule_pick(gains: np.ndarray, distance: np.ndarray, allowed: np.ndarray, tun
     for row, g in enumerate(gains):
         if not allowed[row] or n < least or g.mean() <= 0 or int(np.sum(g > 0)) <= n / 2:
             continue
-        noise = _noise(g, tune.noise_k) if n > 1 else 0.0
+        noise = _noise(g, tune.noise_k)
         if tune.rule == "robust" and g.mean() <= noise:
             continue
         qualified.append((float(g.mean()), noise, float(distance[row]), row))
@@ -196,7 +197,7 @@ def held_out_gain(gains: np.ndarray, dice_gains: np.ndarray, dice_changes: np.nd
 
 def _dice_allowed(change: np.ndarray, tune: TuneConfig) -> bool:
     """The Dice rule (module docstring) for a candidate's per-fragment Dice changes from ``base``."""
-    noise = _noise(change, tune.noise_k) if tune.rule == "robust" and len(change) > 1 else 0.0
+    noise = _noise(change, tune.noise_k) if tune.rule == "robust" else 0.0
     return float(change.mean()) - noise >= -tune.max_dice_drop
 
 
