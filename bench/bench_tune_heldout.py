@@ -44,9 +44,8 @@ from vesuvius_monai.config import PostprocessConfig, TuneConfig
 from vesuvius_monai.data.folded import FoldedParams, make_folded_fragment
 from vesuvius_monai.data.readers import open_volume
 from vesuvius_monai.io.atomic import write_text
-from vesuvius_monai.postprocess import postprocess
 from vesuvius_monai.tuning.scorer import FragmentScorer
-from vesuvius_monai.tuning.search import search_chain
+from vesuvius_monai.tuning.search import score_chain, search_chain
 from vesuvius_monai.tuning.space import describe_chain
 
 log = logging.getLogger("bench_tune_heldout")
@@ -166,12 +165,7 @@ def run(args: argparse.Namespace) -> None:
 
     def test_scores(cfg: PostprocessConfig, test: list[int]) -> np.ndarray:
         """(test fragments, 2): score and Dice of ``cfg`` on each, through the shared memo."""
-        name = describe_chain(cfg)
-        for i in test:
-            if (scorers[i], name) not in memo:
-                result = scorers[i].score(postprocess(probs[i], cfg))
-                memo[scorers[i], name] = (float(result["score"]), float(result["dice"]))
-        return np.array([memo[scorers[i], name] for i in test])
+        return np.stack(score_chain([probs[i] for i in test], [scorers[i] for i in test], cfg, memo=memo), axis=1)
 
     base = PostprocessConfig()
     rows: dict[str, list[dict]] = {name: [] for name in args.tuners}

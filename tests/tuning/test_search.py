@@ -19,7 +19,7 @@ from vesuvius_monai.errors import VesuviusError
 from vesuvius_monai.metrics.overlap import dice_masks
 from vesuvius_monai.postprocess import postprocess
 from vesuvius_monai.tuning.scorer import FnScorer
-from vesuvius_monai.tuning.search import halves, held_out_gain, search_chain
+from vesuvius_monai.tuning.search import halves, held_out_gain, score_chain, search_chain
 from vesuvius_monai.tuning.space import DIMENSIONS, describe_chain
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
@@ -316,3 +316,16 @@ def test_search_dice_rule_holds_on_random_volumes(seed):
     mean_dice = {k: float(np.mean(v)) for k, v in choice.dices.items()}
     assert mean_dice[describe_chain(choice.chosen)] >= mean_dice[describe_chain(base)] - drop - 1e-12
     assert choice.dices.keys() == choice.scores.keys()
+
+
+def test_score_chain_reads_what_the_search_scored_through_the_memo():
+    pairs = [_noisy_sheet(s) for s in range(3)]
+    scorers = [FnScorer(q, _dice_score, _dice_score) for _, q in pairs]
+    probs, memo = [p for p, _ in pairs], {}
+    choice = search_chain(probs, scorers, base=PostprocessConfig(), chain=postprocess, memo=memo,
+                          tune=TuneConfig(operators=("threshold",)))
+    calls = sum(s.scored for s in scorers)
+    scores, dices = score_chain(probs, scorers, choice.chosen, memo=memo)
+    assert sum(s.scored for s in scorers) == calls  # every cell came from the memo
+    assert scores.tolist() == choice.scores[describe_chain(choice.chosen)]
+    assert dices.tolist() == choice.dices[describe_chain(choice.chosen)]

@@ -231,6 +231,19 @@ def _pick(dim: Dimension, current: PostprocessConfig, table: _Table, tune: TuneC
     return configs[row], held
 
 
+def score_chain(probs: Sequence[np.ndarray], scorers: Sequence[Scorer], cfg: PostprocessConfig, *,
+                memo: Memo | None = None, chain: Chain | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, dices) of one chain ``cfg`` on each fragment, float64 (n_fragments,), through ``memo`` as
+    :func:`search_chain` fills it (e.g. the test fragments of a held-out check)."""
+    return _Table(probs, scorers, chain or _default_chain(), memo).measure(cfg)
+
+
+def _default_chain() -> Chain:
+    from vesuvius_monai.postprocess import postprocess
+
+    return postprocess
+
+
 def search_chain(probs: Sequence[np.ndarray], scorers: Sequence[Scorer], *, base: PostprocessConfig,
                  tune: TuneConfig = TuneConfig(), chain: Chain | None = None, memo: Memo | None = None) -> ChainChoice:
     """Choose the post-processing chain on validation fragments (see the module docstring for the rule).
@@ -240,10 +253,8 @@ def search_chain(probs: Sequence[np.ndarray], scorers: Sequence[Scorer], *, base
     post-processes (default :func:`vesuvius_monai.postprocess.postprocess`). ``memo``: a dict shared by searches
     over the same scorer objects (e.g. splits of one set of fragments), so that a chain is scored once per fragment.
     """
-    if chain is None:
-        from vesuvius_monai.postprocess import postprocess as chain
     start = time.perf_counter()
-    table = _Table(probs, scorers, chain, memo)
+    table = _Table(probs, scorers, chain or _default_chain(), memo)
     base_scores, base_dices = table.measure(base)
     current, steps = base, []
     for sweep in range(1, tune.sweeps + 1):
