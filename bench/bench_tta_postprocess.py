@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
